@@ -1,0 +1,71 @@
+"""A *layer*: the unit one filter runs on, one parameter tensor or, globally, all of a group.
+
+The reference path works on flat vectors in the state's precision (float32 at least, so bf16 and
+fp16 parameters keep fp32 filter state) and writes the result back to the parameters, which keeps
+the arithmetic readable and the same for both granularities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layer", "state_dtype"]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision filter state is kept in for parameters of ``dtype`` (at least float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class Layer:
+    """One filter's slice of a parameter group.
+
+    Attributes:
+        params: the parameter tensors, flattened and concatenated in this order.
+        state: the filter state of this layer (tensors only; lives in ``optimizer.state``).
+        name: a printable name (``"group0/param3"`` or ``"group0/global"``) for diagnostics.
+    """
+
+    params: list[Tensor]
+    state: dict
+    name: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of this layer's filter state."""
+        return state_dtype(self.params[0].dtype)
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters in the layer."""
+        return sum(p.numel() for p in self.params)
+
+    def theta(self) -> Tensor:
+        """θ: the parameters as one flat vector (a copy, in the state's precision)."""
+        return torch.cat([p.detach().reshape(-1).to(self.dtype) for p in self.params])
+
+    def grad(self) -> Tensor | None:
+        """g: the gradient as one flat vector, ``None`` if no parameter has a gradient.
+
+        In a global layer a parameter without a gradient contributes zeros.
+        """
+        if all(p.grad is None for p in self.params):
+            return None
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(self.dtype)
+                for p in self.params
+            ]
+        )
+
+    def write(self, theta: Tensor) -> None:
+        """Copy the flat vector ``theta`` back into the parameters."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.detach().copy_(theta[offset : offset + n].view_as(p))
+            offset += n

@@ -1,0 +1,95 @@
+"""The measurement model: what a minibatch tells the filter (DESIGN.md §3).
+
+Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* = 0. Per layer the
+measurement Jacobian is the gradient with weight decay folded in, and the measured value is the
+loss with the layer's decay term added. The measurement noise R_k is fixed or estimated online.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kalmanopt.hyperparams import HyperParameter, Range
+from kalmanopt.part import Part
+
+__all__ = ["MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic"]
+
+#: the loss statistics an online R estimate can follow
+LOSS_STATISTICS = ("second_moment", "variance")
+
+
+def loss_statistic(losses: Tensor, kind: str) -> Tensor:
+    """The statistic s_k of per-sample losses that the online R estimate follows.
+
+    Args:
+        losses: per-sample losses ℓ_i (any shape; a scalar counts as one sample).
+        kind: ``"second_moment"``: mean_i ℓ_i² (the authors' image code), or ``"variance"``:
+            mean_i ℓ_i² − (mean_i ℓ_i)² (their language-model code).
+    """
+    if kind not in LOSS_STATISTICS:
+        raise ValueError(f"unknown loss_statistic {kind!r}; valid choices: {', '.join(LOSS_STATISTICS)}")
+    losses = losses.detach()
+    second_moment = torch.mean(torch.pow(losses, 2))
+    if kind == "second_moment":
+        return second_moment
+    return second_moment - torch.mean(losses) ** 2
+
+
+class MeasurementModel(Part, ABC):
+    """Turns a minibatch into the per-layer measurement (L_ℓ, H_ℓ) and the noise R_k."""
+
+    @abstractmethod
+    def init_state(self, group_state: dict, dtype: torch.dtype, device: torch.device) -> None:
+        """Create this model's group-level state tensors in ``group_state``."""
+
+    @abstractmethod
+    def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
+        """Advance the noise estimate once per step (before any layer) and return R_k."""
+
+    @abstractmethod
+    def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """Return (H_ℓ, L_ℓ): the layer's measurement Jacobian and measured value."""
+
+
+class LossMeasurement(MeasurementModel):
+    """The loss as the measurement, weight decay folded into H and L, R fixed or an EMA.
+
+    H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²;
+    R_k = r if r is given, else R_k = α_r R_{k-1} + (1 − α_r) s_k with R_0 = 1.
+    """
+
+    hyperparameters = (
+        HyperParameter("r", None, Range(0.0, low_open=True, allow_none=True),
+                       "fixed measurement noise R; None estimates it online from the loss statistic"),
+        HyperParameter("alpha_r", 0.9, Range(0.0, 1.0, high_open=True),
+                       "smoothing of the online estimate R_k = α_r R_{k-1} + (1 − α_r) s_k"),
+        HyperParameter("weight_decay", 0.0, Range(0.0), "L2 weight decay folded into H and L"),
+    )
+
+    def init_state(self, group_state: dict, dtype: torch.dtype, device: torch.device) -> None:
+        # R_0 = 1
+        group_state["R"] = torch.ones((), dtype=dtype, device=device)
+
+    def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
+        R = group_state["R"]
+        if hp["r"] is not None:
+            # R_k = r (fixed)
+            return torch.full_like(R, hp["r"])
+        if statistic is None:
+            raise ValueError("r is None (online noise estimate) but no loss statistic was given")
+        # R_k = α_r R_{k-1} + (1 − α_r) s_k
+        alpha = hp["alpha_r"]
+        R.copy_(alpha * R + (1.0 - alpha) * statistic.to(R))
+        return R
+
+    def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        wd = hp["weight_decay"]
+        # H_ℓ = g_ℓ + wd · θ_ℓ
+        H = g + wd * theta
+        # L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²
+        L = loss.to(theta) + 0.5 * wd * torch.dot(theta, theta)
+        return H, L
