@@ -72,12 +72,15 @@ class LowRankSurrogate(CovarianceSurrogate):
         v, S, A, W, diag = self._step(ctx, H, A, W, S_prev, R, Q)
         if hp.get("guard", True) and needs_restart(S, R):
             ctx.count("guard_restarts")
+            first = True
             v_prev, H_prev, S_prev = first_update_state(H, R, hp["sigma"], Q)
             v, S, A, W, diag = self._step(ctx, H, H_prev[None], v_prev[None], S_prev, R, Q)
         u_prev = W[0] + Q * A[0]
         # carry the kept rows forward to P_{k-1}: W_j ← W_j + Q A_j − (A_j·u_{k-1}) u_{k-1} / S_{k-1}
         W = W + Q * A - torch.outer(A @ u_prev, u_prev) / S_prev
-        keep = min(self.memory - 1, A.shape[0])
+        # a first update (or restart) uses the stand-in row H_{k-1} = H_k, whose carried product
+        # equals v_k exactly: keeping it would duplicate next step's H_{k-1} row and force a drop
+        keep = 0 if first else min(self.memory - 1, A.shape[0])
         self._store(layer_state, v, H, S, A[:keep], W[:keep])
         diag["rows_kept"] = torch.tensor(float(A.shape[0]), dtype=H.dtype, device=H.device)
         return Gain(direction=v + Q * H, coefficients=(1.0 / S).reshape(1), S=S, diagnostics=diag)
