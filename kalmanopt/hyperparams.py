@@ -43,7 +43,7 @@ class Range:
             return False
         if self.integer and (not float(value).is_integer()):
             return False
-        if math.isnan(value):
+        if not math.isfinite(value):  # NaN and ±inf are never valid settings
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high

@@ -107,6 +107,8 @@ class KalmanOptimizer(Optimizer):
     def _validate_group(self, group: Mapping[str, Any]) -> None:
         for name, spec in self.specs.items():
             spec.check(group[name])
+        for part in self.filter.parts().values():
+            part.check_hyperparameters(group)
         if group["granularity"] not in GRANULARITIES:
             raise ValueError(f"unknown granularity {group['granularity']!r}; valid choices: "
                              f"{', '.join(GRANULARITIES)}")
@@ -170,7 +172,13 @@ class KalmanOptimizer(Optimizer):
     # ------------------------------------------------------------------ the two-phase API
     @torch.no_grad()
     def predict(self) -> None:
-        """The predict phase: x̂_k = F x_{k-1}, P̂_k = F P_{k-1} Fᵀ + Q (KOALA-M moves θ by u)."""
+        """The predict phase: x̂_k = F x_{k-1}, P̂_k = F P_{k-1} Fᵀ + Q (KOALA-M moves θ by u).
+
+        A predict that no update has consumed yet (the update was skipped on non-finite input)
+        stands: calling ``predict`` again does nothing, so a skipped step leaves no trace.
+        """
+        if self._predicted:
+            return
         for index, group in enumerate(self.param_groups):
             state = self._group_state(index)
             resolve_implementation(self.filter, group).predict(self, group, state, self._layers(index))
@@ -334,6 +342,16 @@ class KalmanOptimizer(Optimizer):
         return {"counters": counters, "layers": layers}
 
     # ------------------------------------------------------------------ checkpoints
+    def _filter_signature(self) -> str:
+        """The parts and their structural options: which filter a saved state belongs to."""
+        return ", ".join(f"{kind}={part!r}" for kind, part in self.filter.parts().items() if kind != "estimator")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch state dict (tensors, numbers, strings only) plus ``"filter"``: the parts that made it."""
+        state = super().state_dict()
+        state["filter"] = self._filter_signature()
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping filter state in its own precision.
 
@@ -343,6 +361,10 @@ class KalmanOptimizer(Optimizer):
         """
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
+        saved_filter = state_dict.get("filter")
+        if saved_filter is not None and saved_filter != self._filter_signature():
+            raise ValueError(f"the state was saved by another filter ({saved_filter}); this optimizer runs "
+                             f"{self.filter.name!r} ({self._filter_signature()})")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(saved_groups)} parameter group(s), this optimizer "
@@ -369,15 +391,20 @@ class KalmanOptimizer(Optimizer):
             if key in id_map:
                 param = id_map[key]
                 self._check_param_state(param, value)
-                new_state[param] = _to_device(value, param.device)
+                new_state[param] = _to_device(value, param.device, state_dtype(param.dtype))
             elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
                     and int(key[5:]) < len(self.param_groups):
                 params = self.param_groups[int(key[5:])]["params"]
                 device = params[0].device if params else torch.device("cpu")
+                dtype = torch.float32
+                for p in params:
+                    dtype = torch.promote_types(dtype, state_dtype(p.dtype))
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"state {key!r} must be a dict of tensors, got {type(value).__name__}")
                 if "global" in value:
                     total = sum(p.numel() for p in params)
                     self._check_vectors(value["global"], total, f"{key}/global")
-                new_state[key] = _to_device(value, device)
+                new_state[key] = _to_device(value, device, dtype)
             else:
                 raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
         # everything checked: commit
@@ -402,9 +429,13 @@ class KalmanOptimizer(Optimizer):
                                  f"fit {numel} parameter(s)")
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A copy of ``value`` on ``device``, floating-point tensors in the filter-state precision ``dtype``.
+
+    A copy, so that the optimizer never shares tensors with the dict it was loaded from.
+    """
     if isinstance(value, Tensor):
-        return value.to(device=device)
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
     if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
     return value

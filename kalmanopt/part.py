@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from kalmanopt.hyperparams import HyperParameter
 
@@ -25,6 +25,12 @@ class Part:
     def options(self) -> dict[str, object]:
         """Structural options given at construction (shown in ``repr`` and ``kalmanopt list``)."""
         return {}
+
+    def check_hyperparameters(self, hp: Mapping[str, Any]) -> None:
+        """Checks that involve several hyper-parameters (each one's own range is checked already).
+
+        Raise ``ValueError`` naming the parameters, their values and the valid region; default: none.
+        """
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

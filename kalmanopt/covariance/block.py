@@ -28,6 +28,14 @@ class BlockSurrogate(CovarianceSurrogate):
         HyperParameter("sv", 0.1, Range(0.0, low_open=True), "initial covariance of the velocities, P₁₁"),
     )
 
+    def check_hyperparameters(self, hp: Mapping[str, Any]) -> None:
+        # P_0 = [[sw, sc], [sc, sv]] must be a covariance: positive semi-definite, sc² ≤ sw · sv
+        sw, sc, sv = float(hp["sw"]), float(hp["sc"]), float(hp["sv"])
+        if sc * sc > sw * sv:
+            raise ValueError(f"hyper-parameters sw = {sw!r}, sc = {sc!r}, sv = {sv!r} do not make P_0 = "
+                             f"[[sw, sc], [sc, sv]] a covariance; valid region: |sc| <= sqrt(sw * sv) = "
+                             f"{(sw * sv) ** 0.5:g}")
+
     def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,
                          device: torch.device) -> None:
         # P_0 = [[sw, sc], [sc, sv]]

@@ -65,5 +65,6 @@ class SymmetricLeastSquares(LeastSquaresEstimator):
 
     def _single_w(self, H: Tensor, H_prev: Tensor, v_prev: Tensor, x: Tensor) -> Tensor:
         # y = H_{k-1}·v_{k-1};  w_k = (H_k·v_{k-1}) / x − y (H_k·H_{k-1}) / x²
+        #   computed as (H_k·v_{k-1}) / x − (y / x)(H_k·H_{k-1} / x): x² overflows for large gradients
         y = torch.dot(H_prev, v_prev)
-        return torch.dot(H, v_prev) / x - y * torch.dot(H, H_prev) / x**2
+        return torch.dot(H, v_prev) / x - (y / x) * (torch.dot(H, H_prev) / x)
