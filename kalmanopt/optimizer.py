@@ -299,7 +299,17 @@ class KalmanOptimizer(Optimizer):
             self._group_state(index)["nonfinite_steps"].add_(1)
         return False
 
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Issue a ``RuntimeWarning`` the first time an event of ``kind`` happens."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{message}; this warning is shown once per kind ({kind})", RuntimeWarning,
+                          stacklevel=4)
+
     def _apply_update(self, loss: Tensor, statistic: Tensor | None) -> None:
+        if any(group["guard"] for group in self.param_groups) and bool(loss < 0):
+            self._warn_once("negative loss", "the loss is negative; the filter's target is L* = 0, so a "
+                            "layer whose loss is below it does not move (shift the loss to be >= 0)")
         if self.track_diagnostics:
             self._diagnostics = {}
         for index, group in enumerate(self.param_groups):

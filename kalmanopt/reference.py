@@ -69,10 +69,18 @@ class ReferenceImplementation:
             theta = layer.theta()
             # H_ℓ = g_ℓ + wd θ_ℓ;  L_ℓ = L_k + ½ wd ‖θ_ℓ‖²
             H, L = f.measurement.measure(theta, g, loss, group)
+            # a layer whose ‖H_ℓ‖² or L_ℓ overflows the state precision is skipped too (finite
+            # input must never produce a non-finite parameter); it is counted and warned about
+            if not bool(torch.isfinite(torch.stack([torch.dot(H, H), L])).all()):
+                skipped += 1
+                opt._warn_once("overflow", f"{layer.name}: ‖H‖² or the loss overflows {H.dtype}; the "
+                               "layer was skipped (counted in skipped_layers)")
+                continue
             # K_ℓ = P̂ H_ℓᵀ / S_ℓ  (the surrogate also stores its per-layer posterior)
             gain = f.surrogate.gain(ctx, layer.state, H, g, R.to(H), group)
-            # θ_ℓ ← θ_ℓ − η_k L_ℓ K_ℓ
-            scale = group["lr"] * L
+            # θ_ℓ ← θ_ℓ − η_k L_ℓ K_ℓ;  with the guard the innovation is max(L_ℓ − L*, 0): a loss
+            # below the target L* = 0 does not move θ (the step size is never negative)
+            scale = group["lr"] * (L.clamp_min(0.0) if group.get("guard", True) else L)
             layer.write(f.dynamics.correct(layer, theta, gain, scale))
             if opt.track_diagnostics:
                 opt._record_layer(layer.name, gain, scale)
