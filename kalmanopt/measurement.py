@@ -76,14 +76,17 @@ class LossMeasurement(MeasurementModel):
 
     def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
         R = group_state["R"]
+        # R_k is kept at or above the smallest normal number of the state precision, so that S_k ≥ R_k > 0
+        # (an R that underflows to 0, e.g. after many zero losses, would make S_k = 0 possible)
+        floor = torch.finfo(R.dtype).tiny
         if hp["r"] is not None:
             # R_k = r (fixed)
-            return torch.full_like(R, hp["r"])
+            return torch.full_like(R, hp["r"]).clamp_min_(floor)
         if statistic is None:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
-        # R_k = α_r R_{k-1} + (1 − α_r) s_k
+        # R_k = α_r R_{k-1} + (1 − α_r) s_k   (a statistic below 0 — a variance rounded below zero — counts as 0)
         alpha = hp["alpha_r"]
-        R.copy_(alpha * R + (1.0 - alpha) * statistic.to(R))
+        R.copy_((alpha * R + (1.0 - alpha) * statistic.to(R).clamp_min(0.0)).clamp_min(floor))
         return R
 
     def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:

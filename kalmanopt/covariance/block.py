@@ -31,7 +31,7 @@ class BlockSurrogate(CovarianceSurrogate):
     def check_hyperparameters(self, hp: Mapping[str, Any]) -> None:
         # P_0 = [[sw, sc], [sc, sv]] must be a covariance: positive semi-definite, sc² ≤ sw · sv
         sw, sc, sv = float(hp["sw"]), float(hp["sc"]), float(hp["sv"])
-        if sc * sc > sw * sv:
+        if abs(sc) > (sw * sv) ** 0.5 * (1.0 + 1e-12):  # (with room for rounding in a boundary value)
             raise ValueError(f"hyper-parameters sw = {sw!r}, sc = {sc!r}, sv = {sv!r} do not make P_0 = "
                              f"[[sw, sc], [sc, sv]] a covariance; valid region: |sc| <= sqrt(sw * sv) = "
                              f"{(sw * sv) ** 0.5:g}")

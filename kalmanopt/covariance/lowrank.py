@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kalmanopt.covariance.base import CovarianceSurrogate, Gain, LeastSquaresEstimator, UpdateContext
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares
-from kalmanopt.covariance.product import _cosine, first_update_state, needs_restart
+from kalmanopt.covariance.product import _cosine, first_update_state, needs_restart, skip_layer
 from kalmanopt.hyperparams import HyperParameter, Range
 
 __all__ = ["LowRankSurrogate"]
@@ -75,6 +75,8 @@ class LowRankSurrogate(CovarianceSurrogate):
             first = True
             v_prev, H_prev, S_prev = first_update_state(H, R, hp["sigma"], Q)
             v, S, A, W, diag = self._step(ctx, H, H_prev[None], v_prev[None], S_prev, R, Q)
+            if needs_restart(S, R):  # only where the restart overflows too: skip the layer, change nothing
+                return skip_layer(ctx, H, S, diag)
         u_prev = W[0] + Q * A[0]
         # carry the kept rows forward to P_{k-1}: W_j ← W_j + Q A_j − (A_j·u_{k-1}) u_{k-1} / S_{k-1}
         W = W + Q * A - torch.outer(A @ u_prev, u_prev) / S_prev

@@ -29,7 +29,7 @@ from kalmanopt.covariance.base import CovarianceSurrogate, Gain, LeastSquaresEst
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares
 from kalmanopt.hyperparams import HyperParameter, Range
 
-__all__ = ["ProductSurrogate", "first_update_state", "needs_restart", "GUARD_EPS"]
+__all__ = ["ProductSurrogate", "first_update_state", "needs_restart", "skip_layer", "GUARD_EPS"]
 
 #: S_k ≤ GUARD_EPS · R_k counts as "not clearly positive"
 GUARD_EPS = 1e-6
@@ -50,6 +50,16 @@ def first_update_state(H: Tensor, R: Tensor, sigma: float, Q: Tensor) -> tuple[T
 def needs_restart(S: Tensor, R: Tensor) -> bool:
     """The guard's rule: S_k not finite, or S_k ≤ GUARD_EPS · R_k (host sync: reference path)."""
     return not bool(torch.isfinite(S)) or bool(S <= GUARD_EPS * R)
+
+
+def skip_layer(ctx: UpdateContext, H: Tensor, S: Tensor, diagnostics: dict[str, Tensor]) -> Gain:
+    """A zero gain that leaves the layer's state as it was (counted as a skipped layer).
+
+    The guard's last resort, where even the restart gives no usable S_k: (σ + Q)‖H_k‖² overflows
+    the state precision. A restart otherwise always gives S_k ≥ R_k.
+    """
+    ctx.count("skipped_layers")
+    return Gain(direction=torch.zeros_like(H), coefficients=H.new_zeros(1), S=S, diagnostics=diagnostics)
 
 
 class ProductSurrogate(CovarianceSurrogate):
@@ -78,6 +88,8 @@ class ProductSurrogate(CovarianceSurrogate):
         if hp.get("guard", True) and needs_restart(S, R):
             ctx.count("guard_restarts")
             v, S, diag = self._recursion(H, *first_update_state(H, R, hp["sigma"], Q), R, Q)
+            if needs_restart(S, R):  # only where the restart overflows too: skip the layer, change nothing
+                return skip_layer(ctx, H, S, diag)
         # store v_k, H_k, S_k
         layer_state["v"], layer_state["H"], layer_state["S"] = v, H.clone(), S
         # K = P̂ Hᵀ / S_k = (v_k + Q H_k) / S_k
