@@ -200,26 +200,40 @@ def test_exact_ekf_on_linear_least_squares_equals_the_recursion_by_hand(granular
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 7), steps=st.integers(1, 12), seed=st.integers(0, 2**16),
        log_r=st.floats(-6.0, 1.0), log_scale=st.floats(-2.0, 3.0))
-def test_exact_ekf_with_q_zero_stays_symmetric_psd_and_equals_the_information_form(n, steps, seed, log_r,
-                                                                                    log_scale):
+def test_exact_ekf_with_q_zero_and_rank_one_measurements_stays_symmetric_psd(n, steps, seed, log_r, log_scale):
     gen = torch.Generator().manual_seed(seed)
     sigma, R = 0.3, 10.0**log_r
     h = torch.randn(n, generator=gen, dtype=torch.float64)
     P = sigma * torch.eye(n, dtype=torch.float64)
-    information = torch.eye(n, dtype=torch.float64) / sigma
+    information_along_h = 1.0 / sigma
     for _ in range(steps):
         # rank one: every measurement along the same direction h, with a random scale
         H = (10.0**log_scale) * torch.randn((), generator=gen, dtype=torch.float64) * h
         P = exact_ekf_update(P, H, R, q=0.0).P
-        # with q = 0:  P_k⁻¹ = P_0⁻¹ + Σ_j H_jᵀ H_j / R
-        information = information + torch.outer(H, H) / R
+        information_along_h += float(H @ H) / R
         assert torch.equal(P, P.T)
         eig = torch.linalg.eigvalsh(P)
         assert float(eig[0]) >= -1e-12 * float(eig[-1])
-    expected = torch.linalg.inv(information)
-    torch.testing.assert_close(P, expected, rtol=1e-7, atol=1e-9 * sigma)
-    # the directions orthogonal to h keep sigma
-    assert int((torch.linalg.eigvalsh(P) > sigma * (1 - 1e-9)).sum()) >= n - 1
+    # closed form: P_k = sigma (I − ĥĥᵀ) + ĥĥᵀ / (1/sigma + Σ_j ‖H_j‖² / R)
+    h_unit = h / torch.linalg.vector_norm(h)
+    projector = torch.outer(h_unit, h_unit)
+    expected = sigma * (torch.eye(n, dtype=torch.float64) - projector) + projector / information_along_h
+    torch.testing.assert_close(P, expected, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 6), steps=st.integers(1, 10), seed=st.integers(0, 2**16), log_r=st.floats(-1.0, 1.0))
+def test_exact_ekf_with_q_zero_equals_the_information_form(n, steps, seed, log_r):
+    gen = torch.Generator().manual_seed(seed)
+    sigma, R = 0.3, 10.0**log_r
+    P = sigma * torch.eye(n, dtype=torch.float64)
+    information = torch.eye(n, dtype=torch.float64) / sigma
+    for _ in range(steps):
+        H = torch.randn(n, generator=gen, dtype=torch.float64)
+        P = exact_ekf_update(P, H, R, q=0.0).P
+        # with q = 0:  P_k⁻¹ = P_0⁻¹ + Σ_j H_jᵀ H_j / R
+        information = information + torch.outer(H, H) / R
+    torch.testing.assert_close(P, torch.linalg.inv(information), rtol=1e-8, atol=1e-12)
 
 
 def test_exact_ekf_update_gives_the_textbook_gain_and_innovation():

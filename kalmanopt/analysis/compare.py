@@ -126,9 +126,21 @@ def surrogate_covariance(opt: KalmanOptimizer, layer_state: Mapping[str, Tensor]
     return estimator.matrix(A, W)
 
 
-def _eigenvalues(M: Tensor) -> list[float]:
-    """Eigenvalues of the symmetric part of M, descending."""
-    return torch.linalg.eigvalsh(0.5 * (M + M.T)).flip(0).tolist()
+def _eigenvalues(M: Tensor, span: Tensor | None = None) -> list[float]:
+    """Eigenvalues of the symmetric part of M, descending.
+
+    ``span``: rows spanning the range of M's symmetric part, if it is low-rank (the product
+    surrogates' P̃ lives in the span of the rows H and v). The nonzero eigenvalues are then those
+    of Uᵀ M U for an orthonormal basis U of the span, and the rest are exactly zero.
+    """
+    M_sym = 0.5 * (M + M.T)
+    if span is None or span.shape[0] >= M.shape[0]:
+        return torch.linalg.eigvalsh(M_sym).flip(0).tolist()
+    U, _ = torch.linalg.qr(span.T.to(M))
+    small = U.T @ M_sym @ U
+    eig = torch.linalg.eigvalsh(0.5 * (small + small.T))
+    full = torch.cat([eig, eig.new_zeros(M.shape[0] - eig.numel())])
+    return torch.sort(full, descending=True).values.tolist()
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -267,11 +279,12 @@ def compare_with_exact_ekf(model: nn.Module, preset: str, batches: Iterable[tupl
             # H_k = g_k + wd θ_{k-1}
             H, _ = measurement.measure(theta, g, mean.double(), group)
             # the surrogate's covariance at index k − 1 and its v_k ≈ H_k P_{k-1}
-            P_sur, v = _surrogate_at(opt, layer_state(params), H, scalar_P, p_diag, sigma, need_matrix=record)
+            P_sur, v, eigenvalues = _surrogate_at(opt, layer_state(params), H, scalar_P, p_diag, sigma,
+                                                  need_matrix=record)
             # cos ∠(v_k, H_k P_{k-1})
             result.cosine[name].append(_cosine(v, P_prev @ H))
             if record:
-                result.surrogate_eigenvalues[name].append(_eigenvalues(P_sur))
+                result.surrogate_eigenvalues[name].append(eigenvalues)
                 err = torch.linalg.matrix_norm(P_sur - P_prev) / torch.linalg.matrix_norm(P_prev)
                 result.relative_error[name].append(float(err))
             # the exact posterior P_k, from the same H_k and R_k
@@ -280,18 +293,30 @@ def compare_with_exact_ekf(model: nn.Module, preset: str, batches: Iterable[tupl
 
 
 def _surrogate_at(opt: KalmanOptimizer, state: Mapping[str, Tensor], H: Tensor, scalar_P: float,
-                  p_diag: Tensor | None, sigma: float, need_matrix: bool) -> tuple[Tensor | None, Tensor]:
-    """(the surrogate's P_{k-1} as a matrix or None, its v_k ≈ H_k P_{k-1}) after step k's update."""
+                  p_diag: Tensor | None, sigma: float, need_matrix: bool
+                  ) -> tuple[Tensor | None, Tensor, list[float] | None]:
+    """After step k's update: the surrogate's P_{k-1} as a matrix, its v_k ≈ H_k P_{k-1}, and the
+    matrix's eigenvalues, descending (matrix and eigenvalues only with ``need_matrix``)."""
     surrogate = opt.filter.surrogate
     n = H.numel()
     if isinstance(surrogate, ScalarSurrogate):
         # P_{k-1} = p I;  v_k = p H_k
-        P_sur = scalar_P * torch.eye(n, dtype=torch.float64, device=H.device) if need_matrix else None
-        return P_sur, scalar_P * H
+        if not need_matrix:
+            return None, scalar_P * H, None
+        return scalar_P * torch.eye(n, dtype=torch.float64, device=H.device), scalar_P * H, [scalar_P] * n
     if isinstance(surrogate, DiagonalSurrogate):
         # P_{k-1} = diag(p_{k-1});  v_k = p_{k-1} ∘ H_k
         p = p_diag if p_diag is not None else torch.full_like(H, sigma)
-        return (torch.diag(p) if need_matrix else None), p * H
-    # product surrogates: v_k from the state; P̃ from the estimator's constraints
+        if not need_matrix:
+            return None, p * H, None
+        return torch.diag(p), p * H, torch.sort(p, descending=True).values.tolist()
+    # product surrogates: v_k from the state; P̃ from the estimator's constraints, in span(H, v, older rows)
     v = state["v"].detach().double()
-    return (surrogate_covariance(opt, state).double() if need_matrix else None), v
+    if not need_matrix:
+        return None, v, None
+    span = [state["H"][None], state["v"][None]]
+    if "rows" in state:
+        kept = int(state["rows_kept"])
+        span += [state["rows"][:kept], state["products"][:kept]]
+    P_tilde = surrogate_covariance(opt, state).double()
+    return P_tilde, v, _eigenvalues(P_tilde, torch.cat(span).double())

@@ -73,11 +73,13 @@ def exact_ekf_update(P: Tensor, H: Tensor, R: Tensor | float, q: float) -> Exact
         raise ValueError(f"P must be {n} × {n} to match H of {n} entries, got shape {tuple(P.shape)}")
     H = H.to(P)
     # P̂_k = P_{k-1} + Q I
-    P_hat = P + q * torch.eye(n, dtype=P.dtype, device=P.device)
+    P_hat = P.clone()
+    P_hat.diagonal().add_(q)
     # P̂_k H_kᵀ
     PH = P_hat @ H
     # S_k = H_k P̂_k H_kᵀ + R_k
-    S = torch.dot(H, PH) + torch.as_tensor(R).to(P)
+    R = R.to(P) if isinstance(R, Tensor) else torch.tensor(float(R), dtype=P.dtype, device=P.device)
+    S = torch.dot(H, PH) + R
     # P_k = (I − K_k H_k) P̂_k = P̂_k − (P̂_k H_kᵀ)(P̂_k H_kᵀ)ᵀ / S_k   (K_k = P̂_k H_kᵀ / S_k)
     P_post = P_hat - torch.outer(PH, PH) / S
     # remove the rounding asymmetry

@@ -18,20 +18,32 @@ def _pick(values: Sequence[Any], count: int) -> list[int]:
     return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
 
 
+def _nonzero(eigenvalues: Sequence[float], rank_tolerance: float) -> list[float]:
+    """The eigenvalues with |λ| > rank_tolerance · max |λ|."""
+    scale = max((abs(e) for e in eigenvalues), default=0.0)
+    return [e for e in eigenvalues if abs(e) > rank_tolerance * scale]
+
+
 def plot_spectra(result: EKFComparison | Mapping[str, Any], path: str | Path, *,
-                 layers: Sequence[str] | None = None, max_steps: int = 4, dpi: int = 90) -> Path:
+                 layers: Sequence[str] | None = None, max_steps: int = 4, rank_tolerance: float = 1e-10,
+                 dpi: int = 90) -> Path:
     """Eigenvalue spectra of the exact P against the surrogate's, and the cosine over steps.
 
     One row per layer: on the left, eigenvalue against index (log scale, descending) of the
     exact P_{k-1} (solid) and of the surrogate's covariance (dashed, markers) at up to
-    ``max_steps`` recorded steps; a log axis shows only positive eigenvalues, so the legend counts
-    how many of the surrogate's are positive. On the right, cos ∠(v_k, H_k P_{k-1}) over steps.
+    ``max_steps`` recorded steps. A log axis shows only positive eigenvalues, and those of a
+    low-rank estimate are mostly rounding noise around zero: eigenvalues with
+    |λ| ≤ rank_tolerance · max |λ| count as zero and are not drawn; the legend gives, per step,
+    how many of the surrogate's are positive and negative, and the negative ones are drawn as
+    crosses at |λ|, at their place in the descending order. On the right, cos ∠(v_k, H_k P_{k-1})
+    over steps.
 
     Args:
         result: the output of :func:`compare_with_exact_ekf`, or its ``to_dict()``.
         path: the PNG to write (folders are created).
         layers: the layers to draw (default: all, at most 4, the largest first).
         max_steps: how many recorded steps to draw per layer.
+        rank_tolerance: relative size below which an eigenvalue counts as zero.
         dpi: resolution of the PNG.
 
     Returns:
@@ -56,6 +68,8 @@ def plot_spectra(result: EKFComparison | Mapping[str, Any], path: str | Path, *,
         raise ValueError("nothing to plot: the comparison recorded no spectra (no steps were run)")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not 0.0 <= rank_tolerance < 1.0:
+        raise ValueError(f"rank_tolerance must lie in [0, 1), got {rank_tolerance}")
 
     picked = _pick(result.spectrum_steps, max_steps)
     colors = plt.get_cmap("viridis")
@@ -63,22 +77,34 @@ def plot_spectra(result: EKFComparison | Mapping[str, Any], path: str | Path, *,
                              gridspec_kw={"width_ratios": [1.6, 1]})
     for row, name in enumerate(layers):
         ax_spec, ax_cos = axes[row]
+        any_negative = False
         for j, i in enumerate(picked):
             k = result.spectrum_steps[i]
             color = colors(j / max(1, len(picked) - 1) * 0.85)
-            exact = [e for e in result.exact_eigenvalues[name][i] if e > 0]
-            ax_spec.plot(range(1, len(exact) + 1), exact, color=color, lw=1.6, label=f"exact P, k={k}")
+            exact = _nonzero(result.exact_eigenvalues[name][i], rank_tolerance)
+            positive = [e for e in exact if e > 0]
+            ax_spec.plot(range(1, len(positive) + 1), positive, color=color, lw=1.6, label=f"exact P, k={k}")
             surrogate = result.surrogate_eigenvalues[name][i]
             if surrogate is None:
                 continue
-            positive = [e for e in surrogate if e > 0]
+            nonzero = _nonzero(surrogate, rank_tolerance)
+            positive = [e for e in nonzero if e > 0]
+            negative = [-e for e in nonzero if e < 0]
             ax_spec.plot(range(1, len(positive) + 1), positive, color=color, ls="--", marker="o", ms=3, lw=1.0,
-                         label=f"{result.preset}, k={k} ({len(positive)}/{len(surrogate)} > 0)")
+                         label=f"{result.preset}, k={k}: {len(positive)} > 0, {len(negative)} < 0")
+            if negative:
+                # negative eigenvalues sit at the end of the descending order: |λ| there, as crosses
+                n = len(surrogate)
+                ax_spec.plot(range(n - len(negative) + 1, n + 1), negative, color=color, ls="none", marker="x",
+                             ms=5)
+                any_negative = True
         ax_spec.set_yscale("log")
         ax_spec.set_xlabel("index (descending)")
         ax_spec.set_ylabel("eigenvalue")
         ax_spec.set_title(f"{name} ({result.layer_sizes[result.layers.index(name)]} parameters): spectra of P",
                           fontsize=9)
+        if any_negative:
+            ax_spec.plot([], [], color="0.3", ls="none", marker="x", label="|λ| of a negative eigenvalue")
         ax_spec.legend(fontsize=6.5, ncol=2)
         ax_spec.grid(alpha=0.3, which="both", lw=0.4)
         cos = [float("nan") if c is None else c for c in result.cosine[name]]
