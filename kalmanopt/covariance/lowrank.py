@@ -32,8 +32,13 @@ from kalmanopt.hyperparams import HyperParameter, Range
 __all__ = ["LowRankSurrogate"]
 
 
+#: rows are dropped while λ_min(A Aᵀ) ≤ CONDITION_RTOL · λ_max(A Aᵀ): √eps of float32 for every state
+#: precision, so that a float64 run keeps and drops the same rows as the float32 run it is the oracle of
+CONDITION_RTOL = float(torch.finfo(torch.float32).eps) ** 0.5
+
+
 def _tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance for conditioning and symmetry checks: √eps of the state precision."""
+    """Relative tolerance for the symmetry check: √eps of the state precision."""
     return float(torch.finfo(dtype).eps) ** 0.5
 
 
@@ -110,7 +115,7 @@ class LowRankSurrogate(CovarianceSurrogate):
         while True:
             gram = A @ A.T
             eig = torch.linalg.eigvalsh(gram)
-            conditioned = bool(eig[0] > tol * eig[-1])
+            conditioned = bool(eig[0] > CONDITION_RTOL * eig[-1])
             if A.shape[0] == 1 or (conditioned and self.estimator.admits(A, W, tol)):
                 return A, W, torch.linalg.inv(gram)
             ctx.count("rows_dropped")
