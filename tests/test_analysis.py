@@ -27,6 +27,7 @@ from kalmanopt.analysis import (
     surrogate_covariance,
     unflatten,
 )
+from kalmanopt.analysis.compare import _eigenvalues
 
 # torch's forward-mode AD loads its decompositions through torch.jit.script on first use
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -323,6 +324,19 @@ def test_compare_reads_the_scalar_and_diagonal_surrogates(preset):
     assert np.all(last > 0) and np.all(last <= 0.2 + 5 * 0.05)
 
 
+def test_compare_low_rank_over_the_whole_model():
+    model = _mlp()
+    result = compare_with_exact_ekf(model, "koala++-lr", _batches(6), _per_sample_ce, record_every=5,
+                                    granularity="global", memory=3)
+    n = sum(p.numel() for p in model.parameters())
+    assert result.layers == ["global"] and result.layer_sizes == [n]
+    assert result.spectrum_steps == [1, 6]
+    for surrogate in result.surrogate_eigenvalues["global"]:
+        assert len(surrogate) == n and np.all(np.isfinite(surrogate))
+    assert result.cosine["global"][0] == pytest.approx(1.0, abs=1e-9)
+    assert all(np.isfinite(c) for c in result.cosine["global"])
+
+
 @pytest.mark.parametrize("preset", ["koala++", "koala++-ns", "koala++-lr"])
 def test_surrogate_covariance_satisfies_the_estimators_constraints(preset):
     model, batches = _mlp(), _batches(4)
@@ -343,6 +357,13 @@ def test_surrogate_covariance_satisfies_the_estimators_constraints(preset):
                                        atol=1e-12)
         if preset != "koala++-ns":
             torch.testing.assert_close(P_tilde, P_tilde.T)
+        # the spectrum computed on span(H, v, older rows) is the full one of P̃'s symmetric part
+        span = [state["H"][None], state["v"][None]]
+        if preset == "koala++-lr":
+            span += [state["rows"][:kept], state["products"][:kept]]
+        projected = _eigenvalues(P_tilde.double(), torch.cat(span).double())
+        full = torch.linalg.eigvalsh(0.5 * (P_tilde + P_tilde.T).double()).flip(0)
+        np.testing.assert_allclose(projected, full.numpy(), rtol=0, atol=1e-9 * float(full.abs().max()))
     with pytest.raises(ValueError, match="product surrogate"):
         surrogate_covariance(kalmanopt.create("koala-v", model.parameters()), {})
 
