@@ -1,0 +1,214 @@
+"""The training loop of one run: minibatches, the optimizer step, the schedule, logging, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kalmanopt.runner.config import ExperimentConfig, RunSpec
+from kalmanopt.runner.tasks import Dataset, Task
+
+__all__ = ["MetricsLog", "train_run", "layer_names"]
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended and flushed as the run goes.
+
+    Records carry ``run_id``, ``optimizer``, ``seed``, ``kind`` (``"train"``, ``"eval"``,
+    ``"diagnostics"``, ``"analysis"``) and ``step``; see ``docs/runner.md``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict[str, Any]]:
+        """Every record of a ``metrics.jsonl`` file (a torn last line, from a hard kill, is skipped)."""
+        records = []
+        path = Path(path)
+        if not path.exists():
+            return records
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    @staticmethod
+    def keep_only(path: str | Path, run_ids: set[str]) -> None:
+        """Drop the records of runs not in ``run_ids`` (those a Ctrl-C cut short)."""
+        path = Path(path)
+        if not path.exists():
+            return
+        kept = [r for r in MetricsLog.read(path) if r.get("run_id") in run_ids]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def layer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """The Kalman optimizer's layer keys (``group0/param3``) mapped to the model's parameter names."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = {}
+    for g, group in enumerate(optimizer.param_groups):
+        names[f"group{g}/global"] = f"group{g}" if g else "all"
+        for i, p in enumerate(group["params"]):
+            names[f"group{g}/param{i}"] = by_id.get(id(p), f"group{g}/param{i}")
+    return names
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset, log: MetricsLog, *,
+              on_step: Callable[[int], None] | None = None,
+              analysis: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, Any] | None] | None = None
+              ) -> dict[str, Any]:
+    """Train one run and return its result record (also writing its metrics to ``log``).
+
+    Args:
+        run: the optimizer, keyword setting and seed.
+        config: the experiment (epochs or steps, batch size, schedule, logging).
+        task: the task; ``data`` its loaded data, already on the training device.
+        log: where per-step metrics go.
+        on_step: called with the number of steps just taken (progress bars).
+        analysis: called at the analysis steps with (model, optimizer, step); what it returns is
+            logged as an ``"analysis"`` record.
+
+    A ``KeyboardInterrupt`` propagates (the caller keeps what finished); a run whose training
+    loss becomes non-finite stops early with ``status = "diverged"``.
+    """
+    device = config.resolved_device()
+    spec = run.optimizer
+    torch.manual_seed(run.seed)
+    model = task.build_model(config.model, data, config.model_options).to(device)
+    model.train()
+    optimizer = spec.build(model.parameters(), run.hyperparameters, track_diagnostics=config.diagnostics,
+                           loss_statistic=task.loss_statistic)
+    names = layer_names(model, optimizer)
+    steps_per_epoch = task.steps_per_epoch(data, config.batch_size)
+    total = config.total_steps(steps_per_epoch)
+    unit = steps_per_epoch if config.epochs is not None else 1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.schedule.factor(unit, total))
+    eval_every = config.eval_every or (steps_per_epoch if config.epochs is not None else max(1, total // 20))
+    analysis_every = int(config.analysis.get("every", 0) or 0)
+    generator = torch.Generator().manual_seed(run.seed)
+    base = {"run_id": run.run_id, "optimizer": spec.label, "seed": run.seed}
+
+    log_sum = torch.zeros((), device=device)
+    eval_sum = torch.zeros((), device=device)
+    log_count = eval_count = 0
+    step = 0
+    status = "finished"
+    figures: dict[str, float] = {}
+    final_train_loss = math.nan
+    outside = 0.0  # seconds spent validating, logging diagnostics and analysing
+    start = time.perf_counter()
+
+    last_analysis: dict[str, Any] = {}
+    analysed_at = -1
+
+    def record_analysis() -> None:
+        nonlocal outside, last_analysis, analysed_at
+        t0 = time.perf_counter()
+        found = analysis(model, optimizer, step) if analysis is not None else None
+        if found:
+            log.write({**base, "kind": "analysis", "step": step, "epoch": step / steps_per_epoch, **found})
+            last_analysis = found
+        analysed_at = step
+        outside += time.perf_counter() - t0
+
+    if analysis is not None:
+        record_analysis()
+    while step < total and status == "finished":
+        for inputs, targets in task.batches(data, config.batch_size, generator):
+            losses = task.per_sample_loss(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            if spec.is_kalman:
+                optimizer.step(loss=losses.detach())
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            mean_loss = losses.detach().mean()
+            log_sum += mean_loss
+            eval_sum += mean_loss
+            log_count += 1
+            eval_count += 1
+            if on_step is not None:
+                on_step(1)
+            epoch = step / steps_per_epoch
+            if step % config.log_every == 0 or step == total:
+                t0 = time.perf_counter()
+                train_loss = float(log_sum) / log_count
+                log.write({**base, "kind": "train", "step": step, "epoch": epoch, "train_loss": train_loss,
+                           "lr": optimizer.param_groups[0]["lr"]})
+                log_sum.zero_()
+                log_count = 0
+                if spec.is_kalman and config.diagnostics:
+                    diag = optimizer.diagnostics()
+                    layers = {names.get(k, k): v for k, v in diag["layers"].items()}
+                    log.write({**base, "kind": "diagnostics", "step": step, "epoch": epoch,
+                               "counters": diag["counters"], "layers": layers})
+                outside += time.perf_counter() - t0
+                if not math.isfinite(train_loss):
+                    status = "diverged"
+            if status == "finished" and (step % eval_every == 0 or step == total):
+                t0 = time.perf_counter()
+                final_train_loss = float(eval_sum) / eval_count
+                eval_sum.zero_()
+                eval_count = 0
+                figures = task.evaluate(model, data, config.eval_batch_size)
+                log.write({**base, "kind": "eval", "step": step, "epoch": epoch,
+                           "train_loss": final_train_loss, **figures})
+                outside += time.perf_counter() - t0
+                if not math.isfinite(final_train_loss):
+                    status = "diverged"
+            if analysis_every and step % analysis_every == 0:
+                record_analysis()
+            if step >= total or status != "finished":
+                break
+    if analysis is not None and analysed_at != step and status == "finished":
+        record_analysis()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if status == "diverged":
+        figures = {k: math.nan for k in (figures or task.evaluate(model, data, config.eval_batch_size))}
+        final_train_loss = math.nan
+    result: dict[str, Any] = {
+        **base,
+        "method": spec.describe(),
+        "task": config.task,
+        "model": config.model,
+        "hyperparameters": dict(run.hyperparameters),
+        "status": status,
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_train_loss": final_train_loss,
+        **figures,
+        "seconds": seconds,
+        "seconds_per_step": (seconds - outside) / max(step, 1),
+    }
+    result.update(last_analysis)
+    if spec.is_kalman:
+        result["counters"] = optimizer.diagnostics()["counters"]
+    return result
