@@ -225,12 +225,24 @@ class KalmanOptimizer(Optimizer):
             raise TypeError("KalmanOptimizer.step needs the loss: step(loss=per_sample_losses) or "
                             "step(closure) with a closure that returns it")
         mean, statistic = self._split_loss(loss)
-        if self._inputs_finite(mean, statistic):
+        if self._steps_on_device():
+            # the fast paths: the whole step on the device, a non-finite step masked there
+            from kalmanopt.fast.step import step_on_device
+
+            step_on_device(self, mean, statistic)
+        elif self._inputs_finite(mean, statistic):
             if not self._predicted:
                 self.predict()
             self._apply_update(mean, statistic)
             self.predict()
         return loss
+
+    def _steps_on_device(self) -> bool:
+        """Whether every group's implementation runs ``step`` on the device (no host sync)."""
+        if self.strict or self.track_diagnostics:
+            return False
+        return all(getattr(resolve_implementation(self.filter, group), "device_step", False)
+                   for group in self.param_groups)
 
     # ------------------------------------------------------------------ internals
     def _needs_statistic(self) -> bool:
@@ -277,7 +289,7 @@ class KalmanOptimizer(Optimizer):
 
     def _inputs_finite(self, loss: Tensor, statistic: Tensor | None) -> bool:
         """Check loss, statistic and gradients; on a non-finite one record, warn or raise."""
-        grads = self._gradients()
+        grads = [g for g in self._gradients() if g.numel()]  # (an empty tensor has no infinity norm)
         checks = {"loss": loss, "statistic": statistic}
         bad = [kind for kind, t in checks.items() if t is not None and not bool(torch.isfinite(t).all())]
         if grads:
