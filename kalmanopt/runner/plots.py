@@ -47,8 +47,12 @@ def _figure(rows: int, cols: int, width: float = 4.6, height: float = 3.4) -> An
 def _colors(names: Iterable[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    names = list(names)
+    if len(names) <= 10:
+        return {name: colormaps["tab10"](i) for i, name in enumerate(names)}
+    if len(names) <= 20:
+        return {name: colormaps["tab20"](i) for i, name in enumerate(names)}
+    return {name: colormaps["turbo"](i / (len(names) - 1)) for i, name in enumerate(names)}
 
 
 def _group_of(records: list[dict[str, Any]]) -> dict[str, str]:
@@ -75,6 +79,23 @@ def _band(ax: Any, series: dict[str, dict[float, float]], label: str, color: Any
     ax.plot(xs, mean, color=color, label=label, lw=1.6)
     if len(values) > 1:
         ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+
+
+def _legend(fig: Any, axes: Any, fontsize: int = 8) -> None:
+    """A legend in the first panel, or beside the figure when there are many lines."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        for row in axes:
+            for ax in row:
+                handles, labels = ax.get_legend_handles_labels()
+                if handles:
+                    break
+            if handles:
+                break
+    if len(handles) <= 8:
+        axes[0][0].legend(handles, labels, fontsize=fontsize)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=fontsize, ncol=math.ceil(len(handles) / 16))
 
 
 def _finish(ax: Any, title: str, xlabel: str, scale: str) -> None:
@@ -113,7 +134,7 @@ def plot_curves(metrics: list[dict[str, Any]], records: list[dict[str, Any]], pa
                     series.setdefault(m["run_id"], {})[round(m[x_key], 6)] = m[key] * scale
             _band(ax, series, name, colors[name], log=yscale == "log")
         _finish(ax, label, x_key, yscale)
-    axes[0][0].legend(fontsize=8)
+    _legend(fig, axes, 8)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
@@ -174,7 +195,7 @@ def plot_diagnostics(metrics: list[dict[str, Any]], records: list[dict[str, Any]
             _finish(ax, title + " (median over layers)", x_key, scale)
     for index in range(len(panels), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
-    axes[0][0].legend(fontsize=8)
+    _legend(fig, axes, 8)
     fig.savefig(path, dpi=100)
     return Path(path)
 
@@ -213,7 +234,7 @@ def plot_layer_diagnostics(metrics: list[dict[str, Any]], run_id: str, path: str
         _finish(ax, title_q, x_key, scale)
     for index in range(len(quantities), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
-    axes[0][0].legend(fontsize=7)
+    _legend(fig, axes, 7)
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     return Path(path)
@@ -240,7 +261,7 @@ def plot_distance(metrics: list[dict[str, Any]], records: list[dict[str, Any]], 
                     series.setdefault(m["run_id"], {})[round(m[x_key], 6)] = max(value, 1e-12)
             _band(ax, series, name, colors[name], log=True)
         _finish(ax, label, x_key, "log")
-    axes[0][0].legend(fontsize=8)
+    _legend(fig, axes, 8)
     fig.savefig(path, dpi=110)
     return Path(path)
 
@@ -275,7 +296,7 @@ def plot_curvature(metrics: list[dict[str, Any]], records: list[dict[str, Any]],
         low, high = ax.get_ylim()
         if scale == "linear" and high - low < 1e-3 * max(abs(low), abs(high)):
             ax.set_ylim(min(0.0, 1.2 * low), max(0.0, 1.2 * high))  # a constant curvature (a quadratic)
-    axes[0][0].legend(fontsize=8)
+    _legend(fig, axes, 8)
     fig.savefig(path, dpi=100)
     return Path(path)
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kalmanopt.registry import load_plugins
 from kalmanopt.runner import models
 from kalmanopt.runner.errors import ConfigError
 
@@ -169,7 +170,11 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
-    """The task registered as ``name``; an unknown name raises ConfigError listing the valid ones."""
+    """The task registered as ``name``; an unknown name raises ConfigError listing the valid ones.
+
+    Plugins (the ``kalmanopt.plugins`` entry points) are loaded first, so they can register tasks.
+    """
+    load_plugins()
     try:
         return TASKS[name]
     except KeyError:
