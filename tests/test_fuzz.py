@@ -45,6 +45,15 @@ def _usable_implementations(preset: str) -> list[str]:
 CASES = [(preset, impl) for preset in PRESETS for impl in _usable_implementations(preset)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @st.composite
 def hyperparameters(draw: st.DrawFn, preset: str) -> dict:
     """Values inside every declared range, spread over orders of magnitude."""

@@ -1,0 +1,383 @@
+"""What the optimizer does with bad input: non-finite steps, the guard, the step-size rule, long runs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kalmanopt
+from kalmanopt.covariance.product import GUARD_EPS
+from kalmanopt.implementations import available_implementations
+
+PRESETS = kalmanopt.presets()
+PRODUCT_PRESETS = ["koala++", "koala++-ns", "koala++-lr"]
+
+
+def _usable(preset: str) -> list[str]:
+    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(3))])
+    return [n for n, why in available_implementations(opt.filter, opt.param_groups[0]).items() if why is None]
+
+
+CASES = [(preset, impl) for preset in PRESETS for impl in _usable(preset)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(dtype)
+
+
+def _batch(seed: int, dtype: torch.dtype = torch.float64, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def _losses(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def _state(opt) -> dict:
+    """A deep copy of the optimizer state, without the event counters."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items() if k != "nonfinite_steps"}
+        return value
+    return copy(opt.state_dict()["state"])
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+# ----------------------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("preset,implementation", CASES)
+@pytest.mark.parametrize("kind", ["loss", "statistic", "gradient", "inf-gradient"])
+def test_non_finite_input_skips_the_step_warns_once_and_counts(preset, implementation, kind):
+    model = _model()
+    opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
+    for k in range(3):
+        x, y = _batch(k)
+        losses = _losses(model, x, y)
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses)
+    theta, state = _flat(model), _state(opt)
+    counters = opt.diagnostics()["counters"]
+    x, y = _batch(10)
+    messages: list[list[str]] = []
+    for _ in range(2):
+        losses = _losses(model, x, y)
+        opt.zero_grad()
+        losses.mean().backward()
+        losses = losses.detach().clone()
+        if kind == "loss":
+            losses[3] = math.nan
+        elif kind == "statistic":  # finite mean, second moment overflows
+            losses[3] = 1e200
+        elif kind == "gradient":
+            model[0].weight.grad[1, 2] = math.nan
+        else:
+            model[2].bias.grad[0] = -math.inf
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(loss=losses)
+            opt.diagnostics()  # a host sync: a device-side implementation reports by here
+        messages.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+    # a warning the first time (one per kind: a NaN sample makes the loss and the statistic non-finite)
+    assert 1 <= len(messages[0]) <= 2 and all("skipped" in m for m in messages[0])
+    assert messages[1] == []  # once per kind
+    assert torch.equal(_flat(model), theta)
+    assert _same(_state(opt), state)
+    after = opt.diagnostics()["counters"]
+    assert after["nonfinite_steps"] == counters["nonfinite_steps"] + 2
+    assert after["steps"] == counters["steps"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_skipped_step_leaves_no_trace_in_the_run(preset):
+    """A run with a NaN batch in the middle equals the run without that batch, bit for bit."""
+    results = []
+    for inject in (True, False):
+        model = _model()
+        opt = kalmanopt.create(preset, model.parameters())
+        for k in range(6):
+            x, y = _batch(k)
+            if k == 3 and not inject:
+                continue
+            losses = _losses(model, x, y)
+            opt.zero_grad()
+            losses.mean().backward()
+            if k == 3:
+                losses = torch.full_like(losses, math.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(loss=losses)
+        results.append(_flat(model))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_two_phase_api_skipped_update_leaves_no_trace(preset):
+    """predict(); update(NaN) returns False; the next predict() does not predict a second time."""
+    results = []
+    for inject in (True, False):
+        model = _model()
+        opt = kalmanopt.create(preset, model.parameters())
+        for k in range(6):
+            if k == 3 and not inject:
+                continue
+            opt.predict()
+            x, y = _batch(k)
+            losses = _losses(model, x, y)
+            opt.zero_grad()
+            losses.mean().backward()
+            statistic = kalmanopt.loss_statistic(losses, "second_moment")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                applied = opt.update(losses.mean() if k != 3 else torch.tensor(math.inf), statistic)
+            assert applied == (k != 3)
+        results.append(_flat(model))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_strict_raises_non_finite_error_and_changes_nothing(preset):
+    model = _model()
+    opt = kalmanopt.create(preset, model.parameters(), strict=True)
+    x, y = _batch(0)
+    losses = _losses(model, x, y)
+    opt.zero_grad()
+    losses.mean().backward()
+    opt.step(loss=losses)
+    theta, state = _flat(model), _state(opt)
+    losses = _losses(model, x, y)
+    opt.zero_grad()
+    losses.mean().backward()
+    model[0].bias.grad[0] = math.nan
+    with pytest.raises(kalmanopt.NonFiniteError, match="non-finite gradient.*strict=True"):
+        opt.step(loss=losses)
+    with pytest.raises(kalmanopt.NonFiniteError, match="non-finite loss"):
+        opt.update(math.nan, 1.0)
+    assert isinstance(kalmanopt.NonFiniteError("x"), FloatingPointError)
+    assert torch.equal(_flat(model), theta) and _same(_state(opt), state)
+    assert opt.diagnostics()["counters"]["nonfinite_steps"] == 0
+
+
+# ----------------------------------------------------------------------------- the guard
+def _quadratic_step(opt, theta, target, scale):
+    """One step on L(θ) = ½ scale ‖θ − target‖² (per-sample losses: the same value twice)."""
+    loss = 0.5 * scale * (theta - target).pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step(loss=loss.detach().expand(2).clone())
+    return float(loss)
+
+
+@pytest.mark.parametrize("preset", PRODUCT_PRESETS)
+def test_guard_restarts_a_layer_whose_S_is_not_positive_and_counts_it(preset):
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    target = torch.zeros(3, dtype=torch.float64)
+    opt = kalmanopt.create(preset, [theta], r=1.0, q=0.0, track_diagnostics=True)
+    _quadratic_step(opt, theta, target, 1.0)
+    # corrupt v_{k-1} so that the recursion's S_k is negative: v = −10 H_{k-1}
+    opt.state[theta]["v"] = -10.0 * opt.state[theta]["H"]
+    before = float(0.5 * theta.detach().pow(2).sum())
+    after_loss = _quadratic_step(opt, theta, target, 1.0)
+    assert after_loss == pytest.approx(before)
+    layer = next(iter(opt.diagnostics()["layers"].values()))
+    assert opt.diagnostics()["counters"]["guard_restarts"] == 1
+    assert layer["S"] >= 1.0  # a restart gives S_k ≥ R_k
+    assert layer["gain_scale"] > 0
+    assert float(0.5 * theta.detach().pow(2).sum()) < before  # the step went downhill
+
+
+@pytest.mark.parametrize("preset", PRODUCT_PRESETS)
+def test_guard_off_reproduces_the_raw_recursion(preset):
+    """guard=False: the same corrupted state gives S_k < 0 and a step uphill, as the released code."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    target = torch.zeros(3, dtype=torch.float64)
+    opt = kalmanopt.create(preset, [theta], r=1.0, q=0.0, guard=False, track_diagnostics=True)
+    _quadratic_step(opt, theta, target, 1.0)
+    opt.state[theta]["v"] = -10.0 * opt.state[theta]["H"]
+    before = float(0.5 * theta.detach().pow(2).sum())
+    _quadratic_step(opt, theta, target, 1.0)
+    layer = next(iter(opt.diagnostics()["layers"].values()))
+    assert opt.diagnostics()["counters"]["guard_restarts"] == 0
+    assert layer["S"] < GUARD_EPS
+    assert layer["gain_scale"] < 0  # the step size η L / S_k is negative: what the guard prevents
+    assert float(0.5 * theta.detach().pow(2).sum()) != pytest.approx(before)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_guard_does_not_change_healthy_runs(preset):
+    runs = []
+    for guard in (True, False):
+        model = _model()
+        opt = kalmanopt.create(preset, model.parameters(), guard=guard)
+        for k in range(20):
+            x, y = _batch(k)
+            losses = _losses(model, x, y)
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step(loss=losses)
+        assert opt.diagnostics()["counters"]["guard_restarts"] == 0
+        runs.append(_flat(model))
+    assert torch.equal(runs[0], runs[1])
+
+
+# ----------------------------------------------------------------------------- the step-size rule
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_a_negative_loss_does_not_move_the_weights(preset, implementation):
+    """L* = 0 is the target: with the guard, a loss below it gives a zero step, never a negative one."""
+    model = _model()
+    opt = kalmanopt.create(preset, model.parameters(), implementation=implementation, weight_decay=0.0)
+    x, y = _batch(0)
+    losses = _losses(model, x, y)
+    opt.zero_grad()
+    losses.mean().backward()
+    opt.step(loss=losses)
+    theta = _flat(model)
+    losses = _losses(model, x, y)
+    opt.zero_grad()
+    losses.mean().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(loss=-losses.detach() - 1.0)
+    if implementation == "reference":  # the reference path warns (a host sync the fast paths avoid)
+        assert any("the loss is negative" in str(w.message) for w in caught)
+    moved = _flat(model) - theta
+    if preset == "koala-m":
+        # only the predict of the next step moves θ (by the velocity u, unchanged by the zero step)
+        velocities = torch.cat([opt.state[p]["u"] for p in model.parameters()])
+        a = opt.param_groups[0]["a"]
+        assert torch.allclose(moved, velocities / a, rtol=1e-12, atol=1e-15)
+    else:
+        assert torch.equal(moved, torch.zeros_like(moved))
+    assert opt.diagnostics()["counters"]["steps"] == 2
+
+
+def test_a_negative_loss_with_guard_off_steps_uphill_as_released():
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = kalmanopt.create("koala++", [theta], guard=False, r=1.0)
+    loss = 0.5 * theta.pow(2).sum()
+    loss.backward()
+    opt.step(loss=(-loss.detach()).expand(2).clone())
+    assert float(0.5 * theta.detach().pow(2).sum()) > float(loss)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gain_scale_is_never_negative(preset):
+    """η L_ℓ × gain coefficient ≥ 0 for every layer, over a run whose losses change sign."""
+    model = _model()
+    opt = kalmanopt.create(preset, model.parameters(), track_diagnostics=True, weight_decay=1e-3)
+    for k in range(12):
+        x, y = _batch(k)
+        losses = _losses(model, x, y) - (0.0 if k % 3 else 5.0)
+        opt.zero_grad()
+        losses.mean().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step(loss=losses)
+        for name, layer in opt.diagnostics()["layers"].items():
+            assert layer["gain_scale"] >= 0.0, (k, name)
+            assert layer["S"] > 0.0, (k, name)
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_negative_variance_from_rounding_counts_as_zero(preset, implementation):
+    """A variance computed as E[ℓ²] − E[ℓ]² may round below 0; R_k never goes below 0 because of it."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = kalmanopt.create(preset, [theta], alpha_r=0.0, implementation=implementation)
+    opt.predict()
+    (0.5 * theta.pow(2).sum()).backward()
+    assert opt.update(2.5, -1e-3)
+    assert float(opt.state["group0"]["R"]) == torch.finfo(torch.float32).tiny
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_zero_losses_forever_keep_R_positive_and_the_weights_finite(preset, implementation):
+    """R follows a statistic of 0 down to the floor (smallest normal), never to 0: S_k > 0 stays."""
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.1]))
+    noise = {"qw": 0.0, "qv": 0.0} if preset == "koala-m" else {"q": 0.0}
+    opt = kalmanopt.create(preset, [theta], alpha_r=0.5, implementation=implementation, **noise)
+    for _ in range(200):
+        opt.zero_grad()
+        theta.grad = torch.tensor([1e-4, 2e-4, -1e-4])
+        opt.step(loss=torch.zeros(4))
+    assert float(opt.state["group0"]["R"]) == torch.finfo(torch.float32).tiny
+    assert bool(torch.isfinite(theta).all())
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_a_layer_whose_squared_gradient_overflows_is_skipped_and_counted(preset, implementation):
+    a = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    b = torch.nn.Parameter(torch.tensor([0.5, -0.5]))
+    opt = kalmanopt.create(preset, [a, b], implementation=implementation)
+    a.grad = torch.tensor([3e19, -3e19])  # finite; ‖g‖² overflows float32
+    b.grad = torch.tensor([0.1, 0.2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(loss=torch.tensor([1.0, 1.0]))
+    if implementation == "reference":
+        assert any("overflows" in str(w.message) for w in caught)
+    assert bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    assert opt.diagnostics()["counters"]["skipped_layers"] >= 1
+    if preset != "koala-m":
+        assert torch.equal(a.detach(), torch.tensor([1.0, 2.0]))
+        assert not torch.equal(b.detach(), torch.tensor([0.5, -0.5]))
+
+
+# ----------------------------------------------------------------------------- long runs
+def _ill_conditioned_problem(n: int = 20, condition: float = 1e4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, math.log10(condition), n, dtype=torch.float64)
+    A = (q * eigenvalues) @ q.T
+    return A.float(), torch.randn(n, generator=g).float()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_thousands_of_steps_on_an_ill_conditioned_problem_stay_finite(preset):
+    """2000 noisy steps on ½ (θ − θ*)ᵀ A (θ − θ*) with cond(A) = 1e4 in float32: finite throughout."""
+    A, theta_star = _ill_conditioned_problem()
+    theta = torch.nn.Parameter(torch.zeros_like(theta_star))
+    opt = kalmanopt.create(preset, [theta])
+    g = torch.Generator().manual_seed(1)
+    first = None
+    for k in range(2000):
+        noise = 0.1 * torch.randn(8, 20, generator=g)
+        # per-sample losses ℓ_i = ½ (d + ε_i)ᵀ A (d + ε_i), d = θ − θ*;  ∇ mean_i ℓ_i = A (d + mean_i ε_i)
+        shifted = theta.detach() - theta_star + noise
+        losses = 0.5 * ((shifted @ A) * shifted).sum(dim=1)
+        theta.grad = A @ shifted.mean(dim=0)
+        opt.step(loss=losses)
+        if k == 0:
+            first = float(losses.mean())
+    assert bool(torch.isfinite(theta).all())
+    final = float(0.5 * (theta - theta_star) @ A @ (theta - theta_star))
+    counters = opt.diagnostics()["counters"]
+    assert counters["steps"] == 2000 and counters["nonfinite_steps"] == 0
+    assert final < first
