@@ -397,12 +397,11 @@ class KalmanOptimizer(Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"group {index}: the state has {len(saved['params'])} parameters, "
                                  f"this optimizer {len(group['params'])}")
+            # other keys (a scheduler's initial_lr, a user's label) travel with the group, as in torch
             missing = set(self.specs) - set(saved)
-            extra = {k for k in saved if k not in self.specs and k not in OPTIONS and k != "params"}
-            if missing or extra:
-                raise ValueError(f"group {index}: the state was saved by another composition "
-                                 f"(hyper-parameters missing here: {sorted(extra)}, missing there: "
-                                 f"{sorted(missing)}); this optimizer runs {self.filter.name!r}")
+            if missing:
+                raise ValueError(f"group {index}: the state was saved by another composition (it lacks the "
+                                 f"hyper-parameters {sorted(missing)}); this optimizer runs {self.filter.name!r}")
             merged = {k: v for k, v in saved.items() if k != "params"}
             merged["params"] = group["params"]
             self._validate_group({**OPTIONS, **merged})
