@@ -136,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
         outcome = run_experiment(config, out, progress=not args.no_progress)
     except ConfigError as exc:
         return _error(str(exc))
+    except KeyboardInterrupt:  # before the grid started (the grid itself keeps what finished)
+        print("interrupted before any run started", file=sys.stderr)
+        return 130
     summary = (outcome.out / "summary.md").read_text(encoding="utf-8")
     print(summary)
     if outcome.skipped:

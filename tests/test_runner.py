@@ -315,6 +315,13 @@ lr = 0.05
     assert "diverged" in (outcome.out / "summary.md").read_text()
     assert math.isnan(load_results(outcome.out)[0]["val_loss"])
 
+    def no_nan(token):
+        raise AssertionError(f"{token} in metrics.jsonl")
+
+    lines = (outcome.out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=no_nan) for line in lines]
+    assert any(r["train_loss"] is None for r in records if r["run_id"] == bad["run_id"])
+
 
 def test_analysis_computes_exact_curvature_and_the_exact_ekf(tmp_path):
     outcome = run_toml(tmp_path, """

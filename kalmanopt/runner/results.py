@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIGURES", "save_results", "load_results", "summary_table", "group_runs", "primary_figure"]
+__all__ = ["json_safe", "FIGURES", "save_results", "load_results", "summary_table", "group_runs", "primary_figure"]
 
 #: the figures the summary reports, in order: key -> (column title, scale, lower is better)
 FIGURES: dict[str, tuple[str, float, bool]] = {
@@ -24,14 +24,14 @@ FIGURES: dict[str, tuple[str, float, bool]] = {
 }
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become ``null`` in JSON (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -57,7 +57,7 @@ def save_results(out: str | Path, records: list[dict[str, Any]]) -> None:
     """
     out = Path(out)
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps([_clean(r) for r in records], indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps([json_safe(r) for r in records], indent=1) + "\n", encoding="utf-8")
     tmp.replace(out / "results.json")
     rows = [_flat(r) for r in records]
     columns: list[str] = []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kalmanopt.runner.config import ExperimentConfig, RunSpec
+from kalmanopt.runner.results import json_safe as _json_safe
 from kalmanopt.runner.tasks import Dataset, Task
 
 __all__ = ["MetricsLog", "train_run", "layer_names"]
@@ -21,7 +22,8 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended and flushed as the run goes.
 
     Records carry ``run_id``, ``optimizer``, ``seed``, ``kind`` (``"train"``, ``"eval"``,
-    ``"diagnostics"``, ``"analysis"``) and ``step``; see ``docs/runner.md``.
+    ``"diagnostics"``, ``"analysis"``) and ``step``; see ``docs/runner.md``. Non-finite numbers
+    are written as ``null`` (strict JSON).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -30,7 +32,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.write(json.dumps(_json_safe(record)) + "\n")
         self._file.flush()
 
     def close(self) -> None:
