@@ -115,15 +115,10 @@ def surrogate_covariance(opt: KalmanOptimizer, layer_state: Mapping[str, Tensor]
         kept = int(layer_state["rows_kept"])
         A = torch.cat([A, layer_state["rows"][:kept]])
         W = torch.cat([W, layer_state["products"][:kept]])
-    A, W = A.double(), W.double()
-    estimator = surrogate.estimator
-    tol = float(torch.finfo(layer_state["v"].dtype).eps) ** 0.5
-    while A.shape[0] > 1:
-        eig = torch.linalg.eigvalsh(A @ A.T)
-        if bool(eig[0] > tol * eig[-1]) and estimator.admits(A, W, tol):
-            break
-        A, W = A[:-1], W[:-1]
-    return estimator.matrix(A, W)
+        # the same rows the surrogate keeps, with the tolerance of the state's own precision
+        tol = float(torch.finfo(layer_state["v"].dtype).eps) ** 0.5
+        A, W, _ = surrogate.select_rows(A.double(), W.double(), tol=tol)
+    return surrogate.estimator.matrix(A.double(), W.double())
 
 
 def _eigenvalues(M: Tensor, span: Tensor | None = None) -> list[float]:

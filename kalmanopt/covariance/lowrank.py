@@ -110,15 +110,24 @@ class LowRankSurrogate(CovarianceSurrogate):
         return v, S, A, W, diag
 
     def _usable_rows(self, ctx: UpdateContext, A: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Drop the oldest rows until A Aᵀ is well conditioned and the estimator admits W."""
-        tol = _tolerance(A.dtype)
+        """:meth:`select_rows`, counting the dropped rows in the diagnostics."""
+        kept_A, kept_W, gram_inverse = self.select_rows(A, W)
+        ctx.count("rows_dropped", A.shape[0] - kept_A.shape[0])
+        return kept_A, kept_W, gram_inverse
+
+    def select_rows(self, A: Tensor, W: Tensor, tol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Drop the oldest rows until A Aᵀ is well conditioned and the estimator admits W.
+
+        Returns the kept rows, their products and (A Aᵀ)⁻¹ of the kept rows. ``tol`` is the
+        symmetry tolerance (default: √eps of the rows' precision).
+        """
+        tol = _tolerance(A.dtype) if tol is None else tol
         while True:
             gram = A @ A.T
             eig = torch.linalg.eigvalsh(gram)
             conditioned = bool(eig[0] > CONDITION_RTOL * eig[-1])
             if A.shape[0] == 1 or (conditioned and self.estimator.admits(A, W, tol)):
                 return A, W, torch.linalg.inv(gram)
-            ctx.count("rows_dropped")
             A, W = A[:-1], W[:-1]
 
     def _store(self, layer_state: dict, v: Tensor, H: Tensor, S: Tensor, rows: Tensor, products: Tensor) -> None:
