@@ -206,6 +206,8 @@ def test_missing_cifar_folder_and_config_file_are_named(tmp_path, capsys):
     assert main(["run", str(config), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cifar-100-python" in err and "not found" in err and "--data DIR" in err
+    assert main(["run", "--data", str(tmp_path)]) == 2  # the default task (digits) reads no file
+    assert "task 'digits' takes no data path (--data)" in capsys.readouterr().err
 
 
 def test_bad_seeds_flag_is_rejected(capsys):

@@ -46,9 +46,13 @@ def default_out_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _title(config: ExperimentConfig) -> str:
+    return f"{config.name}: {config.task} / {config.model}"
+
+
 def write_reports(out: Path, config: ExperimentConfig, records: list[dict[str, Any]]) -> list[Path]:
     """``summary.md`` and the plots for ``records`` (the grid's finished runs)."""
-    title = f"{config.name}: {config.task} / {config.model}"
+    title = _title(config)
     (out / "summary.md").write_text(summary_table(records, title), encoding="utf-8")
     metrics = MetricsLog.read(out / "metrics.jsonl")
     x_key = "epoch" if config.epochs is not None else "step"
@@ -126,7 +130,13 @@ def _run_grid(config: ExperimentConfig, out: str | Path | None, progress: bool, 
         MetricsLog.keep_only(out / "metrics.jsonl", {r["run_id"] for r in all_records})
     records = [r for r in all_records if r["run_id"] in grid_ids]
     save_results(out, all_records)
-    plots = (write_reports(out, config, records) if records else []) + spectra
+    summary = out / "summary.md"
+    up_to_date = (trained == 0 and not spectra and summary.is_file() and (out / "curves.png").is_file()
+                  and summary.read_text(encoding="utf-8") == summary_table(records, _title(config)))
+    if up_to_date:  # nothing new: the reports on disk were written for exactly these runs
+        plots = sorted(out.glob("*.png"))
+    else:
+        plots = (write_reports(out, config, records) if records else []) + spectra
     if not records:
         (out / "summary.md").write_text(summary_table([], config.name), encoding="utf-8")
     return ExperimentOutcome(out, records, trained, len(runs) - len(todo), interrupted, plots)

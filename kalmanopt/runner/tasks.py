@@ -56,8 +56,10 @@ class Dataset:
     def to(self, device: torch.device | str) -> Dataset:
         """The same data on ``device``."""
         moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.info.items()}
-        return Dataset(self.train_inputs.to(device), self.train_targets.to(device), self.val_inputs.to(device),
-                       self.val_targets.to(device), moved)
+        train_inputs = self.train_inputs.to(device)
+        # a language task's inputs and targets are one stream: keep one copy
+        train_targets = train_inputs if self.train_targets is self.train_inputs else self.train_targets.to(device)
+        return Dataset(train_inputs, train_targets, self.val_inputs.to(device), self.val_targets.to(device), moved)
 
 
 class Task(ABC):
@@ -88,6 +90,10 @@ class Task(ABC):
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options with defaults filled in; unknown names or a missing data path raise ConfigError."""
         unknown = set(options) - set(self.options)
+        if "data" in unknown:
+            readers = ", ".join(sorted(n for n, t in TASKS.items() if "data" in t.options))
+            raise ConfigError(f"task {self.name!r} takes no data path (--data): it makes or ships its own data; "
+                              f"tasks that read one: {readers}")
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for task {self.name!r}; valid options: "
                               f"{', '.join(sorted(self.options)) or '(none)'}")
