@@ -19,12 +19,12 @@ from kalmanopt.runner.training import MetricsLog
 ROOT = Path(__file__).parents[1]
 
 
-def run_toml(tmp_path, text, **overrides):
+def run_toml(tmp_path, text, progress=False, **overrides):
     """Write ``text`` as a config, load and check it, run it into ``tmp_path/out``."""
     path = tmp_path / "config.toml"
     path.write_text(text)
     config = load_config(path, overrides=overrides)
-    return run_experiment(config, tmp_path / "out", progress=False)
+    return run_experiment(config, tmp_path / "out", progress=progress)
 
 
 def write_fake_cifar(root: Path, classes: int, images: int = 8) -> Path:
@@ -140,8 +140,8 @@ def test_bad_values_raise_config_error_naming_them():
 
 
 # ---------------------------------------------------------------------------------------- tasks
-def test_digits_cnn_trains(tmp_path):
-    outcome = run_toml(tmp_path, """
+def test_digits_cnn_trains_with_progress_bars(tmp_path, capsys):
+    outcome = run_toml(tmp_path, progress=True, text="""
 task = "digits"
 model = "cnn"
 steps = 8
@@ -155,6 +155,7 @@ channels = 4
 [[optimizers]]
 preset = "koala++"
 """)
+    assert "grid: 100%" in capsys.readouterr().err  # the grid's bar (each run has its own below it)
     (record,) = outcome.records
     assert record["status"] == "finished" and record["steps"] == 8
     assert 0 <= record["val_accuracy"] <= 1 and record["val_error"] == pytest.approx(1 - record["val_accuracy"])
