@@ -104,8 +104,13 @@ class ForeachImplementation:
 
     # ------------------------------------------------------------------ predict
     def predict(self, opt: KalmanOptimizer, group: dict[str, Any], group_state: dict,
-                layers: Sequence[Layer], ok: Tensor | None = None) -> None:
+                layers: Sequence[Layer], ok: Tensor | None = None, code: Tensor | None = None) -> None:
+        """The predict phase; on a device step masked by ``ok`` (or by a step ``code``)."""
         kind, _ = support.surrogate_kind(opt.filter)
+        if kind in ("product", "diagonal"):
+            return  # F = I and no shared P: nothing to predict
+        if ok is None and code is not None:
+            ok = (code & support.CODE_SKIPS) == 0
         if kind == "scalar":
             P = group_state["P"]
             # P̂ = P + q

@@ -9,7 +9,9 @@ another dtype, a global layer with a missing gradient), it runs on the multi-ten
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from kalmanopt.fast import support
 from kalmanopt.fast.foreach import ForeachImplementation, ensure_state, has_gradient
-from kalmanopt.fast.step import report
+from kalmanopt.fast.step import _input_code, kinds_accumulator, report
 from kalmanopt.layers import Layer, state_dtype
 from kalmanopt.reference import ReferenceImplementation
 
@@ -54,6 +56,7 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
+@functools.lru_cache(maxsize=512)
 def _split(x: float) -> tuple[float, float]:
     """x as a float32 pair (hi, lo) with hi + lo = x to about 1e-15 relative."""
     hi = float(torch.tensor(x, dtype=torch.float32))
@@ -117,6 +120,9 @@ class _Plan:
         self.code = torch.zeros((), dtype=torch.int32, device=dev)
         self.R_floor = torch.full((), torch.finfo(sd).tiny, dtype=sd, device=dev)
         self.no_code = torch.zeros((), dtype=torch.int32, device=dev)
+        self.n_none = 0
+        self.n_elements = sum(numels)
+        self.block_l = 128 if self.n_layers <= 128 else 512
         self.pointers: dict[str, tuple[list[int], Tensor, Tensor, Any]] = {}
         self.state_refs: list[Tensor] = []
         self.S_views: list[Tensor] = []
@@ -131,7 +137,15 @@ class _Plan:
         else:
             self.S_all = self.dots  # unused
         keys = _STATE_KEYS[kind]
-        self.state_refs = [layer.state[k] for layer in self.layers for k in keys]
+        #: the state tensors the plan points at, checked by identity each step
+        self.keys = keys + (("S",) if kind == "product" else ())
+        self.state_refs = [layer.state[k] for layer in self.layers for k in self.keys]
+        self.params = [p for _, p, _ in self.segments]
+        #: set by the caller: the plan covers every parameter of the group, unstaged (the steady state)
+        self.complete = False
+        #: whether some parameter or gradient is not contiguous (copied each step)
+        self.staging = False
+        self.params_list: list | None = None
         for key, slot in zip(keys, ("s0", "s1")):
             tensors = []
             for li, _, offset in self.segments:
@@ -146,15 +160,8 @@ class _Plan:
         for a, b in zip(layers, self.layers):
             if len(a.params) != len(b.params) or any(x is not y for x, y in zip(a.params, b.params)):
                 return False
-        keys = _STATE_KEYS[kind]
-        refs = iter(self.state_refs)
-        for layer in layers:
-            for k in keys:
-                if layer.state.get(k) is not next(refs):
-                    return False
-        if kind == "product":
-            return all(layer.state.get("S") is view for layer, view in zip(layers, self.S_views))
-        return True
+        refs = [layer.state.get(k) for layer in layers for k in self.keys]
+        return all(a is b for a, b in zip(refs, self.state_refs))
 
     def _bind(self, slot: str, addresses: list[tuple[int, Tensor]], dtype: torch.dtype) -> None:
         """Point slot at tensors: a base tensor and per-segment element offsets from it."""
@@ -176,11 +183,11 @@ class _Plan:
             self.aligned = False
         self.pointers[slot] = (ptrs, base, _pinned_to(offsets or [0], self.device), base.dtype)
 
-    def bind_step(self, with_grads: bool) -> None:
-        """Point the parameter (and gradient) slots at this step's tensors."""
-        self._bind("p", [(p.data_ptr(), p) for _, p, _ in self.segments], self.param_dtype)
-        if with_grads:
-            self._bind("g", [(p.grad.data_ptr(), p.grad) for _, p, _ in self.segments], self.param_dtype)
+    def bind_step(self, thetas: Sequence[Tensor], grads: Sequence[Tensor] | None) -> None:
+        """Point the parameter (and gradient) slots at this step's tensors, one per segment."""
+        self._bind("p", [(t.data_ptr(), t) for t in thetas], self.param_dtype)
+        if grads is not None:
+            self._bind("g", [(g.data_ptr(), g) for g in grads], self.param_dtype)
         if not _STATE_KEYS[self.kind]:
             self.pointers["s0"] = self.pointers["s1"] = self.pointers["p"]
 
@@ -189,19 +196,60 @@ class _Plan:
         return base, offsets
 
 
+def _staged(segments: Sequence[tuple[int, Tensor, int]], dtype: torch.dtype, with_grads: bool
+            ) -> tuple[list[Tensor], list[Tensor] | None, list[tuple[Tensor, Tensor]]]:
+    """θ and g per segment, contiguous and of the parameter dtype; copies where they are not.
+
+    Returns (thetas, grads, staged) with ``staged`` the (parameter, copy) pairs to write back.
+    A missing gradient (in a global layer) is zeros, as on the reference path.
+    """
+    thetas, grads, staged = [], [], []
+    for _, p, _ in segments:
+        theta = p.detach()
+        if not theta.is_contiguous():
+            theta = theta.contiguous()
+            staged.append((p, theta))
+        thetas.append(theta)
+        if with_grads:
+            g = p.grad
+            if g is None:
+                g = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            elif not g.is_contiguous() or g.dtype != dtype:
+                g = g.contiguous().to(dtype)
+            grads.append(g)
+    return thetas, (grads if with_grads else None), staged
+
+
+def _write_back(staged: list[tuple[Tensor, Tensor]]) -> None:
+    for p, theta in staged:
+        p.detach().copy_(theta)
+
+
 class FusedImplementation:
     """Triton kernels for KOALA++ / KOALA++-NS / KOALA-V / KOALA-M / diagonal on CUDA."""
 
     name = "fused"
     device_step = True
-    #: the reduction pass reports non-finite gradients itself (no extra pass over g)
+    #: the kernels check the loss, the statistic and the gradients themselves (no extra pass over g)
     checks_gradients = True
+
+    def __init__(self) -> None:
+        self._verdicts: dict[int, tuple[list, int, str | None]] = {}
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         reason = support.unsupported_reason(composition, group)
         if reason is not None:
             return reason
         params = group["params"]
+        cached = self._verdicts.get(id(params))
+        if cached is not None and cached[0] is params and cached[1] == len(params):
+            return cached[2]
+        verdict = self._check_params(params)
+        self._verdicts[id(params)] = (params, len(params), verdict)
+        return verdict
+
+    @staticmethod
+    def _check_params(params: Sequence[Tensor]) -> str | None:
         devices = sorted({str(p.device) for p in params})
         if any(not d.startswith("cuda") for d in devices):
             return (f"fused kernels need CUDA tensors, the parameters are on {', '.join(devices)}; use "
@@ -229,74 +277,149 @@ class FusedImplementation:
         return plan
 
     @staticmethod
-    def _fusable(layers: Sequence[Layer]) -> bool:
-        for layer in layers:
-            for p in layer.params:
-                g = p.grad
-                if g is None or not p.is_contiguous() or not g.is_contiguous() or g.dtype != p.dtype \
-                        or g.device != p.device:
-                    return False
-        return True
+    def _steady_plan(opt: KalmanOptimizer, group: dict[str, Any], group_state: dict, purpose: str,
+                     with_grads: bool) -> tuple[_Plan, list[tuple[Tensor, Tensor]]] | None:
+        """The cached plan if it still covers every parameter unchanged, bound to this step's tensors.
+
+        A handful of list comprehensions over the parameters: the per-step host cost. Returns the
+        plan and the staged (parameter, contiguous copy) pairs to write back, or None.
+        """
+        plans = opt.__dict__.get("_fused_plans")
+        plan = plans.get((id(group), purpose)) if plans else None
+        params = group["params"]
+        if plan is None or not plan.complete or plan.params_list is not params or len(params) != len(plan.params) \
+                or plan.chunk != int(CONFIG["chunk"]):
+            return None
+        if group["granularity"] == "global":
+            st = group_state.get("global", {})
+            refs = [st.get(k) for k in plan.keys]
+        else:
+            state = opt.state
+            refs = [st.get(k) for st in [state[p] for p in params] for k in plan.keys]
+        if len(refs) != len(plan.state_refs) or not all(map(operator.is_, refs, plan.state_refs)):
+            return None
+        grads = [p.grad for p in params] if with_grads else None
+        if grads is not None and any(g is None for g in grads):
+            return None
+        if plan.staging:  # non-contiguous parameters or gradients: contiguous copies, every step
+            thetas, grads, staged = _staged(plan.segments, plan.param_dtype, with_grads)
+            plan.bind_step(thetas, grads)
+            return plan, staged
+        cached = plan.pointers.get("p")
+        if cached is None or [p.data_ptr() for p in params] != cached[0]:
+            if not all(p.is_contiguous() for p in params):
+                return None
+            plan.bind_step(params, None)
+        if grads is not None:
+            cached = plan.pointers.get("g")
+            if cached is None or [g.data_ptr() for g in grads] != cached[0]:
+                if not all(g.is_contiguous() and g.dtype == plan.param_dtype for g in grads):
+                    return None
+                plan.bind_step(params, grads)
+        return plan, []
 
     # ------------------------------------------------------------------ predict
     def predict(self, opt: KalmanOptimizer, group: dict[str, Any], group_state: dict,
-                layers: Sequence[Layer], ok: Tensor | None = None) -> None:
+                layers: Sequence[Layer], ok: Tensor | None = None, code: Tensor | None = None) -> None:
+        """The predict phase. With ``code`` (a step's update just ran) KOALA-V's P̂ = P + q is done."""
         kind, _ = support.surrogate_kind(opt.filter)
+        if kind in ("product", "diagonal") or (kind == "scalar" and code is not None):
+            return
         if kind != "block":
-            _FOREACH.predict(opt, group, group_state, layers, ok)
+            _FOREACH.predict(opt, group, group_state, layers, ok, code)
             return
-        layers = [layer for layer in layers if layer.numel > 0]
-        if not layers or any(not p.is_contiguous() for layer in layers for p in layer.params):
-            _FOREACH.predict(opt, group, group_state, layers, ok)
-            return
-        for layer in layers:
-            ensure_state("block", layer, group)
-        plan = self._plan(opt, group, layers, kind, "predict")
-        plan.bind_step(with_grads=False)
+        if ok is None and code is not None:
+            ok = (code & support.CODE_SKIPS) == 0
+        steady = self._steady_plan(opt, group, group_state, "predict", with_grads=False)
+        if steady is None:
+            layers = [layer for layer in layers if layer.numel > 0]
+            if not layers:
+                return
+            for layer in layers:
+                ensure_state("block", layer, group)
+            plan = self._plan(opt, group, layers, kind, "predict")
+            thetas, _, staged = _staged(plan.segments, plan.param_dtype, with_grads=False)
+            plan.bind_step(thetas, None)
+            plan.staging = bool(staged)
+            plan.complete = len(plan.params) == len(group["params"])
+            plan.params_list = group["params"]
+        else:
+            plan, staged = steady
         k = _kernels()
         p_base, p_off = plan.slot("p")
         s0_base, s0_off = plan.slot("s0")
         s1_base, s1_off = plan.slot("s1")
-        code = plan.no_code if ok is None else (~ok).to(torch.int32)
+        gate = plan.no_code if ok is None else (~ok).to(torch.int32)
         a_hi, a_lo = _split(float(group["a"]))
-        sd = _tl_dtype(plan.state_dtype)
         k.momentum_predict_kernel[(plan.n_chunks,)](
             plan.chunk_seg, plan.chunk_start, plan.seg_numel, p_base, p_off, s0_base, s0_off, s1_base, s1_off,
-            plan.partials, code, a_hi, a_lo, USE_CODE=ok is not None, ALIGNED=plan.aligned,
-            VEC_P=max(16 // p_base.element_size(), 1), VEC_S=max(16 // s0_base.element_size(), 1), S_DT=sd,
-            CHUNK=plan.chunk, BLOCK=int(CONFIG["block"]), num_warps=int(CONFIG["warps"]))
+            plan.partials, gate, a_hi, a_lo, USE_CODE=ok is not None, ALIGNED=plan.aligned,
+            VEC_P=max(16 // p_base.element_size(), 1), VEC_S=max(16 // s0_base.element_size(), 1),
+            S_DT=_tl_dtype(plan.state_dtype), CHUNK=plan.chunk, BLOCK=int(CONFIG["block"]),
+            num_warps=int(CONFIG["warps"]))
+        _write_back(staged)
         k.layer_sum_kernel[(plan.n_layers,)](plan.partials, plan.layer_first, plan.layer_last, plan.dots, ROWS=128)
-        n_total = sum(layer.numel for layer in layers)
+        n_total = plan.n_elements
         support.momentum_covariance_predict(plan.dots[: plan.n_layers, 0].sum(), n_total, group_state, group, ok)
 
     # ------------------------------------------------------------------ update
     def update(self, opt: KalmanOptimizer, group: dict[str, Any], group_state: dict,
                layers: Sequence[Layer], loss: Tensor, statistic: Tensor | None,
-               code: Tensor | None = None) -> Tensor | None:
+               code: Tensor | None = None, count: bool = False) -> Tensor | None:
+        """The update phase.
+
+        ``code``: a step code from the caller (bits that skip the step), or None. ``count``: a
+        whole device step (the kernels count ``steps`` / ``nonfinite_steps`` and collect the code).
+        """
         if opt.track_diagnostics:
             _REFERENCE.update(opt, group, group_state, layers, loss, statistic)
             return code
         kind, _ = support.surrogate_kind(opt.filter)
-        active = [layer for layer in layers if has_gradient(layer)]
-        if not self._fusable(active) or not active:
-            return _FOREACH.update(opt, group, group_state, layers, loss, statistic, code=code)
-        for layer in active:
-            ensure_state(kind, layer, group)
-        plan = self._plan(opt, group, active, kind, "update")
-        plan.bind_step(with_grads=True)
-        if code is None:
-            plan.code.zero_()
-        else:
-            plan.code.copy_(code)
         if group["r"] is None and statistic is None:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
-        self._launch(plan, kind, group, group_state, loss, statistic, len(layers) - len(active), opt)
-        if code is None:
+        steady = self._steady_plan(opt, group, group_state, "update", with_grads=True)
+        if steady is not None:
+            plan, staged = steady
+        else:
+            layers = list(layers)
+            active = [layer for layer in layers if has_gradient(layer)]
+            if not active:
+                return self._without_layers(opt, group, group_state, layers, loss, statistic, code, count)
+            for layer in active:
+                ensure_state(kind, layer, group)
+            plan = self._plan(opt, group, active, kind, "update")
+            thetas, grads, staged = _staged(plan.segments, plan.param_dtype, with_grads=True)
+            plan.bind_step(thetas, grads)
+            plan.staging = bool(staged) or any(a is not b for a, b in zip(grads, (p.grad for p in plan.params)))
+            plan.complete = len(active) == len(layers) and \
+                all(p.grad is not None for p in plan.params) and len(plan.params) == len(group["params"])
+            plan.params_list = group["params"]
+            plan.n_none = len(layers) - len(active)
+        self._launch(plan, kind, group, group_state, loss, statistic, opt, code, count)
+        _write_back(staged)
+        if code is None and not count:
             report(opt, plan.code)
         return plan.code
 
+    def _without_layers(self, opt: KalmanOptimizer, group: dict[str, Any], group_state: dict,
+                        layers: Sequence[Layer], loss: Tensor, statistic: Tensor | None, code: Tensor | None,
+                        count: bool) -> Tensor | None:
+        """No layer has a gradient: the multi-tensor path (R, counters), with the step's bookkeeping."""
+        if not count:
+            return _FOREACH.update(opt, group, group_state, layers, loss, statistic, code=code)
+        where = group_state["R"].device
+        code = _input_code(opt, loss, statistic, where, gradients=True)
+        code = _FOREACH.update(opt, group, group_state, layers, loss, statistic, code=code)
+        ok = (code & support.CODE_SKIPS) == 0
+        group_state["steps"].add_(ok.to(torch.int64))
+        group_state["nonfinite_steps"].add_((~ok).to(torch.int64))
+        kinds_accumulator(opt, where).bitwise_or_(code)
+        if support.surrogate_kind(opt.filter)[0] == "scalar":  # the predict the caller skips
+            _FOREACH.predict(opt, group, group_state, layers, ok=ok)
+        return code
+
     def _launch(self, plan: _Plan, kind: str, group: dict[str, Any], group_state: dict, loss: Tensor,
-                statistic: Tensor | None, n_none: int, opt: KalmanOptimizer) -> None:
+                statistic: Tensor | None, opt: KalmanOptimizer, code: Tensor | None, count: bool) -> None:
         k = _kernels()
         sd = _tl_dtype(plan.state_dtype)
         mode = _MODES[kind]
@@ -317,17 +440,18 @@ class FusedImplementation:
         k.layer_sum_kernel[(plan.n_layers,)](plan.partials, plan.layer_first, plan.layer_last, plan.dots, ROWS=128)
         loss_t = loss.to(device=plan.device, dtype=plan.state_dtype).reshape(())
         stat_t = loss_t if statistic is None else statistic.to(device=plan.device, dtype=plan.state_dtype)
-        online = group["r"] is None
         P = group_state.get("P", plan.dots)
-        hyper = [_split(float(group.get(name) or 0.0)) for name in ("sigma", "q", "lr", "weight_decay", "r",
-                                                                     "alpha_r")]
-        flat = [x for pair in hyper for x in pair]
-        block_l = 128 if plan.n_layers <= 128 else 512
+        flat = [x for name in ("sigma", "q", "lr", "weight_decay", "r", "alpha_r")
+                for x in _split(float(group.get(name) or 0.0))]
+        kinds = kinds_accumulator(opt, plan.device) if count else plan.code
         k.finish_kernel[(1,)](
-            plan.dots, plan.n_layers, plan.S_all, P, group_state["R"], plan.R_floor, loss_t, stat_t, plan.code,
-            plan.coef, plan.skip, group_state["skipped_layers"], group_state["guard_restarts"], n_none, *flat,
-            MODE=mode,            SYMMETRIC=support.symmetric(opt.filter) if kind == "product" else False,
-            GUARD=bool(group.get("guard", True)), ONLINE_R=online, S_DT=sd, BLOCK_L=block_l, num_warps=4)
+            plan.dots, plan.n_layers, plan.S_all, P, group_state["R"], plan.R_floor, loss_t, stat_t,
+            plan.no_code if code is None else code, plan.code, kinds, group_state["steps"],
+            group_state["nonfinite_steps"], plan.coef, plan.skip, group_state["skipped_layers"],
+            group_state["guard_restarts"], plan.n_none, *flat, MODE=mode,
+            SYMMETRIC=support.symmetric(opt.filter) if kind == "product" else False,
+            GUARD=bool(group.get("guard", True)), ONLINE_R=group["r"] is None, HAS_STAT=statistic is not None,
+            COUNT=count, PREDICT_Q=count and kind == "scalar", S_DT=sd, BLOCK_L=plan.block_l, num_warps=4)
         if plan.n_chunks:
             q_hi, q_lo = _split(float(group.get("q") or 0.0))
             along_g = kind == "scalar" and getattr(opt.filter.surrogate, "direction", "gradient") == "gradient"

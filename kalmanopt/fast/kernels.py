@@ -40,6 +40,12 @@ def _st(ptr, idx, value, m, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _pair(hi, lo, DT: tl.constexpr):
+    """A scalar given as a float32 pair, in precision DT."""
+    return tl.cast(hi, DT) + tl.cast(lo, DT)
+
+
+@triton.jit
 def _seg_ptr(base, off_table, seg, VEC: tl.constexpr, ALIGNED: tl.constexpr):
     off = tl.load(off_table + seg)
     if ALIGNED:
@@ -92,7 +98,7 @@ def dots_kernel(chunk_seg, chunk_start, seg_numel, p_base, p_off, g_base, g_off,
     p_ptr = _seg_ptr(p_base, p_off, seg, VEC_P, ALIGNED)
     s0_ptr = _seg_ptr(s0_base, s0_off, seg, VEC_S, ALIGNED)
     s1_ptr = _seg_ptr(s1_base, s1_off, seg, VEC_S, ALIGNED)
-    wd = wd_hi.to(S_DT) + wd_lo.to(S_DT)
+    wd = _pair(wd_hi, wd_lo, S_DT)
     acc_hh = tl.zeros([BLOCK], dtype=S_DT)
     acc_gg = tl.zeros([BLOCK], dtype=S_DT)
     acc_tt = tl.zeros([BLOCK], dtype=S_DT)
@@ -143,21 +149,26 @@ def _finite(x):
 
 
 @triton.jit
-def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_ptr, code_ptr, coef, skip_out,
-                  skipped_ptr, restarts_ptr, n_none, sigma_hi, sigma_lo, q_hi, q_lo, lr_hi, lr_lo, wd_hi, wd_lo,
-                  r_hi, r_lo, alpha_hi, alpha_lo, MODE: tl.constexpr, SYMMETRIC: tl.constexpr, GUARD: tl.constexpr,
-                  ONLINE_R: tl.constexpr, S_DT: tl.constexpr, BLOCK_L: tl.constexpr):
-    sigma = sigma_hi.to(S_DT) + sigma_lo.to(S_DT)
-    q = q_hi.to(S_DT) + q_lo.to(S_DT)
-    lr = lr_hi.to(S_DT) + lr_lo.to(S_DT)
-    wd = wd_hi.to(S_DT) + wd_lo.to(S_DT)
+def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_ptr, code_in, code_out, kinds_ptr,
+                  steps_ptr, nonfinite_ptr, coef, skip_out, skipped_ptr, restarts_ptr, n_none, sigma_hi, sigma_lo,
+                  q_hi, q_lo, lr_hi, lr_lo, wd_hi, wd_lo, r_hi, r_lo, alpha_hi, alpha_lo, MODE: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, GUARD: tl.constexpr, ONLINE_R: tl.constexpr, HAS_STAT: tl.constexpr,
+                  COUNT: tl.constexpr, PREDICT_Q: tl.constexpr, S_DT: tl.constexpr, BLOCK_L: tl.constexpr):
+    sigma = _pair(sigma_hi, sigma_lo, S_DT)
+    q = _pair(q_hi, q_lo, S_DT)
+    lr = _pair(lr_hi, lr_lo, S_DT)
+    wd = _pair(wd_hi, wd_lo, S_DT)
     one = tl.full([BLOCK_L], 1.0, S_DT)
     zero = tl.zeros([BLOCK_L], S_DT)
     half = one / 2.0
     guard_eps = one / 1000000.0
     skip_norm = one / 1000000000.0
-    code = tl.load(code_ptr)
+    code = tl.load(code_in)
     loss = tl.load(loss_ptr).to(S_DT)
+    # a loss or statistic that is not finite skips the step (bits 1 and 2)
+    code = code | tl.where(_finite(loss), 0, 1)
+    if HAS_STAT:
+        code = code | tl.where(_finite(tl.load(stat_ptr).to(S_DT)), 0, 2)
     # gradients that are not finite (NaN in the last dot column) skip the step
     bad = tl.sum(tl.zeros([BLOCK_L], tl.int32), 0)
     for l0 in range(0, n_layers, BLOCK_L):
@@ -171,11 +182,11 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
     # R_k ≥ the smallest normal number (so S_k ≥ R_k > 0); a statistic below 0 counts as 0
     R_floor = tl.load(R_floor_ptr)
     if ONLINE_R:
-        alpha = alpha_hi.to(S_DT) + alpha_lo.to(S_DT)
+        alpha = _pair(alpha_hi, alpha_lo, S_DT)
         s = tl.maximum(tl.load(stat_ptr).to(S_DT), 0.0)
         R = tl.where(ok, tl.maximum(alpha * R_old + (1.0 - alpha) * s, R_floor), R_old)
     else:
-        R = tl.maximum(r_hi.to(S_DT) + r_lo.to(S_DT), R_floor)
+        R = tl.maximum(_pair(r_hi, r_lo, S_DT), R_floor)
     if MODE == 2:
         p00 = tl.load(P)
         p10 = p00
@@ -271,7 +282,11 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
         n_overflow += tl.sum(tl.where(overflow & m, 1, 0), 0)
     if MODE == 2:
         # P ← P − P² max_ℓ ‖H_ℓ‖² / S_ℓ  (over the updated layers)
-        tl.store(P, tl.where(ratio_max > float("-inf"), p00 - p00 * p00 * ratio_max, p00))
+        P_post = tl.where(ratio_max > float("-inf"), p00 - p00 * p00 * ratio_max, p00)
+        if PREDICT_Q:
+            # the next step's predict, P̂ = P + q (the step API runs it right after the update)
+            P_post = tl.where(ok, P_post + q, P_post)
+        tl.store(P, P_post)
     elif MODE == 3:
         # P ← P − E₀₀ P[:, 0] P[:, 0]ᵀ
         apply = ratio_max > float("-inf")
@@ -289,7 +304,12 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
     info = tl.where(n_overflow > 0, 16, 0)
     if GUARD:
         info = info | tl.where(loss < 0.0, 8, 0)
-    tl.store(code_ptr, code | (info * okc))
+    code = code | (info * okc)
+    tl.store(code_out, code)
+    if COUNT:
+        tl.store(steps_ptr, tl.load(steps_ptr) + okc)
+        tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + (1 - okc))
+        tl.store(kinds_ptr, tl.load(kinds_ptr) | code)
 
 
 @triton.jit
@@ -354,8 +374,8 @@ def apply_kernel(chunk_seg, chunk_start, seg_numel, seg_layer, p_base, p_off, g_
         p_ptr = _seg_ptr(p_base, p_off, seg, VEC_P, ALIGNED)
         s0_ptr = _seg_ptr(s0_base, s0_off, seg, VEC_S, ALIGNED)
         s1_ptr = _seg_ptr(s1_base, s1_off, seg, VEC_S, ALIGNED)
-        wd = wd_hi.to(S_DT) + wd_lo.to(S_DT)
-        q = q_hi.to(S_DT) + q_lo.to(S_DT)
+        wd = _pair(wd_hi, wd_lo, S_DT)
+        q = _pair(q_hi, q_lo, S_DT)
         c0 = tl.load(coef + layer * 4 + 0)
         c1 = tl.load(coef + layer * 4 + 1)
         c2 = tl.load(coef + layer * 4 + 2)
@@ -404,7 +424,7 @@ def momentum_predict_kernel(chunk_seg, chunk_start, seg_numel, p_base, p_off, s0
         p_ptr = _seg_ptr(p_base, p_off, seg, VEC_P, ALIGNED)
         s0_ptr = _seg_ptr(s0_base, s0_off, seg, VEC_S, ALIGNED)
         s1_ptr = _seg_ptr(s1_base, s1_off, seg, VEC_S, ALIGNED)
-        a = a_hi.to(S_DT) + a_lo.to(S_DT)
+        a = _pair(a_hi, a_lo, S_DT)
         if end - start == CHUNK:
             acc = _predict_blocks(p_ptr, s0_ptr, s1_ptr, start, end, CHUNK // BLOCK, a, acc, False, S_DT, BLOCK)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,24 @@ def _input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, de
     return code
 
 
+class LazyLayers(Sequence):
+    """``opt._layers(index)``, built on first use (the fused path's steady state never needs it)."""
+
+    def __init__(self, opt: KalmanOptimizer, index: int) -> None:
+        self._opt, self._index, self._layers = opt, index, None
+
+    def _get(self) -> list:
+        if self._layers is None:
+            self._layers = self._opt._layers(self._index)
+        return self._layers
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 def step_on_device(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
     """Update for the current gradients, then predict the next step, all masked on the device.
 
@@ -64,43 +82,58 @@ def step_on_device(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None)
     _report_landed(opt)
     groups = opt.param_groups
     impls = [resolve_implementation(opt.filter, group) for group in groups]
-    states = [opt._group_state(i) for i in range(len(groups))]
-    device = states[0]["R"].device
     first = not opt._predicted
-    # one group whose implementation checks its own gradients in its first pass: nothing to add
-    folded = len(groups) == 1 and not first and getattr(impls[0], "checks_gradients", False)
-    code = _input_code(opt, loss, statistic, device, gradients=not folded)
+    if len(groups) == 1 and not first and getattr(impls[0], "checks_gradients", False):
+        # one group whose implementation checks the inputs in its own kernels and counts the step
+        state, layers = opt._group_state(0), LazyLayers(opt, 0)
+        where = state["R"].device
+        code = impls[0].update(opt, groups[0], state, layers, loss.to(where),
+                               None if statistic is None else statistic.to(where), code=None, count=True)
+        impls[0].predict(opt, groups[0], state, layers, code=code)
+        opt._predicted = True
+        _publish(opt, code.device)
+        return
+    states = [opt._group_state(i) for i in range(len(groups))]
+    layers = [LazyLayers(opt, i) for i in range(len(groups))]
+    device = states[0]["R"].device
+    code = _input_code(opt, loss, statistic, device, gradients=True)
     if first:
         for index, (group, impl, state) in enumerate(zip(groups, impls, states)):
-            impl.predict(opt, group, state, opt._layers(index), ok=((code & CODE_SKIPS) == 0).to(state["R"].device))
+            impl.predict(opt, group, state, layers[index], ok=((code & CODE_SKIPS) == 0).to(state["R"].device))
             state["predicted"].fill_(True)
     for index, (group, impl, state) in enumerate(zip(groups, impls, states)):
         where = state["R"].device
-        code = impl.update(opt, group, state, opt._layers(index), loss.to(where),
+        code = impl.update(opt, group, state, layers[index], loss.to(where),
                            None if statistic is None else statistic.to(where), code=code.to(where))
     for index, (group, impl, state) in enumerate(zip(groups, impls, states)):
         ok = ((code & CODE_SKIPS) == 0).to(state["R"].device)
         state["steps"].add_(ok.to(torch.int64))
         state["nonfinite_steps"].add_((~ok).to(torch.int64))
-        impl.predict(opt, group, state, opt._layers(index), ok=ok)
+        impl.predict(opt, group, state, layers[index], ok=ok)
         state["predicted"].fill_(True)
     opt._predicted = True
     report(opt, code)
 
 
-def report(opt: KalmanOptimizer, code: Tensor) -> None:
-    """Report a step's code: warn at once on the CPU; on CUDA record it for a deferred warning."""
-    if code.device.type != "cuda":
-        _warn(opt, int(code))
+def kinds_accumulator(opt: KalmanOptimizer, device: torch.device) -> Tensor:
+    """The device tensor that collects the codes of the steps (OR-ed), for the deferred warning."""
+    watch = opt.__dict__.get("_nonfinite_watch")
+    if watch is None or watch["kinds"].device != device:
+        watch = {"kinds": torch.zeros((), dtype=torch.int32, device=device),
+                 "host": torch.zeros((), dtype=torch.int32).pin_memory() if device.type == "cuda"
+                 else torch.zeros((), dtype=torch.int32), "events": []}
+        opt.__dict__["_nonfinite_watch"] = watch
+    return watch["kinds"]
+
+
+def _publish(opt: KalmanOptimizer, device: torch.device) -> None:
+    """Copy the accumulated codes towards the host without blocking; warn later when they land."""
+    watch = opt.__dict__["_nonfinite_watch"]
+    if device.type != "cuda":
+        _warn(opt, int(watch["kinds"]))
         return
     if torch.cuda.is_current_stream_capturing():
         return  # a graph replay cannot report; the counters still count
-    watch = opt.__dict__.get("_nonfinite_watch")
-    if watch is None or watch["kinds"].device != code.device:
-        watch = {"kinds": torch.zeros((), dtype=torch.int32, device=code.device),
-                 "host": torch.zeros((), dtype=torch.int32).pin_memory(), "events": []}
-        opt.__dict__["_nonfinite_watch"] = watch
-    watch["kinds"].bitwise_or_(code)
     watch["host"].copy_(watch["kinds"], non_blocking=True)
     event = torch.cuda.Event()
     event.record()
@@ -110,10 +143,18 @@ def report(opt: KalmanOptimizer, code: Tensor) -> None:
         del events[1:-1]
 
 
+def report(opt: KalmanOptimizer, code: Tensor) -> None:
+    """Report a step's code: warn at once on the CPU; on CUDA record it for a deferred warning."""
+    if code.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    kinds_accumulator(opt, code.device).bitwise_or_(code)
+    _publish(opt, code.device)
+
+
 def _report_landed(opt: KalmanOptimizer) -> None:
     """Warn about non-finite steps whose codes have reached the host."""
     watch = opt.__dict__.get("_nonfinite_watch")
-    if not watch or torch.cuda.is_current_stream_capturing():
+    if not watch or not watch["events"] or torch.cuda.is_current_stream_capturing():
         return
     events = watch["events"]
     landed = False
@@ -125,12 +166,12 @@ def _report_landed(opt: KalmanOptimizer) -> None:
 
 
 def _warn(opt: KalmanOptimizer, code: int) -> None:
-    for bit, kind in NONFINITE_KINDS:
-        if code & bit and kind not in opt._warned:
-            opt._warned.add(kind)
-            warnings.warn(f"non-finite {kind} at a recent step: that step was skipped and the parameters "
-                          f"and filter state are unchanged; this warning is shown once per kind ({kind})",
-                          RuntimeWarning, stacklevel=4)
+    new = [kind for bit, kind in NONFINITE_KINDS if code & bit and kind not in opt._warned]
+    if new:
+        opt._warned.update(new)
+        warnings.warn(f"non-finite {' and '.join(new)} at a recent step: that step was skipped and the "
+                      "parameters and filter state are unchanged; this warning is shown once per kind "
+                      f"({', '.join(new)})", RuntimeWarning, stacklevel=4)
     if code & CODE_NEGATIVE_LOSS:
         opt._warn_once("negative loss", "the loss is negative; the filter's target is L* = 0, so a layer whose "
                        "loss is below it does not move (shift the loss to be >= 0)")

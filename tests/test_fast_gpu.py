@@ -1,0 +1,240 @@
+"""The fused (Triton) and multi-tensor paths on CUDA: equal to the reference path, no host sync
+in a step, capturable in a CUDA graph, non-finite steps masked on the device."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conformance import flat, relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fast import FAST_PRESETS, GRADS, SHAPES, TOLERANCE, _shaped_run, _train
+
+import kalmanopt
+
+pytestmark = pytest.mark.gpu
+
+CUDA = "cuda"
+
+
+def _compare_states(fast: kalmanopt.KalmanOptimizer, ref: kalmanopt.KalmanOptimizer, tol: float) -> None:
+    """States present on the reference path agree; a layer the fast path holds state for and the
+    reference does not was skipped at its first update (S = 0 marks it as not updated yet)."""
+    sf, sr = fast.state_dict()["state"], ref.state_dict()["state"]
+    for key, items in sr.items():
+        items = items.get("global", items)
+        other = sf[key].get("global", sf[key])
+        for name, want in items.items():
+            if isinstance(want, dict):
+                continue
+            got = other[name].to(want.device)
+            if want.is_floating_point() and not bool(torch.isfinite(want).all()):
+                continue  # the reference's KOALA-M q_w divides by n_total = 0 when every parameter is empty
+            if want.is_floating_point() and want.numel():
+                scale = float(want.abs().max()) or 1.0
+                assert float((got - want).abs().max()) / scale <= tol, (key, name)
+            elif not want.is_floating_point():
+                assert torch.equal(got, want), (key, name)
+    for key, items in sf.items():
+        ref_items = sr.get(key, {})
+        items = items.get("global", items)
+        ref_items = ref_items.get("global", ref_items)
+        if "S" in items and "S" not in ref_items:
+            assert float(items["S"]) == 0.0
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("api", ["step", "two-phase"])
+def test_cuda_paths_equal_reference(implementation, preset, dtype, weight_decay, api):
+    want, ref = _train(preset, "reference", dtype=dtype, weight_decay=weight_decay, api=api, device=CUDA)
+    got, fast = _train(preset, implementation, dtype=dtype, weight_decay=weight_decay, api=api, device=CUDA)
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+    assert fast.diagnostics()["counters"] == ref.diagnostics()["counters"]
+    _compare_states(fast, ref, 100 * TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_fused_global_granularity_equals_reference(preset):
+    want, _ = _train(preset, "reference", granularity="global", weight_decay=1e-3, device=CUDA)
+    got, _ = _train(preset, "fused", granularity="global", weight_decay=1e-3, device=CUDA)
+    assert relative_error(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("chunk,block", [(16, 8), (8192, 1024)])
+@settings(max_examples=12, deadline=None)
+@given(preset=st.sampled_from(FAST_PRESETS), shapes=SHAPES, data=st.data(),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_fused_equals_reference_on_drawn_shapes(chunk, block, preset, shapes, data, dtype):
+    from kalmanopt.fast import fused
+
+    plan = data.draw(st.lists(st.lists(GRADS, min_size=len(shapes), max_size=len(shapes)), min_size=1,
+                              max_size=4))
+    saved = dict(fused.CONFIG)
+    fused.CONFIG.update(chunk=chunk, block=block)
+    try:
+        want, ref = _shaped_run(preset, "reference", shapes, plan, dtype, device=CUDA)
+        got, fast = _shaped_run(preset, "fused", shapes, plan, dtype, device=CUDA)
+    finally:
+        fused.CONFIG.update(saved)
+    for a, b in zip(got, want):
+        if b.numel():
+            assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= TOLERANCE[dtype]
+    assert fast.diagnostics()["counters"] == ref.diagnostics()["counters"]
+    _compare_states(fast, ref, 100 * TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_step_does_not_synchronise(implementation, preset):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(CUDA)
+    opt = kalmanopt.create(preset, model.parameters(), implementation=implementation, weight_decay=1e-4)
+    x, y = torch.randn(16, 32, device=CUDA), torch.randint(0, 8, (16,), device=CUDA)
+
+    def step():
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        opt.zero_grad(set_to_none=False)
+        losses.mean().backward()
+        opt.step(loss=losses)
+
+    for _ in range(3):  # first steps create the state and the plans
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_fused_step_captures_in_a_cuda_graph(preset):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in ((37, 19), (19,), (5, 3, 3), ())]
+    grads = [torch.randn(p.shape, device=CUDA) for p in params]
+    losses = torch.rand(8, device=CUDA) + 0.5
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = kalmanopt.create(preset, params, implementation="fused")
+    eager = kalmanopt.create(preset, twin, implementation="fused")
+    for p, t, g in zip(params, twin, grads):
+        p.grad, t.grad = g, g.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.step(loss=losses)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step(loss=losses)
+    for _ in range(3):  # the three warm-up steps (the capture itself runs nothing)
+        eager.step(loss=losses.clone())
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        eager.step(loss=losses.clone())
+    for p, t in zip(params, twin):
+        assert relative_error(p.detach().reshape(-1), t.detach().reshape(-1)) <= 1e-5
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_nonfinite_gradient_skips_the_step_on_the_device(preset):
+    params, opt = _shaped_run(preset, "fused", [(40, 3), (7,)], [["random", "random"]] * 2, torch.float32,
+                              device=CUDA)
+    before = [p.detach().clone() for p in params]
+    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_dict()["state"].items()}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[1, 2] = float("inf")
+    opt.step(loss=torch.rand(5, device=CUDA))
+    torch.cuda.synchronize()
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):  # reported at a later step
+        params[0].grad[1, 2] = float("nan")
+        opt.step(loss=torch.rand(5, device=CUDA))
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    counters = opt.diagnostics()["counters"]
+    assert counters["nonfinite_steps"] == 2 and counters["steps"] == 2
+    after = opt.state_dict()["state"]
+    for key, items in state_before.items():
+        for name, t in items.items():
+            if name != "nonfinite_steps":
+                assert torch.equal(after[key][name], t), (key, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(loss=torch.tensor([float("nan"), 1.0], device=CUDA))
+        torch.cuda.synchronize()
+        with pytest.warns(RuntimeWarning, match="non-finite loss"):
+            opt.step(loss=torch.rand(5, device=CUDA))
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+@pytest.mark.parametrize("first,second", [("fused", "reference"), ("reference", "fused"), ("fused", "foreach")])
+def test_cuda_checkpoint_resumes_across_implementations(preset, first, second):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)).double().to(CUDA)
+    start = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(12, 6, generator=gen, dtype=torch.float64).to(CUDA),
+             torch.randint(0, 4, (12,), generator=gen).to(CUDA)) for _ in range(6)]
+
+    def run(steps, opt):
+        for x, y in steps:
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step(loss=losses)
+
+    run(data, kalmanopt.create(preset, model.parameters(), implementation="reference"))
+    want = flat(model)
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    opt = kalmanopt.create(preset, model.parameters(), implementation=first)
+    run(data[:3], opt)
+    resumed = kalmanopt.create(preset, model.parameters(), implementation=second)
+    resumed.load_state_dict(opt.state_dict())
+    run(data[3:], resumed)
+    assert relative_error(flat(model), want) <= 1e-10
+
+
+def test_bfloat16_parameters_fused():
+    want, _ = _train("koala++", "reference", dtype=torch.bfloat16, steps=3, device=CUDA)
+    got, fast = _train("koala++", "fused", dtype=torch.bfloat16, steps=3, device=CUDA)
+    for p in fast.param_groups[0]["params"]:
+        assert fast.state[p]["v"].dtype == torch.float32
+    assert relative_error(got.float(), want.float()) <= 2e-2
+
+
+def test_none_picks_fused_on_cuda():
+    from kalmanopt.implementations import resolve_implementation
+
+    opt = kalmanopt.create("koala++", [torch.nn.Parameter(torch.randn(3, device=CUDA))])
+    assert resolve_implementation(opt.filter, opt.param_groups[0]).name == "fused"
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_fused_non_contiguous_parameters(preset):
+    """channels_last and transposed parameters run on contiguous copies, equal to the reference."""
+    results = []
+    for implementation in ("reference", "fused"):
+        torch.manual_seed(0)
+        conv = torch.randn(8, 4, 3, 3, dtype=torch.float64, device=CUDA).to(memory_format=torch.channels_last)
+        params = [torch.nn.Parameter(conv), torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64, device=CUDA).t()),
+                  torch.nn.Parameter(torch.randn(7, dtype=torch.float64, device=CUDA))]  # noqa: E501
+        opt = kalmanopt.create(preset, params, implementation=implementation)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(CUDA)
+            params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
+            opt.step(loss=torch.rand(5, generator=gen, dtype=torch.float64).to(CUDA) + 0.5)
+        results.append(torch.cat([p.detach().reshape(-1) for p in params]))
+        assert not params[0].is_contiguous()
+    assert relative_error(results[1], results[0]) <= 1e-10
