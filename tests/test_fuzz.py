@@ -81,6 +81,7 @@ def hyperparameters(draw: st.DrawFn, preset: str) -> dict:
         hp["memory"] = draw(st.integers(1, 3))
     hp["granularity"] = draw(st.sampled_from(["layer", "layer", "global"]))
     hp["loss_statistic"] = draw(st.sampled_from(["second_moment", "variance"]))
+    hp["track_diagnostics"] = draw(st.booleans())  # (runs the reference path, whatever the implementation)
     return hp
 
 
@@ -195,6 +196,10 @@ def _fuzz_run(preset: str, implementation: str, dtype: torch.dtype, param_shapes
             assert all(bool(torch.isfinite(p).all()) for p in params), f"non-finite parameter after step {k}"
             assert _finite_state(opt.state_dict()["state"]), f"non-finite filter state after step {k}"
             assert counters["nonfinite_steps"] == counters_before["nonfinite_steps"]
+            for name, layer in opt.diagnostics()["layers"].items():
+                # the step size η L_ℓ × gain coefficient is never negative; S_k > 0 where the layer moved
+                assert layer["gain_scale"] >= 0.0, (k, name, layer)
+                assert layer["S"] > 0.0 or layer["gain_scale"] == 0.0, (k, name, layer)
         else:
             assert not applied
             reference = before if api == "step" else predicted

@@ -36,7 +36,7 @@ class DiagonalSurrogate(CovarianceSurrogate):
         PH = p_hat * H
         # S = Σ p̂ ∘ H² + R
         S = torch.dot(PH, H) + R
-        # p ← p̂ − (p̂ ∘ H)² / S
-        p.copy_(p_hat - PH * PH / S)
+        # p ← p̂ − (p̂ ∘ H)² / S, computed as p̂ ∘ (1 − (p̂ ∘ H / S) ∘ H): no overflow of (p̂ ∘ H)², never below 0
+        p.copy_(p_hat * (1 - (PH / S) * H))
         # K = (p̂ ∘ H) / S
         return Gain(direction=PH, coefficients=(1.0 / S).reshape(1), S=S)

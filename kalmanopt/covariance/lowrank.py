@@ -80,7 +80,7 @@ class LowRankSurrogate(CovarianceSurrogate):
             first = True
             v_prev, H_prev, S_prev = first_update_state(H, R, hp["sigma"], Q)
             v, S, A, W, diag = self._step(ctx, H, H_prev[None], v_prev[None], S_prev, R, Q)
-            if needs_restart(S, R):  # only where the restart overflows too: skip the layer, change nothing
+            if needs_restart(S, R):  # the restart fails too (overflow or rounding): skip, change nothing
                 return skip_layer(ctx, H, S, diag)
         u_prev = W[0] + Q * A[0]
         # carry the kept rows forward to P_{k-1}: W_j ← W_j + Q A_j − (A_j·u_{k-1}) u_{k-1} / S_{k-1}

@@ -55,8 +55,9 @@ def needs_restart(S: Tensor, R: Tensor) -> bool:
 def skip_layer(ctx: UpdateContext, H: Tensor, S: Tensor, diagnostics: dict[str, Tensor]) -> Gain:
     """A zero gain that leaves the layer's state as it was (counted as a skipped layer).
 
-    The guard's last resort, where even the restart gives no usable S_k: (σ + Q)‖H_k‖² overflows
-    the state precision. A restart otherwise always gives S_k ≥ R_k.
+    The guard's last resort, where even the restart gives no usable S_k. In exact arithmetic a
+    restart gives S_k ≥ R_k; in floating point it fails only where (σ + Q)‖H_k‖² overflows the state
+    precision, or is so large against R_k (R_k near its floor, Q = 0) that S_k rounds to ≤ ε R_k.
     """
     ctx.count("skipped_layers")
     return Gain(direction=torch.zeros_like(H), coefficients=H.new_zeros(1), S=S, diagnostics=diagnostics)
@@ -88,7 +89,7 @@ class ProductSurrogate(CovarianceSurrogate):
         if hp.get("guard", True) and needs_restart(S, R):
             ctx.count("guard_restarts")
             v, S, diag = self._recursion(H, *first_update_state(H, R, hp["sigma"], Q), R, Q)
-            if needs_restart(S, R):  # only where the restart overflows too: skip the layer, change nothing
+            if needs_restart(S, R):  # the restart fails too (overflow or rounding): skip, change nothing
                 return skip_layer(ctx, H, S, diag)
         # store v_k, H_k, S_k
         layer_state["v"], layer_state["H"], layer_state["S"] = v, H.clone(), S

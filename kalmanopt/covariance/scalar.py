@@ -55,8 +55,8 @@ class ScalarSurrogate(CovarianceSurrogate):
         HH = torch.dot(H, H)
         # S_ℓ = P ‖H_ℓ‖² + R
         S = P * HH + R
-        # ‖H_ℓ‖² / S_ℓ, for the shared posterior
-        ctx.per_layer.append(HH / S)
+        # P ‖H_ℓ‖² / S_ℓ ∈ [0, 1], for the shared posterior (an overflowing S_ℓ counts as 1)
+        ctx.per_layer.append(torch.nan_to_num(P * HH / S, nan=1.0))
         direction = g if self.direction == "gradient" else H
         # K_ℓ = (P / S_ℓ) · direction
         return Gain(direction=direction, coefficients=(P / S).reshape(1), S=S)
@@ -65,5 +65,6 @@ class ScalarSurrogate(CovarianceSurrogate):
         if not ctx.per_layer:
             return
         P = group_state["P"]
-        # P ← P − P² · max_ℓ (‖H_ℓ‖² / S_ℓ)
-        P.copy_(P - P**2 * torch.max(torch.stack(ctx.per_layer)))
+        # P ← P − P² · max_ℓ (‖H_ℓ‖² / S_ℓ), computed as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ): the same for P > 0,
+        # and it never overflows (‖H‖² / S does where P ‖H‖² ≪ R_k ≈ 0) nor goes below 0
+        P.copy_(P * (1 - torch.max(torch.stack(ctx.per_layer))))
