@@ -278,12 +278,13 @@ def gpu_tables(args) -> str:
 
 
 def cpu_table(args) -> str:
+    """CPU step times, the optimizers interleaved step by step (so a busy machine slows them alike)."""
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     shapes = mlp_shapes()
     n = sum(math.prod(s) for s in shapes)
     lines = [f"CPU: {args.threads} threads, torch {torch.__version__}; MLP of {n / 1e6:.2f} M parameters in "
-             f"{len(shapes)} tensors; median of {args.repeats} steps.", "",
+             f"{len(shapes)} tensors; median of {args.repeats} steps, the optimizers interleaved step by step.", "",
              "| optimizer | step (ms) | × torch AdamW |", "|---|---|---|"]
     candidates = [("torch AdamW (default)", torch_builder(torch.optim.AdamW, lr=1e-3)),
                   ("torch AdamW foreach", torch_builder(torch.optim.AdamW, lr=1e-3, foreach=True)),
@@ -291,12 +292,25 @@ def cpu_table(args) -> str:
     for preset in args.presets:
         for impl in ("foreach", "reference"):
             candidates.append((f"{preset} {impl}", kalman_builder(preset, impl)))
-    results = [optimizer_step_time(label, build, shapes, device, args.warmup, args.repeats)
-               for label, build in candidates]
-    adam = results[0]["ms"]
-    for r in results:
-        print(f"  {r['name']:28s} {r['ms']:8.2f} ms", flush=True)
-        lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['ms'] / adam:.2f} |")
+    steps = []
+    for label, build in candidates:
+        params = make_params(shapes, device)
+        _, step = build(params)
+        for _ in range(args.warmup):
+            step()
+        steps.append((label, step, params))
+    times: dict[str, list[float]] = {label: [] for label, _, _ in steps}
+    for _ in range(args.repeats):
+        for label, step, _ in steps:
+            t0 = time.perf_counter()
+            step()
+            times[label].append((time.perf_counter() - t0) * 1e3)
+    adam = statistics.median(times[candidates[0][0]])
+    for label, _, params in steps:
+        ms = statistics.median(times[label])
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        print(f"  {label:28s} {ms:8.2f} ms  finite={finite}", flush=True)
+        lines.append(f"| {label} | {ms:.2f} | {ms / adam:.2f} |")
     return "\n".join(lines) + "\n"
 
 

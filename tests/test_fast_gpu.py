@@ -204,12 +204,16 @@ def test_cuda_checkpoint_resumes_across_implementations(preset, first, second):
     assert relative_error(flat(model), want) <= 1e-10
 
 
-def test_bfloat16_parameters_fused():
-    want, _ = _train("koala++", "reference", dtype=torch.bfloat16, steps=3, device=CUDA)
-    got, fast = _train("koala++", "fused", dtype=torch.bfloat16, steps=3, device=CUDA)
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_bfloat16_parameters_fused(preset):
+    """bf16 parameters keep float32 state; θ is rounded to nearest, as the reference path's copy_."""
+    want, _ = _train(preset, "reference", dtype=torch.bfloat16, steps=3, device=CUDA)
+    got, fast = _train(preset, "fused", dtype=torch.bfloat16, steps=3, device=CUDA)
     for p in fast.param_groups[0]["params"]:
-        assert fast.state[p]["v"].dtype == torch.float32
-    assert relative_error(got.float(), want.float()) <= 2e-2
+        for t in fast.state[p].values():
+            if t.is_floating_point():
+                assert t.dtype == torch.float32
+    assert relative_error(got.float(), want.float()) <= 8e-3  # at most about two bf16 ulps
 
 
 def test_none_picks_fused_on_cuda():

@@ -330,6 +330,15 @@ class FusedImplementation:
             return
         if ok is None and code is not None:
             ok = (code & support.CODE_SKIPS) == 0
+        pending = opt.__dict__.pop("_fused_predict_pending", None)
+        if pending is not None and code is not None:
+            # the update's element-wise pass already moved θ and u and measured ‖w̄ − θ‖²
+            k = _kernels()
+            k.layer_sum_kernel[(pending.n_layers,)](pending.partials, pending.layer_first, pending.layer_last,
+                                                    pending.dots, ROWS=128)
+            support.momentum_covariance_predict(pending.dots[: pending.n_layers, 0].sum(), pending.n_elements,
+                                                group_state, group, ok)
+            return
         steady = self._steady_plan(opt, group, group_state, "predict", with_grads=False)
         if steady is None:
             layers = [layer for layer in layers if layer.numel > 0]
@@ -395,7 +404,12 @@ class FusedImplementation:
                 all(p.grad is not None for p in plan.params) and len(plan.params) == len(group["params"])
             plan.params_list = group["params"]
             plan.n_none = len(layers) - len(active)
-        self._launch(plan, kind, group, group_state, loss, statistic, opt, code, count)
+        # KOALA-M in a whole device step: the next predict (θ ← θ + u, u ← a u) rides on the
+        # element-wise pass, so the weights are read and written once (its P, q_w follow in predict)
+        fuse_predict = count and kind == "block" and plan.complete and plan.n_chunks > 0
+        self._launch(plan, kind, group, group_state, loss, statistic, opt, code, count, fuse_predict)
+        if fuse_predict:
+            opt.__dict__["_fused_predict_pending"] = plan
         _write_back(staged)
         if code is None and not count:
             report(opt, plan.code)
@@ -419,7 +433,8 @@ class FusedImplementation:
         return code
 
     def _launch(self, plan: _Plan, kind: str, group: dict[str, Any], group_state: dict, loss: Tensor,
-                statistic: Tensor | None, opt: KalmanOptimizer, code: Tensor | None, count: bool) -> None:
+                statistic: Tensor | None, opt: KalmanOptimizer, code: Tensor | None, count: bool,
+                fuse_predict: bool = False) -> None:
         k = _kernels()
         sd = _tl_dtype(plan.state_dtype)
         mode = _MODES[kind]
@@ -455,8 +470,10 @@ class FusedImplementation:
         if plan.n_chunks:
             q_hi, q_lo = _split(float(group.get("q") or 0.0))
             along_g = kind == "scalar" and getattr(opt.filter.surrogate, "direction", "gradient") == "gradient"
+            a_hi, a_lo = _split(float(group.get("a") or 0.0))
             k.apply_kernel[(plan.n_chunks,)](
                 plan.chunk_seg, plan.chunk_start, plan.seg_numel, plan.seg_layer, p_base, p_off, g_base, g_off,
                 s0_base, s0_off, s1_base, s1_off, plan.coef, plan.skip, plan.n_chunks, wd_hi, wd_lo, q_hi, q_lo,
-                MODE=mode, HAS_WD=wd != 0, ALONG_G=along_g, ALIGNED=plan.aligned, VEC_P=vec_p, VEC_S=vec_s,
-                S_DT=sd, CHUNK=plan.chunk, BLOCK=block, num_warps=warps)
+                plan.partials, plan.code, a_hi, a_lo, MODE=mode, HAS_WD=wd != 0, ALONG_G=along_g,
+                FUSE_PREDICT=fuse_predict, ALIGNED=plan.aligned, VEC_P=vec_p, VEC_S=vec_s, S_DT=sd,
+                CHUNK=plan.chunk, BLOCK=block, num_warps=warps)

@@ -269,8 +269,13 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
             scale = tl.where(skip, zero, step / S)
             a = scale * p00
             b = scale * p10
-            c = zero
-            d = zero
+            if MODE == 3:
+                # w̄ ← c w̄ + d θ: (0.9, 0.1) where updated, (1, 0) where skipped
+                c = tl.where(skip, one, one * 9.0 / 10.0)
+                d = tl.where(skip, zero, one / 10.0)
+            else:
+                c = zero
+                d = zero
             ratio_max = tl.maximum(ratio_max, tl.max(tl.where(skip | (m == 0), float("-inf"), hh / S), 0))
         out = coef + ls * 4
         tl.store(out + 0, a, mask=m)
@@ -313,12 +318,10 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
 
 
 @triton.jit
-def _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, nblk, wd, q, c0, c1, c2, c3, MODE: tl.constexpr,
-                  HAS_WD: tl.constexpr, ALONG_G: tl.constexpr, MASKED: tl.constexpr, S_DT: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, nblk, wd, q, a, c0, c1, c2, c3, acc, MODE: tl.constexpr,
+                  HAS_WD: tl.constexpr, ALONG_G: tl.constexpr, FUSE_PREDICT: tl.constexpr, MASKED: tl.constexpr,
+                  S_DT: tl.constexpr, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
-    ninety = tl.full([BLOCK], 9.0, S_DT) / 10.0
-    tenth = tl.full([BLOCK], 1.0, S_DT) / 10.0
     for k in range(0, nblk):
         idx = start + k * BLOCK + lanes
         m = idx < end
@@ -353,20 +356,36 @@ def _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, nblk, wd, q, c0, c1,
             u = _ld(s0_ptr, idx, m, MASKED)
             wb = _ld(s1_ptr, idx, m, MASKED)
             th_new = th - c0 * H
-            _st(s0_ptr, idx, u - c1 * H, m, MASKED)
-            _st(s1_ptr, idx, ninety * wb + tenth * th_new, m, MASKED)
+            u_new = u - c1 * H
+            wb_new = c2 * wb + c3 * th_new
+            if FUSE_PREDICT:
+                # the next step's predict: ‖w̄ − θ‖² (θ as stored), θ ← θ + u, u ← a u
+                th_stored = th_new.to(p_ptr.dtype.element_ty).to(S_DT)
+                diff = wb_new - th_stored
+                acc += diff * diff
+                th_new = th_stored + u_new
+                u_new = a * u_new
+            _st(s0_ptr, idx, u_new, m, MASKED)
+            _st(s1_ptr, idx, wb_new, m, MASKED)
         _st(p_ptr, idx, th_new.to(p_ptr.dtype.element_ty), m, MASKED)
+    return acc
 
 
 @triton.jit
 def apply_kernel(chunk_seg, chunk_start, seg_numel, seg_layer, p_base, p_off, g_base, g_off, s0_base, s0_off,
-                 s1_base, s1_off, coef, skip, n_chunks, wd_hi, wd_lo, q_hi, q_lo, MODE: tl.constexpr,
-                 HAS_WD: tl.constexpr, ALONG_G: tl.constexpr, ALIGNED: tl.constexpr, VEC_P: tl.constexpr,
-                 VEC_S: tl.constexpr, S_DT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 s1_base, s1_off, coef, skip, n_chunks, wd_hi, wd_lo, q_hi, q_lo, partials, code_ptr, a_hi, a_lo,
+                 MODE: tl.constexpr, HAS_WD: tl.constexpr, ALONG_G: tl.constexpr, FUSE_PREDICT: tl.constexpr,
+                 ALIGNED: tl.constexpr, VEC_P: tl.constexpr, VEC_S: tl.constexpr, S_DT: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = n_chunks - 1 - tl.program_id(0)
     seg = tl.load(chunk_seg + pid)
     layer = tl.load(seg_layer + seg)
-    if tl.load(skip + layer) == 0:
+    acc = tl.zeros([BLOCK], dtype=S_DT)
+    if FUSE_PREDICT:  # a skipped layer still predicts; a skipped step changes nothing
+        run = tl.where((tl.load(code_ptr) & 7) == 0, 1, 0)
+    else:
+        run = tl.where(tl.load(skip + layer) == 0, 1, 0)
+    if run == 1:
         start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK)
         n = tl.load(seg_numel + seg)
         end = tl.minimum(start + CHUNK, n)
@@ -376,16 +395,19 @@ def apply_kernel(chunk_seg, chunk_start, seg_numel, seg_layer, p_base, p_off, g_
         s1_ptr = _seg_ptr(s1_base, s1_off, seg, VEC_S, ALIGNED)
         wd = _pair(wd_hi, wd_lo, S_DT)
         q = _pair(q_hi, q_lo, S_DT)
+        a = _pair(a_hi, a_lo, S_DT)
         c0 = tl.load(coef + layer * 4 + 0)
         c1 = tl.load(coef + layer * 4 + 1)
         c2 = tl.load(coef + layer * 4 + 2)
         c3 = tl.load(coef + layer * 4 + 3)
         if end - start == CHUNK:
-            _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, CHUNK // BLOCK, wd, q, c0, c1, c2, c3, MODE,
-                          HAS_WD, ALONG_G, False, S_DT, BLOCK)
+            acc = _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, CHUNK // BLOCK, wd, q, a, c0, c1, c2, c3,
+                                acc, MODE, HAS_WD, ALONG_G, FUSE_PREDICT, False, S_DT, BLOCK)
         else:
-            _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, tl.cdiv(end - start, BLOCK), wd, q, c0, c1,
-                          c2, c3, MODE, HAS_WD, ALONG_G, True, S_DT, BLOCK)
+            acc = _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, tl.cdiv(end - start, BLOCK), wd, q, a, c0,
+                                c1, c2, c3, acc, MODE, HAS_WD, ALONG_G, FUSE_PREDICT, True, S_DT, BLOCK)
+    if FUSE_PREDICT:
+        tl.store(partials + pid * 8, tl.sum(acc, 0))
 
 
 @triton.jit

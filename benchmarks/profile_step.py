@@ -1,0 +1,43 @@
+"""Profile the optimizer step of one preset on one parameter set (kernel times and host time per step).
+
+    python benchmarks/profile_step.py koala-v ResNet-50
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_time import PARAMETER_SETS, kalman_builder, make_params  # noqa: E402
+
+
+def main() -> None:
+    preset, set_name = sys.argv[1], sys.argv[2]
+    implementation = sys.argv[3] if len(sys.argv) > 3 else "fused"
+    params = make_params(PARAMETER_SETS[set_name](), torch.device("cuda"))
+    _, step = kalman_builder(preset, implementation)(params)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 20 * 1e3
+    print(f"{preset} {implementation} on {set_name}: host {host:.3f} ms/step, wall {wall:.3f} ms/step")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
