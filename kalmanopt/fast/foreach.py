@@ -60,6 +60,19 @@ def ensure_state(kind: str, layer: Layer, hp: dict[str, Any]) -> None:
         state["w_bar"] = torch.zeros(n, dtype=dtype, device=device)
 
 
+def _rows(table: Tensor) -> list:
+    """Per-layer coefficient rows: Python floats on the CPU (free to read there, and the fast scalar
+    kernels take them), 0-dim device tensors elsewhere (no host-device synchronisation)."""
+    if table.device.type == "cpu":
+        return table.tolist()
+    return [row.unbind(0) for row in table.unbind(0)]
+
+
+def _axpy(x: Tensor, y: Tensor, c: Tensor | float) -> Tensor:
+    """x += c y in place (c a float or a 0-dim tensor)."""
+    return x.add_(y, alpha=c) if isinstance(c, float) else x.addcmul_(y, c)
+
+
 class FlatLayer:
     """A layer's θ and g as flat vectors in the state precision.
 
@@ -231,17 +244,21 @@ class ForeachImplementation:
         # per layer: (a, b, c, −d, −d Q, keep)
         d = coef[:, 3]
         table = torch.stack([coef[:, 0], coef[:, 1], coef[:, 2], -d, -d * q, (~skip).to(coef)], 1)
-        for f, row, S_new in zip(flats, table.unbind(0), S.unbind(0)):
-            a, b, c, nd, ndq, keep = row.unbind(0)
+        for f, row, S_new in zip(flats, _rows(table), S.unbind(0)):
+            a, b, c, nd, ndq, keep = row
             state = f.layer.state
             v, H_prev = state["v"], state["H"]
             H = f.measurement(wd)
             # v_k = a v_{k-1} + b H_k + c H_{k-1}
-            v.mul_(a).addcmul_(H, b).addcmul_(H_prev, c)
+            _axpy(_axpy(v.mul_(a), H, b), H_prev, c)
             # θ_k = θ_{k-1} − d (v_k + Q H_k)
-            f.theta.addcmul_(v, nd).addcmul_(H, ndq)
+            _axpy(_axpy(f.theta, v, nd), H, ndq)
             # store H_k (lerp with weight 1 or 0 selects exactly)
-            H_prev.lerp_(H, keep)
+            if isinstance(keep, float):
+                if keep:
+                    H_prev.copy_(H)
+            else:
+                H_prev.lerp_(H, keep)
             state["S"] = S_new
             f.commit()
 
@@ -251,17 +268,17 @@ class ForeachImplementation:
             return
         # per layer: (q, −1/S, −η L / S), zeros where skipped
         table = torch.stack([coef[:, 0], -coef[:, 1], -coef[:, 2]], 1)
-        for f, row in zip(flats, table.unbind(0)):
-            q, n_inv_S, nd = row.unbind(0)
+        for f, row in zip(flats, _rows(table)):
+            q, n_inv_S, nd = row
             p = f.layer.state["p"]
             H = f.measurement(wd)
             # p̂ = p + q
             p.add_(q)
             PH = p * H
             # θ ← θ − (η L / S) p̂ H
-            f.theta.addcmul_(PH, nd)
+            _axpy(f.theta, PH, nd)
             # p ← p̂ − (p̂ H)² / S
-            p.addcmul_(PH.mul_(PH), n_inv_S)
+            _axpy(p, PH.mul_(PH), n_inv_S)
             f.commit()
 
     @staticmethod
@@ -274,17 +291,17 @@ class ForeachImplementation:
         ones = torch.ones_like(coef[:, 0])
         table = torch.stack([-coef[:, 0], -coef[:, 1], torch.where(skip, ones, 0.9 * ones),
                              torch.where(skip, 0.0 * ones, 0.1 * ones)], 1)
-        for f, row in zip(flats, table.unbind(0)):
-            nd, nd_u, w_keep, w_new = row.unbind(0)
+        for f, row in zip(flats, _rows(table)):
+            nd, nd_u, w_keep, w_new = row
             H = f.measurement(wd)
             # θ ← θ − η L (P₀₀ / S) H   (KOALA-V as released: along g)
-            f.theta.addcmul_(f.g if along_gradient else H, nd)
+            _axpy(f.theta, f.g if along_gradient else H, nd)
             if block:
                 state = f.layer.state
                 # u ← u − η L (P₁₀ / S) H
-                state["u"].addcmul_(H, nd_u)
+                _axpy(state["u"], H, nd_u)
                 # w̄ ← 0.9 w̄ + 0.1 θ
-                state["w_bar"].mul_(w_keep).addcmul_(f.theta, w_new)
+                _axpy(state["w_bar"].mul_(w_keep), f.theta, w_new)
             f.commit()
 
 
