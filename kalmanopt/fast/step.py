@@ -50,8 +50,13 @@ def _input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, de
     if gradients:
         grads = [g for g in opt._gradients() if g.numel()]  # (an empty tensor has no infinity norm)
         if grads:
-            norms = torch._foreach_norm(grads, math.inf)
-            bad = _nonfinite(torch.stack([n.to(device) for n in norms]))
+            if all(g.device.type == "cpu" for g in grads):
+                # min and max carry NaN and ±inf, and are vectorised on the CPU (the ∞-norm is not)
+                extremes = torch.stack([x for g in grads for x in torch.aminmax(g.detach())])
+                bad = _nonfinite(extremes.to(device))
+            else:
+                norms = torch._foreach_norm(grads, math.inf)
+                bad = _nonfinite(torch.stack([n.to(device) for n in norms]))
             code = code | (bad.to(torch.int32) * CODE_GRADIENT)
     return code
 
