@@ -67,4 +67,4 @@ class ScalarSurrogate(CovarianceSurrogate):
         P = group_state["P"]
         # P ← P − P² · max_ℓ (‖H_ℓ‖² / S_ℓ), computed as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ): the same for P > 0,
         # and it never overflows (‖H‖² / S does where P ‖H‖² ≪ R_k ≈ 0) nor goes below 0
-        P.copy_(P * (1 - torch.max(torch.stack(ctx.per_layer))))
+        P.copy_(P * (1 - torch.max(torch.stack(ctx.per_layer))).clamp_min(0.0))
