@@ -181,7 +181,7 @@ def test_two_phase_and_step_api_see_the_same_losses_for_momentum():
             if api == "two-phase":
                 opt.predict()
             losses = _losses(model, X, y)
-            losses_seen.append(float(losses.mean()))
+            losses_seen.append(float(losses.mean().detach()))
             opt.zero_grad()
             losses.mean().backward()
             if api == "two-phase":
