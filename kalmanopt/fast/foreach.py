@@ -194,7 +194,7 @@ class ForeachImplementation:
             _count(group_state, "guard_restarts", restart.sum(), ok)
         elif kind == "diagonal":
             coef, skip, overflow = support.diagonal_coefficients(dots, R, loss, ok, group)
-            self._diagonal_apply(flats, coef, wd)
+            self._diagonal_apply(flats, coef, skip, wd)
         else:
             block = kind == "block"
             coef, skip, overflow = support.shared_coefficients(dots, group_state["P"], R, loss, ok, group, block)
@@ -263,22 +263,28 @@ class ForeachImplementation:
             f.commit()
 
     @staticmethod
-    def _diagonal_apply(flats: list[FlatLayer], coef: Tensor, wd: float) -> None:
+    def _diagonal_apply(flats: list[FlatLayer], coef: Tensor, skip: Tensor, wd: float) -> None:
         if not flats:
             return
-        # per layer: (q, −1/S, −η L / S), zeros where skipped
-        table = torch.stack([coef[:, 0], -coef[:, 1], -coef[:, 2]], 1)
-        for f, row in zip(flats, _rows(table)):
-            q, n_inv_S, nd = row
+        # per layer: (q, S, −η L / S); (0, ∞, 0) where skipped
+        table = torch.stack([coef[:, 0], coef[:, 1], -coef[:, 2]], 1)
+        on_cpu = table.device.type == "cpu"
+        skipped = skip.tolist() if on_cpu else skip.unbind(0)
+        for f, row, skip_layer in zip(flats, _rows(table), skipped):
+            if on_cpu and skip_layer:
+                continue  # (known for free on the CPU)
+            q, S, nd = row
             p = f.layer.state["p"]
             H = f.measurement(wd)
             # p̂ = p + q
             p.add_(q)
             PH = p * H
+            if not on_cpu:  # a skipped layer's p̂ H may overflow (its ‖H‖² did): zero it there
+                PH = torch.where(skip_layer, 0.0, PH)
             # θ ← θ − (η L / S) p̂ H
             _axpy(f.theta, PH, nd)
-            # p ← p̂ − (p̂ H)² / S
-            _axpy(p, PH.mul_(PH), n_inv_S)
+            # p ← p̂ − (p̂ H)² / S, as p̂ (1 − (p̂ H / S) H) with the factor clamped at 0 (as the reference)
+            p.mul_(PH.div_(S).mul_(H).neg_().add_(1.0).clamp_min_(0.0))
             f.commit()
 
     @staticmethod

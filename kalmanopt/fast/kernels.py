@@ -261,7 +261,7 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
             # S = Σ p H² + q Σ H² + R
             S = tl.load(row + 3, mask=m, other=0.0) + q * hh + R
             a = tl.where(skip, zero, zero + q)
-            b = tl.where(skip, zero, one / S)
+            b = tl.where(skip, zero + float("inf"), S)
             c = tl.where(skip, zero, step / S)
             d = zero
         else:
@@ -276,7 +276,13 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
             else:
                 c = zero
                 d = zero
-            ratio_max = tl.maximum(ratio_max, tl.max(tl.where(skip | (m == 0), float("-inf"), hh / S), 0))
+            if MODE == 2:
+                # P ‖H_ℓ‖² / S_ℓ (an overflowing S_ℓ counts as 1)
+                ratio = p00 * hh / S
+                ratio = tl.where(ratio == ratio, ratio, 1.0)
+            else:
+                ratio = hh / S
+            ratio_max = tl.maximum(ratio_max, tl.max(tl.where(skip | (m == 0), float("-inf"), ratio), 0))
         out = coef + ls * 4
         tl.store(out + 0, a, mask=m)
         tl.store(out + 1, b, mask=m)
@@ -286,8 +292,8 @@ def finish_kernel(dots, n_layers, S_all, P, R_ptr, R_floor_ptr, loss_ptr, stat_p
         n_skip += tl.sum(tl.where(skip & m, 1, 0), 0)
         n_overflow += tl.sum(tl.where(overflow & m, 1, 0), 0)
     if MODE == 2:
-        # P ← P − P² max_ℓ ‖H_ℓ‖² / S_ℓ  (over the updated layers)
-        P_post = tl.where(ratio_max > float("-inf"), p00 - p00 * p00 * ratio_max, p00)
+        # P ← P − P² max_ℓ ‖H_ℓ‖² / S_ℓ  (over the updated layers), as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ) ≥ 0
+        P_post = tl.where(ratio_max > float("-inf"), p00 * tl.maximum(1.0 - ratio_max, 0.0), p00)
         if PREDICT_Q:
             # the next step's predict, P̂ = P + q (the step API runs it right after the update)
             P_post = tl.where(ok, P_post + q, P_post)
@@ -340,12 +346,13 @@ def _apply_blocks(g_ptr, p_ptr, s0_ptr, s1_ptr, start, end, nblk, wd, q, a, c0, 
             _st(s0_ptr, idx, v, m, MASKED)
             _st(s1_ptr, idx, H, m, MASKED)
         elif MODE == 1:
-            # p̂ = p + q;  θ ← θ − (η L / S) p̂ H;  p ← p̂ − (p̂ H)² / S
+            # p̂ = p + q;  θ ← θ − (η L / S) p̂ H;  p ← p̂ − (p̂ H)² / S  (as p̂ (1 − (p̂ H / S) H))
             p = _ld(s0_ptr, idx, m, MASKED)
             p_hat = p + c0
             pH = p_hat * H
             th_new = th - c2 * pH
-            _st(s0_ptr, idx, p_hat - c1 * pH * pH, m, MASKED)
+            # p ← p̂ (1 − (p̂ H / S) H), the factor clamped at 0  (c1 = S)
+            _st(s0_ptr, idx, p_hat * tl.maximum(1.0 - (pH / c1) * H, 0.0), m, MASKED)
         elif MODE == 2:
             if ALONG_G:
                 th_new = th - c0 * g

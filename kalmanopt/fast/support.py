@@ -179,9 +179,9 @@ def product_coefficients(dots: Tensor, S_prev: Tensor, R: Tensor, loss: Tensor, 
 
 def diagonal_coefficients(dots: Tensor, R: Tensor, loss: Tensor, ok: Tensor | None,
                           hp: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """Diagonal surrogate: ``coef[:, 0:3] = (q, 1/S, η L_ℓ / S)`` (zeros where skipped), skips, overflows.
+    """Diagonal surrogate: ``coef[:, 0:3] = (q, S, η L_ℓ / S)`` ((0, ∞, 0) where skipped), skips, overflows.
 
-    p̂ = p + q;  S = Σ p̂ H² + R;  θ ← θ − (η L / S) p̂ H;  p ← p̂ − (p̂ H)² / S
+    p̂ = p + q;  S = Σ p̂ H² + R;  θ ← θ − (η L / S) p̂ H;  p ← p̂ (1 − (p̂ H / S) H) clamped at 0
     """
     q, wd = float(hp["q"]), float(hp["weight_decay"])
     # S = Σ p H² + q Σ H² + R
@@ -189,7 +189,7 @@ def diagonal_coefficients(dots: Tensor, R: Tensor, loss: Tensor, ok: Tensor | No
     L = layer_loss(dots, loss, wd)
     skip, overflow = skip_mask(dots, L, ok)
     zero = torch.zeros_like(S)
-    coef = torch.stack([torch.where(skip, zero, zero + q), torch.where(skip, zero, 1.0 / S),
+    coef = torch.stack([torch.where(skip, zero, zero + q), torch.where(skip, zero + math.inf, S),
                         torch.where(skip, zero, step_size(L, hp) / S), zero], 1)
     return coef, skip, overflow
 
@@ -199,7 +199,8 @@ def shared_coefficients(dots: Tensor, P: Tensor, R: Tensor, loss: Tensor, ok: Te
     """KOALA-V (scalar P) and KOALA-M (2×2 P): per-layer coefficients; P's posterior in place.
 
     S_ℓ = P₀₀ ‖H_ℓ‖² + R;  ``coef[:, 0] = η L_ℓ P₀₀ / S_ℓ`` (θ), ``coef[:, 1] = η L_ℓ P₁₀ / S_ℓ``
-    (u, block only); then P ← P − P E Pᵀ with E₀₀ = max over updated layers of ‖H_ℓ‖² / S_ℓ.
+    (u, block only); then P's posterior over the updated layers: P ← P − P E Pᵀ with
+    E₀₀ = max ‖H_ℓ‖² / S_ℓ (block), P ← P (1 − max P ‖H_ℓ‖² / S_ℓ) clamped at 0 (scalar).
     """
     wd = float(hp["weight_decay"])
     p00 = P[0, 0] if block else P
@@ -211,17 +212,17 @@ def shared_coefficients(dots: Tensor, P: Tensor, R: Tensor, loss: Tensor, ok: Te
     scale = torch.where(skip, 0.0, step_size(L, hp) / S)
     zero = torch.zeros_like(S)
     coef = torch.stack([scale * p00, scale * P[1, 0] if block else zero, zero, zero], 1)
-    # E₀₀ = max_ℓ ‖H_ℓ‖² / S_ℓ over the layers that were updated
     if hh.numel():
-        ratio = torch.where(skip, -math.inf, hh / S).max()
-        apply = ratio > -math.inf
         if block:
-            # P ← P − E₀₀ P[:, 0] P[:, 0]ᵀ
+            # E₀₀ = max_ℓ ‖H_ℓ‖² / S_ℓ over the layers that were updated;  P ← P − E₀₀ P[:, 0] P[:, 0]ᵀ
+            ratio = torch.where(skip, -math.inf, hh / S).max()
             new = P - ratio * torch.outer(P[:, 0], P[:, 0])
         else:
-            # P ← P − P² E₀₀
-            new = P - P**2 * ratio
-        P.copy_(torch.where(apply, new, P))
+            # P ← P − P² max_ℓ ‖H_ℓ‖² / S_ℓ, as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ) clamped at 0 (an overflowing
+            # S_ℓ counts as 1): no overflow, never below 0
+            ratio = torch.where(skip, -math.inf, torch.nan_to_num(p00 * hh / S, nan=1.0)).max()
+            new = P * (1 - ratio).clamp_min(0.0)
+        P.copy_(torch.where(ratio > -math.inf, new, P))
     return coef, skip, overflow
 
 
