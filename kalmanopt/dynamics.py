@@ -111,7 +111,7 @@ class Momentum(Dynamics):
             layer.write(theta + layer.state["u"])
             # u_ℓ ← a u_ℓ
             layer.state["u"].mul_(hp["a"])
-        if distances:
+        if n_total > 0:
             # q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total
             qw.copy_(0.9 * qw + 0.1 * torch.linalg.vector_norm(torch.stack(distances)) / n_total)
 

@@ -203,3 +203,12 @@ def test_diagnostics_report_internals_when_tracked():
     entry = diag["layers"]["group0/param0"]
     assert {"S", "gain_scale", "lambda", "alpha", "w", "cos_Hv"} <= set(entry)
     assert entry["S"] > 0 and -1.0 <= entry["cos_Hv"] <= 1.0
+
+
+@pytest.mark.parametrize("implementation", ["reference", None])
+def test_momentum_group_of_empty_parameters_keeps_a_finite_process_noise(implementation):
+    empty = torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))
+    opt = kalmanopt.create("koala-m", [empty], implementation=implementation)
+    empty.grad = torch.zeros_like(empty)
+    opt.step(loss=torch.tensor([0.5, 0.7], dtype=torch.float64))
+    assert torch.isfinite(opt.state["group0"]["qw"]) and float(opt.state["group0"]["qw"]) == 0.01
