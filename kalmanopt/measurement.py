@@ -76,6 +76,14 @@ class LossMeasurement(MeasurementModel):
 
     def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
         R = group_state["R"]
+        R_k = self.next_noise(R, statistic, hp)
+        if hp["r"] is None:
+            R.copy_(R_k)
+        return R_k
+
+    @staticmethod
+    def next_noise(R: Tensor, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
+        """R_k from R_{k-1} (not in place): what :meth:`noise` stores, for the fast paths too."""
         # R_k is kept at or above the smallest normal number of the state precision, so that S_k ≥ R_k > 0
         # (an R that underflows to 0, e.g. after many zero losses, would make S_k = 0 possible)
         floor = torch.finfo(R.dtype).tiny
@@ -86,8 +94,7 @@ class LossMeasurement(MeasurementModel):
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
         # R_k = α_r R_{k-1} + (1 − α_r) s_k   (a statistic below 0 — a variance rounded below zero — counts as 0)
         alpha = hp["alpha_r"]
-        R.copy_((alpha * R + (1.0 - alpha) * statistic.to(R).clamp_min(0.0)).clamp_min(floor))
-        return R
+        return (alpha * R + (1.0 - alpha) * statistic.to(R).clamp_min(0.0)).clamp_min(floor)
 
     def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         wd = hp["weight_decay"]

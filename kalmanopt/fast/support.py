@@ -85,13 +85,9 @@ def noise(R: Tensor, statistic: Tensor | None, hp: Mapping[str, Any], ok: Tensor
 
     Either way at least the smallest normal number of the state precision, so that S_k ≥ R_k > 0.
     """
-    floor = torch.finfo(R.dtype).tiny
+    new = LossMeasurement.next_noise(R, statistic, hp)
     if hp["r"] is not None:
-        return torch.full_like(R, hp["r"]).clamp_min_(floor)
-    if statistic is None:
-        raise ValueError("r is None (online noise estimate) but no loss statistic was given")
-    alpha = hp["alpha_r"]
-    new = (alpha * R + (1.0 - alpha) * statistic.to(R).clamp_min(0.0)).clamp_min(floor)
+        return new
     R.copy_(new if ok is None else torch.where(ok, new, R))
     return R
 
