@@ -192,7 +192,7 @@ def _quadratic_step(opt, theta, target, scale):
     opt.zero_grad()
     loss.backward()
     opt.step(loss=loss.detach().expand(2).clone())
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.mark.parametrize("preset", PRODUCT_PRESETS)
