@@ -61,7 +61,7 @@ def test_low_precision_parameters_keep_fp32_filter_state_and_learn(preset, imple
         opt.zero_grad()
         losses.mean().backward()
         opt.step(loss=losses)
-        first = float(losses.mean()) if first is None else first
+        first = float(losses.mean().detach()) if first is None else first
     assert all(p.dtype == dtype for p in model.parameters())
     state = _float_state(opt)
     assert state and all(t.dtype == torch.float32 for t in state)

@@ -241,11 +241,10 @@ def momentum_covariance_predict(dist2: Tensor, n_total: int, group_state: dict, 
 
     q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total;  P̂ = F P Fᵀ + diag(q_w, q_v), F = [[1, 1], [0, a]]
     """
-    if n_total == 0:
-        return
     qw, P = group_state["qw"], group_state["P"]
     a, qv = float(hp["a"]), float(hp["qv"])
-    new_qw = 0.9 * qw + 0.1 * torch.sqrt(dist2.to(qw)) / n_total
+    # a group whose parameters are all empty keeps q_w (as the reference path does)
+    new_qw = 0.9 * qw + 0.1 * torch.sqrt(dist2.to(qw)) / n_total if n_total > 0 else qw.clone()
     p00, p01, p10, p11 = P[0, 0], P[0, 1], P[1, 0], P[1, 1]
     new_P = torch.stack([
         torch.stack([p00 + p10 + p01 + p11 + new_qw, a * (p01 + p11)]),
