@@ -19,13 +19,12 @@ from collections import Counter
 
 import pytest
 import torch
+from cases import CASES, PRESETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
-from kalmanopt.implementations import available_implementations
 
-PRESETS = kalmanopt.presets()
 EXAMPLES = int(os.environ.get("KALMANOPT_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_EXAMPLES: Counter = Counter()
@@ -35,23 +34,6 @@ LOSS_SCALES = [0.0, 1e-8, 1.0, 1e3, 1e8]
 NON_FINITE = [math.nan, math.inf, -math.inf]
 
 
-def _usable_implementations(preset: str) -> list[str]:
-    """The implementations that can run ``preset`` on CPU parameters here (new fast paths join in)."""
-    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(3))])
-    usable = available_implementations(opt.filter, opt.param_groups[0])
-    return [name for name, reason in usable.items() if reason is None]
-
-
-CASES = [(preset, impl) for preset in PRESETS for impl in _usable_implementations(preset)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite

@@ -7,19 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES, PRESETS
 
 import kalmanopt
-from kalmanopt.implementations import available_implementations
-
-PRESETS = kalmanopt.presets()
-
-
-def _usable(preset: str) -> list[str]:
-    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(3))])
-    return [n for n, why in available_implementations(opt.filter, opt.param_groups[0]).items() if why is None]
-
-
-CASES = [(preset, impl) for preset in PRESETS for impl in _usable(preset)]
 
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
