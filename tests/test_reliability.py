@@ -359,9 +359,9 @@ def test_thousands_of_steps_on_an_ill_conditioned_problem_stay_finite(preset):
         theta.grad = A @ shifted.mean(dim=0)
         opt.step(loss=losses)
         if k == 0:
-            first = float(losses.mean())
+            first = float(losses.mean().detach())
     assert bool(torch.isfinite(theta).all())
-    final = float(0.5 * (theta - theta_star) @ A @ (theta - theta_star))
+    final = float((0.5 * (theta - theta_star) @ A @ (theta - theta_star)).detach())
     counters = opt.diagnostics()["counters"]
     assert counters["steps"] == 2000 and counters["nonfinite_steps"] == 0
     assert final < first
