@@ -16,7 +16,7 @@ from torch import Tensor
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.part import Part
 
-__all__ = ["MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic"]
+__all__ = ["MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic", "split_losses"]
 
 #: the loss statistics an online R estimate can follow
 LOSS_STATISTICS = ("second_moment", "variance")
@@ -37,6 +37,32 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     if kind == "second_moment":
         return second_moment
     return second_moment - torch.mean(losses) ** 2
+
+
+def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tuple[Tensor, Tensor | None]:
+    """(L_k, s_k) from the per-sample losses (or their mean) a step is given.
+
+    Args:
+        loss: the per-sample losses ℓ_i, or their mean.
+        kind: the statistic the online R follows (see :func:`loss_statistic`).
+        needs_statistic: whether any filter estimates R online (else s_k is ``None``).
+
+    Raises:
+        TypeError: a loss that is not floating point.
+        ValueError: an empty loss, or ``"variance"`` asked of a single (mean) loss.
+    """
+    losses = torch.as_tensor(loss).detach()
+    if not losses.is_floating_point():
+        raise TypeError(f"the loss must be a floating-point tensor, got {losses.dtype}")
+    if losses.numel() == 0:
+        raise ValueError("the loss is empty; pass the per-sample losses or their mean")
+    mean = losses.mean()
+    if not needs_statistic:
+        return mean, None
+    if losses.numel() == 1 and kind == "variance":
+        raise ValueError("loss_statistic='variance' needs the per-sample losses "
+                         "(reduction='none'), got a scalar loss; pass step(loss=losses) or fix r")
+    return mean, loss_statistic(losses, kind)
 
 
 class MeasurementModel(Part, ABC):

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from kalmanopt.filters.composition import Composition
 from kalmanopt.implementations import IMPLEMENTATIONS, resolve_implementation
 from kalmanopt.layers import Layer, state_dtype
-from kalmanopt.measurement import LOSS_STATISTICS, loss_statistic
+from kalmanopt.measurement import LOSS_STATISTICS, split_losses
 
 __all__ = ["KalmanOptimizer", "NonFiniteError", "GRANULARITIES", "OPTIONS"]
 
@@ -216,15 +216,8 @@ class KalmanOptimizer(Optimizer):
         Returns:
             The loss (the closure's, if one was given).
         """
-        if closure is not None:
-            with torch.enable_grad():
-                out = closure()
-            if loss is None:
-                loss = out
-        if loss is None:
-            raise TypeError("KalmanOptimizer.step needs the loss: step(loss=per_sample_losses) or "
-                            "step(closure) with a closure that returns it")
-        mean, statistic = self._split_loss(loss)
+        loss = step_loss(closure, loss, type(self).__name__)
+        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
         if self._steps_on_device():
             # the fast paths: the whole step on the device, a non-finite step masked there
             from kalmanopt.fast.step import step_on_device
@@ -247,20 +240,6 @@ class KalmanOptimizer(Optimizer):
     # ------------------------------------------------------------------ internals
     def _needs_statistic(self) -> bool:
         return any(group["r"] is None for group in self.param_groups if "r" in group)
-
-    def _split_loss(self, loss: Tensor | float) -> tuple[Tensor, Tensor | None]:
-        losses = torch.as_tensor(loss).detach()
-        if not losses.is_floating_point():
-            raise TypeError(f"the loss must be a floating-point tensor, got {losses.dtype}")
-        if losses.numel() == 0:
-            raise ValueError("the loss is empty; pass the per-sample losses or their mean")
-        mean = losses.mean()
-        if not self._needs_statistic():
-            return mean, None
-        if losses.numel() == 1 and self.loss_statistic == "variance":
-            raise ValueError("loss_statistic='variance' needs the per-sample losses "
-                             "(reduction='none'), got a scalar loss; pass step(loss=losses) or fix r")
-        return mean, loss_statistic(losses, self.loss_statistic)
 
     def _as_tensors(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None
                     ) -> tuple[Tensor, Tensor | None]:
@@ -448,6 +427,22 @@ class KalmanOptimizer(Optimizer):
             if t.dim() >= 1 and t.shape[-1] != numel:
                 raise ValueError(f"state {name!r} of {where} has shape {tuple(t.shape)}, which does not "
                                  f"fit {numel} parameter(s)")
+
+
+def step_loss(closure: Callable[[], Tensor] | None, loss: Tensor | None, owner: str) -> Tensor:
+    """The loss a ``step(closure=None, *, loss=None)`` works with: ``loss``, else the closure's.
+
+    The closure runs with gradients enabled (it calls ``backward``) whenever one is given.
+    """
+    if closure is not None:
+        with torch.enable_grad():
+            out = closure()
+        if loss is None:
+            loss = out
+    if loss is None:
+        raise TypeError(f"{owner}.step needs the loss: step(loss=per_sample_losses) or "
+                        "step(closure) with a closure that returns it")
+    return loss
 
 
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:

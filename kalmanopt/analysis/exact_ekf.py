@@ -26,7 +26,8 @@ from torch.optim import Optimizer
 
 from kalmanopt.filters.composition import LEARNING_RATE
 from kalmanopt.hyperparams import HyperParameter, Range
-from kalmanopt.measurement import LOSS_STATISTICS, LossMeasurement, loss_statistic
+from kalmanopt.measurement import LOSS_STATISTICS, LossMeasurement, split_losses
+from kalmanopt.optimizer import step_loss
 from kalmanopt.reference import SKIP_GRAD_NORM
 
 __all__ = ["ExactUpdate", "exact_ekf_update", "ExactEKF", "GRANULARITIES", "MAX_FILTER_PARAMETERS"]
@@ -205,23 +206,13 @@ class ExactEKF(Optimizer):
         Raises:
             FloatingPointError: a non-finite loss or gradient (nothing is changed).
         """
-        if closure is not None:
-            with torch.enable_grad():
-                out = closure()
-            if loss is None:
-                loss = out
-        if loss is None:
-            raise TypeError("ExactEKF.step needs the loss: step(loss=per_sample_losses) or step(closure)")
+        loss = step_loss(closure, loss, type(self).__name__)
         losses = torch.as_tensor(loss).detach()
-        mean = losses.mean()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not bool(torch.isfinite(losses).all()) or not all(bool(torch.isfinite(g).all()) for g in grads):
             raise FloatingPointError("non-finite loss or gradient: the ExactEKF step was not applied")
-        statistic = None
-        if any(group["r"] is None for group in self.param_groups):
-            if losses.numel() == 1 and self.loss_statistic == "variance":
-                raise ValueError("loss_statistic='variance' needs the per-sample losses, got a scalar loss")
-            statistic = loss_statistic(losses, self.loss_statistic)
+        mean, statistic = split_losses(losses, self.loss_statistic,
+                                       any(group["r"] is None for group in self.param_groups))
         for index, group in enumerate(self.param_groups):
             self._update_group(index, group, mean, statistic)
         return loss
