@@ -2,7 +2,7 @@
 
 Random walk: the state is θ, F = I, Q = q I. Momentum (KOALA-M): the state is (θ, u) with u a
 velocity, F = [[1, 1], [0, a]], and Q = diag(q_w, q_v) with q_w adapted online from how far the
-weights move from their running average (DESIGN.md §4, "2×2 block").
+weights move from their running average .
 """
 
 from __future__ import annotations
@@ -13,44 +13,59 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.covariance.base import Gain
 from kalmanopt.hyperparams import HyperParameter, Range
-from kalmanopt.layers import Layer
 from kalmanopt.part import Part
+from kalmanopt.program import Assign, Coef, Expr, Reduction, State, Vec
+from kalmanopt.state import GroupState, StateTable, VectorState
 
 __all__ = ["Dynamics", "RandomWalk", "Momentum"]
 
 
 class Dynamics(Part, ABC):
-    """How the hidden state evolves between measurements."""
+    """How the hidden state evolves between measurements, and how a gain corrects it.
+
+    Two-pass contract (see :mod:`kalmanopt.contract`): :meth:`state_table`, :meth:`transition`,
+    :meth:`correction` (the element-wise update of θ and any velocities along the gain direction),
+    and for dynamics that move the state in the predict, :meth:`predict_reductions`,
+    :meth:`predict_coefficients` and :meth:`predict_program`.
+    """
 
     #: the number of state components per parameter (θ alone: 1; θ and u: 2)
     state_dim: int = 1
-    #: whether ``predict`` moves the parameters (the step API then leaves θ̂_{k+1} in them)
+    #: whether the predict moves the parameters (the step API then leaves θ̂_{k+1} in them)
     moves_parameters: bool = False
 
-    def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,
-                         device: torch.device) -> None:
-        """Create group-level state (default: none)."""
+    def contract_gap(self) -> str | None:
+        """``None``: every dynamics meets the contract (its methods have working defaults)."""
+        return None
 
-    def init_layer_state(self, layer: Layer) -> None:
-        """Create per-layer state if it does not exist yet (default: none). Must be idempotent."""
+    def state_table(self) -> StateTable:
+        """The state of the dynamics (velocities, adapted noise); default: none."""
+        return StateTable()
 
     @abstractmethod
-    def transition(self, group_state: dict, hp: Mapping[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (F, Q): the state_dim × state_dim transition and the diagonal of the noise."""
+    def transition(self, b: Any) -> tuple[Tensor, Tensor]:
+        """(F, Q): the state_dim × state_dim transition and the diagonal of the noise (0-d tensors of ``b``)."""
 
-    def predict(self, layers: Sequence[Layer], group_state: dict, hp: Mapping[str, Any]) -> None:
-        """Move the state one step ahead (x̂_k = F x_{k-1}); default: nothing moves (F = I)."""
-
-    def correct(self, layer: Layer, theta: Tensor, gain: Gain, scale: Tensor) -> Tensor:
-        """Apply x_k = x̂_k − scale · K to the layer and return the new θ.
-
-        ``gain.coefficients[i]`` multiplies ``gain.direction`` for state component i; ``scale``
-        is η_k · L_ℓ (the innovation times the learning rate, L* = 0).
-        """
+    def correction(self, direction: Expr, steps: Sequence[str], hp: Mapping[str, Any]) -> list[Assign]:
+        """x_k = x̂_k − η L_ℓ K: the element-wise correction; ``steps[i]`` names η L_ℓ K_i's coefficient column."""
+        theta = Vec("theta")
         # θ_k = θ_{k-1} − η L_ℓ K_θ
-        return theta - (scale * gain.coefficients[0]) * gain.direction
+        return [Assign(theta, theta - Coef(steps[0]) * direction)]
+
+    def coefficients(self, b: Any) -> None:
+        """Coefficient columns the correction reads besides ``step{i}``; default: none."""
+
+    def predict_reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
+        """Per-layer sums the predict needs, taken before the state moves; default: none."""
+        return ()
+
+    def predict_coefficients(self, b: Any) -> None:
+        """The predict's coefficient columns and group state, for all layers at once; default: none."""
+
+    def predict_program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        """x̂_k = F x_{k-1}, element-wise; default: nothing moves (F = I)."""
+        return []
 
 
 class RandomWalk(Dynamics):
@@ -60,9 +75,10 @@ class RandomWalk(Dynamics):
         HyperParameter("q", 0.1, Range(0.0), "process noise Q added to the covariance each step"),
     )
 
-    def transition(self, group_state: dict, hp: Mapping[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
+    def transition(self, b: Any) -> tuple[Tensor, Tensor]:
+        like = b.like
         F = torch.ones((1, 1), dtype=like.dtype, device=like.device)
-        Q = torch.full((1,), float(hp["q"]), dtype=like.dtype, device=like.device)
+        Q = torch.full((1,), float(b.hp["q"]), dtype=like.dtype, device=like.device)
         return F, Q
 
 
@@ -81,45 +97,47 @@ class Momentum(Dynamics):
         HyperParameter("qv", 0.01, Range(0.0), "process noise of the velocities"),
     )
 
-    def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,
-                         device: torch.device) -> None:
-        group_state["qw"] = torch.tensor(float(hp["qw"]), dtype=dtype, device=device)
+    def state_table(self) -> StateTable:
+        return StateTable(vectors=(VectorState("u", 0.0, "the velocity u_ℓ"),
+                                   VectorState("w_bar", 0.0, "the running average of the weights w̄_ℓ")),
+                          group=(GroupState("qw", lambda hp: float(hp["qw"]), "the adapted process noise q_w"),))
 
-    def init_layer_state(self, layer: Layer) -> None:
-        if "u" in layer.state:
-            return
-        n, dtype, device = layer.numel, layer.dtype, layer.params[0].device
-        layer.state["u"] = torch.zeros(n, dtype=dtype, device=device)      # velocity u_ℓ
-        layer.state["w_bar"] = torch.zeros(n, dtype=dtype, device=device)  # EMA of the weights w̄_ℓ
-
-    def transition(self, group_state: dict, hp: Mapping[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
-        F = torch.tensor([[1.0, 1.0], [0.0, float(hp["a"])]], dtype=like.dtype, device=like.device)
-        Q = torch.stack([group_state["qw"].to(like), torch.tensor(float(hp["qv"]), dtype=like.dtype,
-                                                                    device=like.device)])
+    def transition(self, b: Any) -> tuple[Tensor, Tensor]:
+        like = b.like
+        F = torch.tensor([[1.0, 1.0], [0.0, float(b.hp["a"])]], dtype=like.dtype, device=like.device)
+        Q = torch.stack([b.group_value("qw").to(like), torch.full((), float(b.hp["qv"]), dtype=like.dtype,
+                                                                     device=like.device)])
         return F, Q
 
-    def predict(self, layers: Sequence[Layer], group_state: dict, hp: Mapping[str, Any]) -> None:
-        qw = group_state["qw"]
-        distances = []
-        n_total = 0
-        for layer in layers:
-            theta = layer.theta()
-            # ‖w̄_ℓ − θ_ℓ‖₂, measured before the weights move
-            distances.append(torch.linalg.vector_norm(layer.state["w_bar"] - theta).to(qw))
-            n_total += layer.numel
-            # θ_ℓ ← θ_ℓ + u_ℓ
-            layer.write(theta + layer.state["u"])
-            # u_ℓ ← a u_ℓ
-            layer.state["u"].mul_(hp["a"])
-        if n_total > 0:
-            # q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total
-            qw.copy_(0.9 * qw + 0.1 * torch.linalg.vector_norm(torch.stack(distances)) / n_total)
+    def correction(self, direction: Expr, steps: Sequence[str], hp: Mapping[str, Any]) -> list[Assign]:
+        theta, u, w_bar = Vec("theta"), State("u"), State("w_bar")
+        return [
+            # θ_ℓ ← θ_ℓ − η L_ℓ (P₀₀ / S_ℓ) H_ℓ
+            Assign(theta, theta - Coef(steps[0]) * direction),
+            # u_ℓ ← u_ℓ − η L_ℓ (P₁₀ / S_ℓ) H_ℓ
+            Assign(u, u - Coef(steps[1]) * direction),
+            # w̄_ℓ ← 0.9 w̄_ℓ + 0.1 θ_ℓ
+            Assign(w_bar, 0.9 * w_bar + 0.1 * theta),
+        ]
 
-    def correct(self, layer: Layer, theta: Tensor, gain: Gain, scale: Tensor) -> Tensor:
-        # θ_ℓ ← θ_ℓ − η L_ℓ (P₀₀ / S_ℓ) H_ℓ
-        theta = theta - (scale * gain.coefficients[0]) * gain.direction
-        # u_ℓ ← u_ℓ − η L_ℓ (P₁₀ / S_ℓ) H_ℓ
-        layer.state["u"].sub_((scale * gain.coefficients[1]) * gain.direction)
-        # w̄_ℓ ← 0.9 w̄_ℓ + 0.1 θ_ℓ
-        layer.state["w_bar"].mul_(0.9).add_(0.1 * theta)
-        return theta
+    def predict_reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
+        # ‖w̄_ℓ − θ_ℓ‖², measured before the weights move
+        diff = State("w_bar") - Vec("theta")
+        return (Reduction("dist2", diff * diff),)
+
+    def predict_coefficients(self, b: Any) -> None:
+        qw = b.group_value("qw")
+        n_total = b.numel.sum()
+        # q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total  (a group whose parameters are all empty keeps q_w)
+        new = 0.9 * qw + 0.1 * torch.sqrt(b.red["dist2"].sum().to(qw)) / n_total.clamp_min(1).to(qw)
+        b.new_group["qw"] = torch.where(n_total > 0, new, qw)
+        b.coef["a"] = torch.full_like(b.red["dist2"], float(b.hp["a"]))
+
+    def predict_program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        theta, u = Vec("theta"), State("u")
+        return [
+            # θ_ℓ ← θ_ℓ + u_ℓ
+            Assign(theta, theta + u),
+            # u_ℓ ← a u_ℓ
+            Assign(u, Coef("a") * u),
+        ]

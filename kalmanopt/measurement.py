@@ -1,4 +1,4 @@
-"""The measurement model: what a minibatch tells the filter (DESIGN.md §3).
+"""The measurement model: what a minibatch tells the filter.
 
 Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* = 0. Per layer the
 measurement Jacobian is the gradient with weight decay folded in, and the measured value is the
@@ -15,8 +15,13 @@ from torch import Tensor
 
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.part import Part
+from kalmanopt.program import Assign, Coef, Reduction, Vec
+from kalmanopt.state import GroupState, StateTable
 
-__all__ = ["MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic", "split_losses"]
+#: a layer whose ‖g_ℓ‖₂ is below this is skipped (no state of it changes)
+SKIP_GRAD_NORM = 1e-9
+
+__all__ = ["SKIP_GRAD_NORM", "MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic", "split_losses"]
 
 #: the loss statistics an online R estimate can follow
 LOSS_STATISTICS = ("second_moment", "variance")
@@ -66,19 +71,69 @@ def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tupl
 
 
 class MeasurementModel(Part, ABC):
-    """Turns a minibatch into the per-layer measurement (L_ℓ, H_ℓ) and the noise R_k."""
+    """Turns a minibatch into the per-layer measurement (L_ℓ, H_ℓ) and the noise R_k.
+
+    Two-pass contract (see :mod:`kalmanopt.contract`): :meth:`state_table` (the noise estimate),
+    :meth:`reductions` (at least ``hh`` = ‖H_ℓ‖²), :meth:`program` (defines the vector ``H``) and
+    :meth:`coefficients` (sets ``b.R``, ``b.L`` and the skip rule).
+    """
+
+    def contract_gap(self) -> str | None:
+        """``None`` if the measurement meets the two-pass contract (the abstract methods say what it needs)."""
+        return None
 
     @abstractmethod
-    def init_state(self, group_state: dict, dtype: torch.dtype, device: torch.device) -> None:
-        """Create this model's group-level state tensors in ``group_state``."""
+    def state_table(self) -> StateTable:
+        """The measurement's group state (the noise estimate)."""
 
     @abstractmethod
+    def reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
+        """Per-layer sums; ``hh`` = ‖H_ℓ‖² is required (every surrogate may read it)."""
+
+    @abstractmethod
+    def program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        """Element-wise definitions of the measurement's vectors (at least ``H``)."""
+
+    @abstractmethod
+    def coefficients(self, b: Any) -> None:
+        """Set ``b.R`` (R_k, and ``b.new_group`` for an online estimate), ``b.L`` (L_ℓ) and skips."""
+
+    # ------------------------------------------------------------------ per layer, from the contract
+    def init_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype, device: torch.device) -> None:
+        """Create the group state of :meth:`state_table` in ``group_state``."""
+        self.state_table().init_group(group_state, hp, dtype, device)
+
     def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
-        """Advance the noise estimate once per step (before any layer) and return R_k."""
+        """Advance the noise estimate in ``group_state`` once (before any layer) and return R_k."""
+        b = self._batch(group_state, {}, statistic, hp, group_state["R"].new_zeros(()))
+        self.coefficients(b)
+        for name, value in b.new_group.items():
+            group_state[name].copy_(value)
+        return b.R
 
-    @abstractmethod
     def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """Return (H_ℓ, L_ℓ): the layer's measurement Jacobian and measured value."""
+        """(H_ℓ, L_ℓ) of one layer, from the contract (the program and the coefficients)."""
+        from kalmanopt.program import compile_program, reduce_layer
+
+        env = {"theta": theta, "g": g}
+        coefs = {k: float(v) for k, v in hp.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        compile_program(self.program(hp), ()).run(env, coefs)
+        reductions = self.reductions(hp)
+        red = {r.name: v.reshape(1) for r, v in zip(reductions, reduce_layer(reductions, env, coefs, theta))}
+        b = self._batch({"R": theta.new_ones(())}, red, None, {**hp, "r": 1.0}, loss.to(theta).reshape(()))
+        self.coefficients(b)
+        return env["H"], b.L.reshape(())
+
+    @staticmethod
+    def _batch(group_state: dict, red: dict, statistic: Tensor | None, hp: Mapping[str, Any], loss: Tensor) -> Any:
+        from kalmanopt.contract import Batch
+
+        n = next(iter(red.values())).numel() if red else 0
+        if not red:
+            red = {"hh": loss.new_zeros(0)}
+        return Batch(hp=hp, red=red, layer={}, group=group_state, numel=torch.ones(n, dtype=torch.int64),
+                     loss=loss, statistic=statistic, ok=torch.ones((), dtype=torch.bool),
+                     skip=torch.zeros(n, dtype=torch.bool))
 
 
 class LossMeasurement(MeasurementModel):
@@ -86,6 +141,8 @@ class LossMeasurement(MeasurementModel):
 
     H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²;
     R_k = r if r is given, else R_k = α_r R_{k-1} + (1 − α_r) s_k with R_0 = 1.
+    A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped (no state of it changes), and so is one whose ‖H_ℓ‖² or
+    L_ℓ overflows the state precision (counted, reported).
     """
 
     hyperparameters = (
@@ -96,22 +153,43 @@ class LossMeasurement(MeasurementModel):
         HyperParameter("weight_decay", 0.0, Range(0.0), "L2 weight decay folded into H and L"),
     )
 
-    def init_state(self, group_state: dict, dtype: torch.dtype, device: torch.device) -> None:
+    def state_table(self) -> StateTable:
         # R_0 = 1
-        group_state["R"] = torch.ones((), dtype=dtype, device=device)
+        return StateTable(group=(GroupState("R", lambda hp: 1.0, "the measurement noise R_k"),))
 
-    def noise(self, group_state: dict, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
-        R = group_state["R"]
-        R_k = self.next_noise(R, statistic, hp)
+    def reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
+        H, g, theta = Vec("H"), Vec("g"), Vec("theta")
+        if float(hp["weight_decay"]) == 0.0:  # H = g
+            return (Reduction("hh", H * H),)
+        return (Reduction("hh", H * H), Reduction("gg", g * g), Reduction("tt", theta * theta))
+
+    def program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        wd = float(hp["weight_decay"])
+        # H_ℓ = g_ℓ + wd · θ_ℓ
+        return [Assign(Vec("H"), Vec("g") if wd == 0.0 else Vec("g") + Coef("weight_decay") * Vec("theta"))]
+
+    def coefficients(self, b: Any) -> None:
+        hp, red = b.hp, b.red
+        wd = float(hp["weight_decay"])
+        R_k = self.next_noise(b.group["R"], b.statistic, hp)
         if hp["r"] is None:
-            R.copy_(R_k)
-        return R_k
+            b.new_group["R"] = R_k
+        b.R = R_k
+        hh = red["hh"]
+        gg = red.get("gg", hh)
+        # L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²
+        b.L = b.loss + 0.5 * wd * red["tt"] if "tt" in red else b.loss.expand_as(hh)
+        # a layer with ‖g_ℓ‖₂ < 1e-9 is skipped; so is one whose ‖H_ℓ‖² or L_ℓ overflows the state precision
+        small = ~(torch.sqrt(gg) >= SKIP_GRAD_NORM)
+        overflow = ~small & ~(torch.isfinite(hh) & torch.isfinite(b.L))
+        b.skip = b.skip | small | overflow
+        b.count("overflow", overflow.sum())
 
     @staticmethod
     def next_noise(R: Tensor, statistic: Tensor | None, hp: Mapping[str, Any]) -> Tensor:
-        """R_k from R_{k-1} (not in place): what :meth:`noise` stores, for the fast paths too."""
-        # R_k is kept at or above the smallest normal number of the state precision, so that S_k ≥ R_k > 0
-        # (an R that underflows to 0, e.g. after many zero losses, would make S_k = 0 possible)
+        """R_k from R_{k-1} (not in place), at or above the smallest normal number of the state precision."""
+        # R_k is kept at or above the smallest normal number, so that S_k ≥ R_k > 0 (an R that underflows to
+        # 0, e.g. after many zero losses, would make S_k = 0 possible)
         floor = torch.finfo(R.dtype).tiny
         if hp["r"] is not None:
             # R_k = r (fixed)
@@ -121,11 +199,3 @@ class LossMeasurement(MeasurementModel):
         # R_k = α_r R_{k-1} + (1 − α_r) s_k   (a statistic below 0 — a variance rounded below zero — counts as 0)
         alpha = hp["alpha_r"]
         return (alpha * R + (1.0 - alpha) * statistic.to(R).clamp_min(0.0)).clamp_min(floor)
-
-    def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        wd = hp["weight_decay"]
-        # H_ℓ = g_ℓ + wd · θ_ℓ
-        H = g + wd * theta
-        # L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²
-        L = loss.to(theta) + 0.5 * wd * torch.dot(theta, theta)
-        return H, L

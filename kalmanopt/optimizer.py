@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -10,8 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from kalmanopt.contract import contract_gap, state_table
+from kalmanopt.engines import IMPLEMENTATIONS, driver, resolve_engine
+from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.filters.composition import Composition
-from kalmanopt.implementations import IMPLEMENTATIONS, resolve_implementation
 from kalmanopt.layers import Layer, state_dtype
 from kalmanopt.measurement import LOSS_STATISTICS, split_losses
 
@@ -25,10 +26,6 @@ OPTIONS: dict[str, Any] = {"granularity": "layer", "implementation": None, "guar
 
 #: event counters kept per group (tensors in the state, so they survive checkpoints)
 COUNTERS = ("steps", "nonfinite_steps", "skipped_layers", "guard_restarts", "rows_dropped")
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss, statistic or gradient reached an optimizer built with ``strict=True``."""
 
 
 class KalmanOptimizer(Optimizer):
@@ -47,7 +44,7 @@ class KalmanOptimizer(Optimizer):
                 θ_ℓ ← θ_ℓ − η_k L_ℓ K_ℓ
             posterior P_k = (I − K H) P̂_k  (as the surrogate represents it)
 
-    Two ways to drive it (DESIGN.md §5)::
+    Two ways to drive it::
 
         losses = F.cross_entropy(model(x), y, reduction="none")
         opt.zero_grad(); losses.mean().backward(); opt.step(loss=losses)
@@ -131,7 +128,7 @@ class KalmanOptimizer(Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"KalmanOptimizer needs floating-point parameters, got {p.dtype}")
             self._validate_group(group)
-            resolve_implementation(self.filter, group)
+            resolve_engine(self.filter, group)
         except Exception:
             self.param_groups.pop()
             raise
@@ -140,7 +137,7 @@ class KalmanOptimizer(Optimizer):
         return f"group{index}"
 
     def _group_state(self, index: int) -> dict:
-        """The shared state of group ``index``, created on first use."""
+        """The shared state of group ``index``, created on first use from the parts' state tables."""
         key = self._group_key(index)
         state = self.state[key]
         if not state:
@@ -150,9 +147,9 @@ class KalmanOptimizer(Optimizer):
             for p in params:
                 dtype = torch.promote_types(dtype, state_dtype(p.dtype))
             device = params[0].device if params else torch.device("cpu")
-            self.filter.measurement.init_state(state, dtype, device)
-            self.filter.dynamics.init_group_state(state, group, dtype, device)
-            self.filter.surrogate.init_group_state(state, group, dtype, device)
+            state_table(self.filter).init_group(state, group, dtype, device)
+            if contract_gap(self.filter) is not None:  # a surrogate written per layer keeps its own shared state
+                self.filter.surrogate.init_group_state(state, group, dtype, device)
             state["predicted"] = torch.zeros((), dtype=torch.bool, device=device)
             for name in COUNTERS:
                 state[name] = torch.zeros((), dtype=torch.int64, device=device)
@@ -167,7 +164,10 @@ class KalmanOptimizer(Optimizer):
                 return []
             return [Layer(list(params), self._group_state(index).setdefault("global", {}),
                           f"{self._group_key(index)}/global")]
-        return [Layer([p], self.state[p], f"{self._group_key(index)}/param{i}") for i, p in enumerate(params)]
+        keeps_layer_state = contract_gap(self.filter) is not None or state_table(self.filter).has_layer_state()
+        # (a composition without per-layer state leaves no empty entries in ``self.state``)
+        return [Layer([p], self.state[p] if keeps_layer_state else {}, f"{self._group_key(index)}/param{i}")
+                for i, p in enumerate(params)]
 
     # ------------------------------------------------------------------ the two-phase API
     @torch.no_grad()
@@ -179,28 +179,24 @@ class KalmanOptimizer(Optimizer):
         """
         if self._predicted:
             return
-        for index, group in enumerate(self.param_groups):
-            state = self._group_state(index)
-            resolve_implementation(self.filter, group).predict(self, group, state, self._layers(index))
-            state["predicted"].fill_(True)
-        self._predicted = True
+        driver.run_predict(self, None)
 
     @torch.no_grad()
     def update(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None = None) -> bool:
         """The update phase for the gradients in ``.grad`` (the authors' ``update(loss, loss_var)``).
+
+        An ``update`` with no ``predict`` since the last update runs the predict first, as ``step`` does.
 
         Args:
             loss_mean: the mean minibatch loss L_k.
             loss_statistic: the statistic s_k the online R follows (needed when ``r`` is None).
 
         Returns:
-            ``True`` if the update was applied, ``False`` if it was skipped (non-finite input).
+            ``True`` if the update was applied, ``False`` if it was skipped (non-finite input). This
+            reads a device value (one synchronisation).
         """
         loss, statistic = self._as_tensors(loss_mean, loss_statistic)
-        if not self._inputs_finite(loss, statistic):
-            return False
-        self._apply_update(loss, statistic)
-        return True
+        return driver.run_two_phase_update(self, loss, statistic)
 
     # ------------------------------------------------------------------ the one-call API
     @torch.no_grad()
@@ -218,24 +214,8 @@ class KalmanOptimizer(Optimizer):
         """
         loss = step_loss(closure, loss, type(self).__name__)
         mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
-        if self._steps_on_device():
-            # the fast paths: the whole step on the device, a non-finite step masked there
-            from kalmanopt.fast.step import step_on_device
-
-            step_on_device(self, mean, statistic)
-        elif self._inputs_finite(mean, statistic):
-            if not self._predicted:
-                self.predict()
-            self._apply_update(mean, statistic)
-            self.predict()
+        driver.run_step(self, mean, statistic)
         return loss
-
-    def _steps_on_device(self) -> bool:
-        """Whether every group's implementation runs ``step`` on the device (no host sync)."""
-        if self.strict or self.track_diagnostics:
-            return False
-        return all(getattr(resolve_implementation(self.filter, group), "device_step", False)
-                   for group in self.param_groups)
 
     # ------------------------------------------------------------------ internals
     def _needs_statistic(self) -> bool:
@@ -266,62 +246,12 @@ class KalmanOptimizer(Optimizer):
                 grads.append(p.grad)
         return grads
 
-    def _inputs_finite(self, loss: Tensor, statistic: Tensor | None) -> bool:
-        """Check loss, statistic and gradients; on a non-finite one record, warn or raise."""
-        grads = [g for g in self._gradients() if g.numel()]  # (an empty tensor has no infinity norm)
-        checks = {"loss": loss, "statistic": statistic}
-        bad = [kind for kind, t in checks.items() if t is not None and not bool(torch.isfinite(t).all())]
-        if grads:
-            norms = torch._foreach_norm(grads, math.inf)
-            if not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
-                bad.append("gradient")
-        if not bad:
-            return True
-        message = (f"non-finite {' and '.join(bad)} at this step: the step was skipped and the "
-                   "parameters and filter state are unchanged")
-        if self.strict:
-            raise NonFiniteError(message + " (strict=True)")
-        for kind in bad:
-            if kind not in self._warned:
-                self._warned.add(kind)
-                warnings.warn(message + f"; this warning is shown once per kind ({kind})", RuntimeWarning,
-                              stacklevel=3)
-        for index in range(len(self.param_groups)):
-            self._group_state(index)["nonfinite_steps"].add_(1)
-        return False
-
     def _warn_once(self, kind: str, message: str) -> None:
         """Issue a ``RuntimeWarning`` the first time an event of ``kind`` happens."""
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(f"{message}; this warning is shown once per kind ({kind})", RuntimeWarning,
                           stacklevel=4)
-
-    def _apply_update(self, loss: Tensor, statistic: Tensor | None) -> None:
-        if any(group["guard"] for group in self.param_groups) and bool(loss < 0):
-            self._warn_once("negative loss", "the loss is negative; the filter's target is L* = 0, so a "
-                            "layer whose loss is below it does not move (shift the loss to be >= 0)")
-        if self.track_diagnostics:
-            self._diagnostics = {}
-        for index, group in enumerate(self.param_groups):
-            state = self._group_state(index)
-            device = state["R"].device
-            impl = resolve_implementation(self.filter, group)
-            impl.update(self, group, state, self._layers(index), loss.to(device),
-                        None if statistic is None else statistic.to(device))
-            state["steps"].add_(1)
-            state["predicted"].fill_(False)
-        self._predicted = False
-
-    def _record_layer(self, name: str, gain: Any, scale: Tensor) -> None:
-        entry = {"S": gain.S.detach(), "gain_scale": (scale * gain.coefficients[0]).detach()}
-        entry.update({k: v.detach() for k, v in gain.diagnostics.items()})
-        self._diagnostics[name] = entry
-
-    def _record_counters(self, group_state: dict, counters: Mapping[str, int]) -> None:
-        for name, n in counters.items():
-            if name in group_state and n:
-                group_state[name].add_(n)
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, Any]:

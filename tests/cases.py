@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import kalmanopt
-from kalmanopt.implementations import available_implementations
+from kalmanopt.engines import available_implementations
 
 PRESETS = kalmanopt.presets()
 

@@ -217,7 +217,7 @@ def test_bfloat16_parameters_fused(preset):
 
 
 def test_none_picks_fused_on_cuda():
-    from kalmanopt.implementations import resolve_implementation
+    from kalmanopt.engines import resolve_engine as resolve_implementation
 
     opt = kalmanopt.create("koala++", [torch.nn.Parameter(torch.randn(3, device=CUDA))])
     assert resolve_implementation(opt.filter, opt.param_groups[0]).name == "fused"

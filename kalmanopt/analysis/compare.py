@@ -35,9 +35,8 @@ from kalmanopt.covariance.lowrank import LowRankSurrogate
 from kalmanopt.covariance.product import ProductSurrogate
 from kalmanopt.covariance.scalar import ScalarSurrogate
 from kalmanopt.dynamics import RandomWalk
-from kalmanopt.measurement import LossMeasurement, loss_statistic
+from kalmanopt.measurement import SKIP_GRAD_NORM, LossMeasurement, loss_statistic
 from kalmanopt.optimizer import KalmanOptimizer
-from kalmanopt.reference import SKIP_GRAD_NORM
 
 __all__ = ["EKFComparison", "compare_with_exact_ekf", "surrogate_covariance", "SUPPORTED_PRESETS"]
 
@@ -211,7 +210,7 @@ def compare_with_exact_ekf(model: nn.Module, preset: str, batches: Iterable[tupl
     sigma, q = float(group["sigma"]), float(group["q"])
     measurement = LossMeasurement()
     exact_state: dict[str, Tensor] = {}
-    measurement.init_state(exact_state, torch.float64, named[0][1].device)
+    measurement.init_state(exact_state, group, torch.float64, named[0][1].device)
     P = {name: sigma * torch.eye(n, dtype=torch.float64, device=named[0][1].device)
          for name, n in zip(result.layers, result.layer_sizes)}
 

@@ -1,4 +1,4 @@
-"""The exact extended Kalman filter with the full covariance P, for small models (DESIGN.md §1).
+"""The exact extended Kalman filter with the full covariance P, for small models.
 
 With H_k = ∇L_k(θ_{k-1}) + wd θ (a row vector), L_k the measured loss and random-walk dynamics
 (F = I), one step is
@@ -26,9 +26,8 @@ from torch.optim import Optimizer
 
 from kalmanopt.filters.composition import LEARNING_RATE
 from kalmanopt.hyperparams import HyperParameter, Range
-from kalmanopt.measurement import LOSS_STATISTICS, LossMeasurement, split_losses
+from kalmanopt.measurement import LOSS_STATISTICS, SKIP_GRAD_NORM, LossMeasurement, split_losses
 from kalmanopt.optimizer import step_loss
-from kalmanopt.reference import SKIP_GRAD_NORM
 
 __all__ = ["ExactUpdate", "exact_ekf_update", "ExactEKF", "GRANULARITIES", "MAX_FILTER_PARAMETERS"]
 
@@ -183,7 +182,7 @@ class ExactEKF(Optimizer):
         if not state:
             params = self.param_groups[index]["params"]
             device = params[0].device if params else torch.device("cpu")
-            self.measurement.init_state(state, self.dtype, device)
+            self.measurement.init_state(state, self.param_groups[index], self.dtype, device)
         return state
 
     def covariances(self) -> dict[str, Tensor]:

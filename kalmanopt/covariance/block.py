@@ -12,8 +12,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
+from kalmanopt.covariance.base import CovarianceSurrogate
+from kalmanopt.covariance.scalar import shared_posterior_ratio
 from kalmanopt.hyperparams import HyperParameter, Range
+from kalmanopt.program import Expr, Vec
+from kalmanopt.state import GroupState, StateTable
 
 __all__ = ["BlockSurrogate"]
 
@@ -36,33 +39,28 @@ class BlockSurrogate(CovarianceSurrogate):
                              f"[[sw, sc], [sc, sv]] a covariance; valid region: |sc| <= sqrt(sw * sv) = "
                              f"{(sw * sv) ** 0.5:g}")
 
-    def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,
-                         device: torch.device) -> None:
+    def state_table(self) -> StateTable:
         # P_0 = [[sw, sc], [sc, sv]]
-        group_state["P"] = torch.tensor([[float(hp["sw"]), float(hp["sc"])], [float(hp["sc"]), float(hp["sv"])]],
-                                        dtype=dtype, device=device)
+        def initial(hp: Mapping[str, Any]) -> list[list[float]]:
+            return [[float(hp["sw"]), float(hp["sc"])], [float(hp["sc"]), float(hp["sv"])]]
 
-    def predict(self, group_state: dict, F: Tensor, Q: Tensor, hp: Mapping[str, Any]) -> None:
-        P = group_state["P"]
+        return StateTable(group=(GroupState("P", initial, "the shared 2×2 covariance of (θ, u)"),))
+
+    def predict_group(self, b: Any, F: Tensor, Q: Tensor) -> None:
+        P = b.group_value("P")
         # P̂ = F P Fᵀ + diag(q_w, q_v)
-        P.copy_(F @ P @ F.T + torch.diag(Q))
+        b.new_group["P"] = F @ P @ F.T + torch.diag(Q)
 
-    def gain(self, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor, R: Tensor,
-             hp: Mapping[str, Any]) -> Gain:
-        P = ctx.group_state["P"]
-        HH = torch.dot(H, H)
+    def coefficients(self, b: Any) -> None:
+        P, hh = b.group_value("P"), b.red["hh"]
         # S_ℓ = ‖H_ℓ‖² P₀₀ + R
-        S = HH * P[0, 0] + R
-        ctx.per_layer.append(HH / S)
+        S = hh * P[0, 0] + b.R
+        b.S = S
         # K_θ = (P₀₀ / S_ℓ) H_ℓ,  K_u = (P₁₀ / S_ℓ) H_ℓ
-        return Gain(direction=H, coefficients=torch.stack([P[0, 0], P[1, 0]]) / S, S=S)
+        b.gain = [P[0, 0] / S, P[1, 0] / S]
+        # P ← P − P E Pᵀ with E = [[max_ℓ ‖H_ℓ‖² / S_ℓ, 0], [0, 0]] over the updated layers
+        ratio = shared_posterior_ratio(hh / S, b.skip)
+        b.new_group["P"] = torch.where(ratio > -torch.inf, P - ratio * torch.outer(P[:, 0], P[:, 0]), P)
 
-    def end_update(self, ctx: UpdateContext, group_state: dict, hp: Mapping[str, Any]) -> None:
-        if not ctx.per_layer:
-            return
-        P = group_state["P"]
-        # E = [[max_ℓ ‖H_ℓ‖² / S_ℓ, 0], [0, 0]]
-        E = torch.zeros_like(P)
-        E[0, 0] = torch.max(torch.stack(ctx.per_layer))
-        # P ← P − P E Pᵀ
-        P.copy_(P - P @ E @ P.T)
+    def direction(self, hp: Mapping[str, Any]) -> Expr:
+        return Vec("H")

@@ -1,4 +1,4 @@
-"""Least-squares estimators of P_{k-2} from the constraints A P̃ = W (DESIGN.md §4).
+"""Least-squares estimators of P_{k-2} from the constraints A P̃ = W .
 
 With A the stacked rows (H_{k-1}, ..., H_{k-m}) and W their products with P_{k-2}, and
 G = (A Aᵀ)⁻¹:
@@ -35,9 +35,9 @@ class VanillaLeastSquares(LeastSquaresEstimator):
         # P̃ = Aᵀ G W
         return A.T @ torch.linalg.solve(A @ A.T, W)
 
-    def _single_w(self, H: Tensor, H_prev: Tensor, v_prev: Tensor, x: Tensor) -> Tensor:
-        # vanilla: w_k = 0
-        return torch.zeros_like(x)
+    def single_coefficients(self, hhp: Tensor, hvp: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # α_k = H_k·H_{k-1} / x;  vanilla: w_k = 0
+        return hhp / x, torch.zeros_like(x)
 
 
 class SymmetricLeastSquares(LeastSquaresEstimator):
@@ -63,8 +63,7 @@ class SymmetricLeastSquares(LeastSquaresEstimator):
         asym = torch.linalg.matrix_norm(M - M.T)
         return bool(asym <= rtol * torch.linalg.matrix_norm(M).clamp_min(torch.finfo(M.dtype).tiny))
 
-    def _single_w(self, H: Tensor, H_prev: Tensor, v_prev: Tensor, x: Tensor) -> Tensor:
-        # y = H_{k-1}·v_{k-1};  w_k = (H_k·v_{k-1}) / x − y (H_k·H_{k-1}) / x²
+    def single_coefficients(self, hhp: Tensor, hvp: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # α_k = H_k·H_{k-1} / x;  w_k = (H_k·v_{k-1}) / x − y (H_k·H_{k-1}) / x²
         #   computed as (H_k·v_{k-1}) / x − (y / x)(H_k·H_{k-1} / x): x² overflows for large gradients
-        y = torch.dot(H_prev, v_prev)
-        return torch.dot(H, v_prev) / x - (y / x) * (torch.dot(H, H_prev) / x)
+        return hhp / x, hvp / x - (y / x) * (hhp / x)

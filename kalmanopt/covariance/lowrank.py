@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kalmanopt.covariance.base import CovarianceSurrogate, Gain, LeastSquaresEstimator, UpdateContext
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares
-from kalmanopt.covariance.product import _cosine, first_update_state, needs_restart, skip_layer
+from kalmanopt.covariance.product import GUARD_EPS
 from kalmanopt.hyperparams import HyperParameter, Range
 
 __all__ = ["LowRankSurrogate"]
@@ -40,6 +40,33 @@ CONDITION_RTOL = float(torch.finfo(torch.float32).eps) ** 0.5
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for the symmetry check: √eps of the state precision."""
     return float(torch.finfo(dtype).eps) ** 0.5
+
+
+def first_update_state(H: Tensor, R: Tensor, sigma: float, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(v_{k-1}, H_{k-1}, S_{k-1}) for a layer's first update (or a guard restart).
+
+    v_{k-1} = sigma H_k,  H_{k-1} = H_k,  S_{k-1} = (v_{k-1} + Q H_{k-1})·H_{k-1} + R_k
+    """
+    v_prev = sigma * H
+    S_prev = torch.dot(H, v_prev) + Q * torch.dot(H, H) + R
+    return v_prev, H, S_prev
+
+
+def needs_restart(S: Tensor, R: Tensor) -> bool:
+    """The guard's rule: S_k not finite, or S_k ≤ GUARD_EPS · R_k (host sync: reference engine)."""
+    return not bool(torch.isfinite(S)) or bool(S <= GUARD_EPS * R)
+
+
+def skip_layer(ctx: UpdateContext, H: Tensor, S: Tensor, diagnostics: dict[str, Tensor]) -> Gain:
+    """A zero gain that leaves the layer's state as it was (counted as a skipped layer)."""
+    ctx.count("skipped_layers")
+    return Gain(direction=torch.zeros_like(H), coefficients=H.new_zeros(1), S=S, diagnostics=diagnostics)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """cos ∠(a, b), 0 where either vector is zero."""
+    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return torch.where(denom > 0, torch.dot(a, b) / denom.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
 
 
 class LowRankSurrogate(CovarianceSurrogate):

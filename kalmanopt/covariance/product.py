@@ -25,46 +25,23 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.covariance.base import CovarianceSurrogate, Gain, LeastSquaresEstimator, UpdateContext
+from kalmanopt.covariance.base import CovarianceSurrogate, LeastSquaresEstimator
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares
 from kalmanopt.hyperparams import HyperParameter, Range
+from kalmanopt.program import Assign, Coef, Expr, Reduction, State, Vec
+from kalmanopt.state import ScalarState, StateTable, VectorState
 
-__all__ = ["ProductSurrogate", "first_update_state", "needs_restart", "skip_layer", "GUARD_EPS"]
+__all__ = ["ProductSurrogate", "GUARD_EPS", "cosine_from_dots"]
 
 #: S_k ≤ GUARD_EPS · R_k counts as "not clearly positive"
 GUARD_EPS = 1e-6
 
 
-def first_update_state(H: Tensor, R: Tensor, sigma: float, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(v_{k-1}, H_{k-1}, S_{k-1}) for a layer's first update (or a guard restart).
-
-    v_{k-1} = sigma H_k,  H_{k-1} = H_k,  S_{k-1} = (v_{k-1} + Q H_{k-1})·H_{k-1} + R_k
-    """
-    v_prev = sigma * H
-    H_prev = H
-    # S_{k-1} = y + Q x + R with x = ‖H_{k-1}‖², y = H_{k-1}·v_{k-1}
-    S_prev = torch.dot(H_prev, v_prev) + Q * torch.dot(H_prev, H_prev) + R
-    return v_prev, H_prev, S_prev
-
-
-def needs_restart(S: Tensor, R: Tensor) -> bool:
-    """The guard's rule: S_k not finite, or S_k ≤ GUARD_EPS · R_k (host sync: reference path)."""
-    return not bool(torch.isfinite(S)) or bool(S <= GUARD_EPS * R)
-
-
-def skip_layer(ctx: UpdateContext, H: Tensor, S: Tensor, diagnostics: dict[str, Tensor]) -> Gain:
-    """A zero gain that leaves the layer's state as it was (counted as a skipped layer).
-
-    The guard's last resort, where even the restart gives no usable S_k. In exact arithmetic a
-    restart gives S_k ≥ R_k; in floating point it fails only where (σ + Q)‖H_k‖² overflows the state
-    precision, or is so large against R_k (R_k near its floor, Q = 0) that S_k rounds to ≤ ε R_k.
-    """
-    ctx.count("skipped_layers")
-    return Gain(direction=torch.zeros_like(H), coefficients=H.new_zeros(1), S=S, diagnostics=diagnostics)
-
-
 class ProductSurrogate(CovarianceSurrogate):
-    """Tracks v_k = H_k P_{k-1} per layer; P itself is never formed (KOALA++)."""
+    """Tracks v_k = H_k P_{k-1} per layer; P itself is never formed (KOALA++).
+
+    State per layer: v (v_{k-1}), H (H_{k-1}) and S (S_{k-1}; 0 marks a layer with no update yet).
+    """
 
     state_dim = 1
     needs_estimator = True
@@ -78,40 +55,94 @@ class ProductSurrogate(CovarianceSurrogate):
     def options(self) -> dict[str, object]:
         return {"estimator": self.estimator}
 
-    def gain(self, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor, R: Tensor,
-             hp: Mapping[str, Any]) -> Gain:
-        Q = ctx.Q[0]
-        if "v" not in layer_state:
-            v_prev, H_prev, S_prev = first_update_state(H, R, hp["sigma"], Q)
-        else:
-            v_prev, H_prev, S_prev = layer_state["v"], layer_state["H"], layer_state["S"]
-        v, S, diag = self._recursion(H, H_prev, v_prev, S_prev, R, Q)
-        if hp.get("guard", True) and needs_restart(S, R):
-            ctx.count("guard_restarts")
-            v, S, diag = self._recursion(H, *first_update_state(H, R, hp["sigma"], Q), R, Q)
-            if needs_restart(S, R):  # the restart fails too (overflow or rounding): skip, change nothing
-                return skip_layer(ctx, H, S, diag)
-        # store v_k, H_k, S_k
-        layer_state["v"], layer_state["H"], layer_state["S"] = v, H.clone(), S
-        # K = P̂ Hᵀ / S_k = (v_k + Q H_k) / S_k
-        return Gain(direction=v + Q * H, coefficients=(1.0 / S).reshape(1), S=S, diagnostics=diag)
+    def contract_gap(self) -> str | None:
+        gap = super().contract_gap()
+        if gap is None and type(self.estimator).single_coefficients is LeastSquaresEstimator.single_coefficients:
+            return f"its estimator {type(self.estimator).__name__} has no batched single_coefficients()"
+        return gap
 
-    def _recursion(self, H: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, R: Tensor,
-                   Q: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One step of Algorithm 1: returns (v_k, S_k, diagnostics)."""
+    # ------------------------------------------------------------------ the two-pass contract
+    def state_table(self) -> StateTable:
+        return StateTable(vectors=(VectorState("v", 0.0, "v_{k-1} = H_{k-1} P_{k-2}"),
+                                   VectorState("H", 0.0, "H_{k-1}")),
+                          scalars=(ScalarState("S", 0.0, "S_{k-1} (0: no update yet)"),))
+
+    def reductions(self, hp: Mapping[str, Any], diagnostics: bool = False) -> tuple[Reduction, ...]:
+        H, H_prev, v_prev = Vec("H"), State("H"), State("v")
+        # the five dots of H_k, H_{k-1}, v_{k-1} (‖H_k‖² is the measurement's "hh")
+        dots = (Reduction("hhp", H * H_prev), Reduction("hvp", H * v_prev), Reduction("x", H_prev * H_prev),
+                Reduction("y", H_prev * v_prev))
+        # ‖v_{k-1}‖², for cos ∠(H_k, v_k) in the diagnostics only
+        return dots + ((Reduction("vv", v_prev * v_prev),) if diagnostics else ())
+
+    def coefficients(self, b: Any) -> None:
+        hp, red = b.hp, b.red
+        sigma, q, R = float(hp["sigma"]), float(hp["q"]), b.R
+        hh, hhp, hvp, x, y = red["hh"], red["hhp"], red["hvp"], red["x"], red["y"]
+        S_prev = b.layer["S"]
+        first = S_prev == 0
+        # first update: v_{k-1} = sigma H_k, H_{k-1} = H_k, S_{k-1} = (v_{k-1} + Q H_{k-1})·H_{k-1} + R_k
+        hhp = torch.where(first, hh, hhp)
+        hvp = torch.where(first, sigma * hh, hvp)
+        x = torch.where(first, hh, x)
+        y = torch.where(first, sigma * hh, y)
+        S_before = torch.where(first, sigma * hh + q * hh + R, S_prev)
         # λ_k = H_k·(v_{k-1} + Q H_{k-1}) / S_{k-1}
-        lam = (torch.dot(H, v_prev) + Q * torch.dot(H, H_prev)) / S_prev
-        # H_k P̃ = α_k v_{k-1} + w_k H_{k-1}   (least-squares estimate of H_k P_{k-2})
-        alpha, w = self.estimator.single(H, H_prev, v_prev)
-        # v_k = (α_k − λ_k) v_{k-1} + Q (H_k − λ_k H_{k-1}) + w_k H_{k-1}
-        v = (alpha - lam) * v_prev + Q * (H - lam * H_prev) + w * H_prev
+        lam = (hvp + q * hhp) / S_before
+        # H_k P̃ = α_k v_{k-1} + w_k H_{k-1}  (the least-squares estimate of H_k P_{k-2})
+        alpha, w = self.estimator.single_coefficients(hhp, hvp, x, y)
+        # v_k = (α_k − λ_k) v_{k-1} + Q H_k + (w_k − Q λ_k) H_{k-1}  =  a v_{k-1} + b H_k + c H_{k-1}
+        a, bq, c = alpha - lam, torch.full_like(hh, q), w - q * lam
         # S_k = (v_k + Q H_k)·H_k + R_k
-        S = torch.dot(v + Q * H, H) + R
-        diag = {"lambda": lam, "alpha": alpha, "w": w, "cos_Hv": _cosine(H, v)}
-        return v, S, diag
+        S = a * hvp + bq * hh + c * hhp + q * hh + R
+        # on a first update v_{k-1} and H_{k-1} are multiples of H_k: fold them into b
+        bq = torch.where(first, a * sigma + bq + c, bq)
+        a = torch.where(first, 0.0, a)
+        c = torch.where(first, 0.0, c)
+        if hp.get("guard", True):
+            # the guard: restart from the first-update state where S_k is not finite or S_k ≤ eps R_k
+            restart = ~torch.isfinite(S) | (S <= GUARD_EPS * R)
+            S0 = sigma * hh + q * hh + R
+            lam0 = (sigma * hh + q * hh) / S0
+            b0 = (1.0 - lam0) * sigma + q * (1.0 - lam0)
+            S_restart = b0 * hh + q * hh + R
+            a = torch.where(restart, 0.0, a)
+            bq = torch.where(restart, b0, bq)
+            c = torch.where(restart, 0.0, c)
+            S = torch.where(restart, S_restart, S)
+            b.count("guard_restarts", (restart & ~b.skip).sum())
+            # where even the restart gives no usable S_k, the layer is skipped unchanged
+            b.skip = b.skip | (restart & (~torch.isfinite(S_restart) | (S_restart <= GUARD_EPS * R)))
+        b.coef.update(a=a, b=bq, c=c, q=torch.full_like(hh, q))
+        b.new_layer["S"] = S
+        b.S = S
+        # K = P̂ Hᵀ / S_k = (v_k + Q H_k) / S_k
+        b.gain = [1.0 / S]
+        if b.diagnostics:
+            b.info.update({"lambda": lam, "alpha": alpha, "w": w,
+                           "cos_Hv": cosine_from_dots(a, bq, c, hh, hhp, hvp, x, y, red.get("vv"), first, sigma)})
+
+    def program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        v, H_prev, H = State("v"), State("H"), Vec("H")
+        return [
+            # v_k = a v_{k-1} + b H_k + c H_{k-1}
+            Assign(v, Coef("a") * v + Coef("b") * H + Coef("c") * H_prev),
+            # store H_k
+            Assign(H_prev, H),
+        ]
+
+    def direction(self, hp: Mapping[str, Any]) -> Expr:
+        # P̂ Hᵀ = v_k + Q H_k
+        return State("v") + Coef("q") * Vec("H")
 
 
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """cos ∠(a, b), 0 where either vector is zero."""
-    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
-    return torch.where(denom > 0, torch.dot(a, b) / denom.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
+def cosine_from_dots(a: Tensor, b: Tensor, c: Tensor, hh: Tensor, hhp: Tensor, hvp: Tensor, x: Tensor, y: Tensor,
+                     vv: Tensor | None, first: Tensor, sigma: float) -> Tensor:
+    """cos ∠(H_k, v_k) for v_k = a v_{k-1} + b H_k + c H_{k-1}, from the step's dots (0 where a vector is 0)."""
+    vv = torch.where(first, sigma * sigma * hh, vv if vv is not None else torch.zeros_like(hh))
+    # v_k·H_k and ‖v_k‖² expanded over v_{k-1}, H_k, H_{k-1}
+    vH = a * hvp + b * hh + c * hhp
+    vnorm2 = (a * a * vv + b * b * hh + c * c * x + 2 * a * b * hvp + 2 * a * c * y + 2 * b * c * hhp).clamp_min(0.0)
+    denom = torch.sqrt(vnorm2 * hh)
+    tiny = torch.finfo(hh.dtype).tiny
+    return torch.where(denom > 0, (vH / denom.clamp_min(tiny)).clamp(-1.0, 1.0), torch.zeros_like(hh))

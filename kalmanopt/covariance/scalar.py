@@ -15,12 +15,21 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
+from kalmanopt.covariance.base import CovarianceSurrogate
 from kalmanopt.hyperparams import HyperParameter, Range
+from kalmanopt.program import Expr, Vec
+from kalmanopt.state import GroupState, StateTable
 
-__all__ = ["ScalarSurrogate", "DIRECTIONS"]
+__all__ = ["ScalarSurrogate", "DIRECTIONS", "shared_posterior_ratio"]
 
 DIRECTIONS = ("gradient", "measurement")
+
+
+def shared_posterior_ratio(ratio: Tensor, skip: Tensor) -> Tensor:
+    """max over the updated layers of a per-layer ratio (−inf where no layer updated)."""
+    if ratio.numel() == 0:
+        return ratio.new_full((), -torch.inf)
+    return torch.where(skip, -torch.inf, ratio).max()
 
 
 class ScalarSurrogate(CovarianceSurrogate):
@@ -34,37 +43,33 @@ class ScalarSurrogate(CovarianceSurrogate):
     def __init__(self, direction: str = "gradient") -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; valid choices: {', '.join(DIRECTIONS)}")
-        self.direction = direction
+        self.direction_kind = direction
 
     def options(self) -> dict[str, object]:
-        return {"direction": self.direction}
+        return {"direction": self.direction_kind}
 
-    def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,
-                         device: torch.device) -> None:
+    def state_table(self) -> StateTable:
         # P_0 = sigma
-        group_state["P"] = torch.tensor(float(hp["sigma"]), dtype=dtype, device=device)
+        return StateTable(group=(GroupState("P", lambda hp: float(hp["sigma"]), "the shared scalar P"),))
 
-    def predict(self, group_state: dict, F: Tensor, Q: Tensor, hp: Mapping[str, Any]) -> None:
-        P = group_state["P"]
+    def predict_group(self, b: Any, F: Tensor, Q: Tensor) -> None:
+        P = b.group_value("P")
         # P̂ = F P Fᵀ + Q  (F = 1: P ← P + q)
-        P.copy_(F[0, 0] * P * F[0, 0] + Q[0])
+        b.new_group["P"] = F[0, 0] * P * F[0, 0] + Q[0]
 
-    def gain(self, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor, R: Tensor,
-             hp: Mapping[str, Any]) -> Gain:
-        P = ctx.group_state["P"]
-        HH = torch.dot(H, H)
+    def coefficients(self, b: Any) -> None:
+        P, hh = b.group_value("P"), b.red["hh"]
         # S_ℓ = P ‖H_ℓ‖² + R
-        S = P * HH + R
-        # P ‖H_ℓ‖² / S_ℓ ∈ [0, 1], for the shared posterior (an overflowing S_ℓ counts as 1)
-        ctx.per_layer.append(torch.nan_to_num(P * HH / S, nan=1.0))
-        direction = g if self.direction == "gradient" else H
+        S = P * hh + b.R
+        b.S = S
         # K_ℓ = (P / S_ℓ) · direction
-        return Gain(direction=direction, coefficients=(P / S).reshape(1), S=S)
+        b.gain = [P / S]
+        # P ← P − P² · max_ℓ (‖H_ℓ‖² / S_ℓ), computed as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ) clamped at 0: the same for
+        # P > 0, and it never overflows (‖H‖² / S does where P ‖H‖² ≪ R_k ≈ 0) nor goes below 0; an
+        # overflowing S_ℓ counts as 1
+        ratio = shared_posterior_ratio(torch.nan_to_num(P * hh / S, nan=1.0), b.skip)
+        b.new_group["P"] = torch.where(ratio > -torch.inf, P * (1 - ratio).clamp_min(0.0), P)
 
-    def end_update(self, ctx: UpdateContext, group_state: dict, hp: Mapping[str, Any]) -> None:
-        if not ctx.per_layer:
-            return
-        P = group_state["P"]
-        # P ← P − P² · max_ℓ (‖H_ℓ‖² / S_ℓ), computed as P (1 − max_ℓ P ‖H_ℓ‖² / S_ℓ): the same for P > 0,
-        # and it never overflows (‖H‖² / S does where P ‖H‖² ≪ R_k ≈ 0) nor goes below 0
-        P.copy_(P * (1 - torch.max(torch.stack(ctx.per_layer))).clamp_min(0.0))
+    def direction(self, hp: Mapping[str, Any]) -> Expr:
+        # the released KOALA-V steps along the raw gradient g_ℓ
+        return Vec("g") if self.direction_kind == "gradient" else Vec("H")

@@ -1,0 +1,252 @@
+"""The part contract of the two-pass step: what a part declares so that every engine can run it.
+
+A step of a Kalman optimizer, per parameter group, is (see docs/design.md):
+
+1. **reductions**: one pass over each layer's vectors computing per-layer sums (dot products);
+2. **coefficients**: from those few numbers, per-layer scalars for all layers at once (tensors of
+   shape ``[layers]``, no Python loop over layers, no host synchronisation), the new per-layer
+   scalars (S_k) and group state (a shared P, R_k), and which layers to skip;
+3. **element-wise program**: one pass over each layer's vectors applying short programs
+   (:mod:`kalmanopt.program`) with those coefficients.
+
+Each part (measurement model, dynamics, covariance surrogate) declares, once, in its own file:
+``state_table`` (:mod:`kalmanopt.state`), ``reductions``, ``coefficients`` (a batched function of a
+:class:`Batch`) and ``program``. Engines (``reference``, ``foreach``, ``fused``) execute the
+declaration without knowing which part it is. Between passes 1 and 2 the per-layer sums are the only
+thing a sharded layer would need to all-reduce.
+
+Compositions of parts run on the fast engines when every part meets the contract
+(:func:`contract_gap` says what is missing otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kalmanopt.program import Assign, Reduction, State, Vec
+from kalmanopt.state import StateTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.filters.composition import Composition
+
+__all__ = ["Batch", "UpdatePlan", "PredictPlan", "update_plan", "predict_plan", "contract_gap",
+           "run_update_coefficients", "run_predict_coefficients", "NONFINITE", "STEP_COEFFICIENT",
+           "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT", "CODE_NEGATIVE_LOSS", "CODE_OVERFLOW", "CODE_SKIPS"]
+
+#: the reduction every update computes: Σ g·0, NaN exactly when a gradient entry is not finite
+NONFINITE = Reduction("nonfinite", Vec("g") * 0.0)
+
+#: the coefficient column ``step{i}`` = η_k L_ℓ K_i: the correction of state component i along the gain direction
+STEP_COEFFICIENT = "step{}"
+
+#: bits of a step's code: the first three skip the step, the others are reported only
+CODE_LOSS, CODE_STATISTIC, CODE_GRADIENT, CODE_NEGATIVE_LOSS, CODE_OVERFLOW = (1, 2, 4, 8, 16)
+#: the bits that skip a step
+CODE_SKIPS = CODE_LOSS | CODE_STATISTIC | CODE_GRADIENT
+
+
+@dataclass
+class Batch:
+    """What the batched coefficient functions see and fill, for all layers of one group at once.
+
+    Inputs (tensors of shape ``[layers]`` unless said otherwise):
+
+    Attributes:
+        hp: the group's hyper-parameters (Python values).
+        red: the per-layer sums, by reduction name.
+        layer: the per-layer scalar state (e.g. ``S``), current values.
+        group: the group state (e.g. ``R``, a shared ``P``), current values (not to be changed in place).
+        numel: the number of elements of each layer.
+        loss: L_k (0-d); ``statistic``: s_k (0-d) or None.
+        ok: whether the step's inputs are finite (0-d bool); a step that is not ok changes nothing.
+        skip: layers that do not update (OR into it).
+        diagnostics: whether per-layer diagnostics are wanted.
+
+    Outputs the parts fill:
+
+    Attributes:
+        coef: coefficient columns the programs read, by name (``[layers]`` or 0-d, broadcast).
+        new_layer: new per-layer scalar state (applied where a layer is not skipped).
+        new_group: new group state (applied where the step is ok).
+        gain: the gain's coefficient per state component (K_i = gain[i] · direction).
+        S: the innovation variance S_ℓ (for diagnostics).
+        counters: event counts of the step (0-d integer tensors), added where the step is ok.
+        info: per-layer diagnostics (λ, α, ...), by name.
+        code: the step's code (0-d int32): which input was not finite, what is reported.
+    """
+
+    hp: Mapping[str, Any]
+    red: dict[str, Tensor]
+    layer: dict[str, Tensor]
+    group: dict[str, Tensor]
+    numel: Tensor
+    loss: Tensor
+    statistic: Tensor | None
+    ok: Tensor
+    skip: Tensor
+    diagnostics: bool = False
+    coef: dict[str, Tensor] = field(default_factory=dict)
+    new_layer: dict[str, Tensor] = field(default_factory=dict)
+    new_group: dict[str, Tensor] = field(default_factory=dict)
+    gain: list[Tensor] = field(default_factory=list)
+    S: Tensor | None = None
+    L: Tensor | None = None
+    R: Tensor | None = None
+    counters: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Tensor] = field(default_factory=dict)
+    code: Tensor | None = None
+
+    @property
+    def like(self) -> Tensor:
+        """A 0-d tensor of the state's dtype and device."""
+        return self.loss
+
+    def count(self, name: str, n: Tensor) -> None:
+        """Add the device count ``n`` to the counter ``name``."""
+        n = n.to(torch.int64)
+        self.counters[name] = self.counters[name] + n if name in self.counters else n
+
+    def group_value(self, name: str) -> Tensor:
+        """The newest value of group state ``name`` (this step's if a part already set it)."""
+        return self.new_group.get(name, self.group[name])
+
+
+def contract_gap(composition: Composition) -> str | None:
+    """``None`` if every part of the composition meets the two-pass contract, else what is missing."""
+    for kind, part in (("measurement", composition.measurement), ("dynamics", composition.dynamics),
+                       ("surrogate", composition.surrogate)):
+        gap = getattr(part, "contract_gap", None)
+        reason = gap() if gap is not None else "it does not declare the two-pass contract"
+        if reason is not None:
+            return f"the {kind} {type(part).__name__} does not meet the two-pass contract: {reason}"
+    return None
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """The declaration of one update for a composition and a group's structural options."""
+
+    table: StateTable
+    reductions: tuple[Reduction, ...]
+    pre: tuple[Assign, ...]          # the measurement's vectors (H)
+    program: tuple[Assign, ...]      # the surrogate's and the dynamics' correction
+    outputs: tuple[str, ...]         # env keys written back (state vectors, theta)
+    n_gain: int
+
+    @property
+    def full_program(self) -> tuple[Assign, ...]:
+        """The pre-program and the program, as one element-wise pass runs them."""
+        return self.pre + self.program
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """The declaration of one predict: its reductions and element-wise program (both may be empty)."""
+
+    table: StateTable
+    reductions: tuple[Reduction, ...]
+    program: tuple[Assign, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def moves(self) -> bool:
+        """Whether the predict has an element-wise pass."""
+        return bool(self.program or self.reductions)
+
+
+def _outputs(program: tuple[Assign, ...]) -> tuple[str, ...]:
+    keys: dict[str, None] = {}
+    for a in program:
+        if isinstance(a.target, State) or a.target.name == "theta":
+            keys.setdefault(a.target.key)
+    return tuple(keys)
+
+
+def state_table(composition: Composition) -> StateTable:
+    """The state of the whole composition (measurement, dynamics, surrogate)."""
+    return (composition.measurement.state_table() + composition.dynamics.state_table()
+            + composition.surrogate.state_table())
+
+
+def update_plan(composition: Composition, hp: Mapping[str, Any], diagnostics: bool = False) -> UpdatePlan:
+    """The reductions and programs of an update (contract parts only)."""
+    m, d, s = composition.measurement, composition.dynamics, composition.surrogate
+    reductions = m.reductions(hp) + s.reductions(hp, diagnostics) + (NONFINITE,)
+    pre = tuple(m.program(hp))
+    n_gain = d.state_dim
+    steps = [STEP_COEFFICIENT.format(i) for i in range(n_gain)]
+    program = tuple(s.program(hp)) + tuple(d.correction(s.direction(hp), steps, hp))
+    return UpdatePlan(state_table(composition), reductions, pre, program, _outputs(program), n_gain)
+
+
+def predict_plan(composition: Composition, hp: Mapping[str, Any]) -> PredictPlan:
+    """The reductions and program of a predict (the dynamics' move)."""
+    d = composition.dynamics
+    program = tuple(d.predict_program(hp))
+    return PredictPlan(state_table(composition), tuple(d.predict_reductions(hp)), program, _outputs(program))
+
+
+def _finite(t: Tensor) -> Tensor:
+    return torch.isfinite(t).all()
+
+
+def run_update_coefficients(composition: Composition, b: Batch) -> Batch:
+    """Pass 2 of an update, for all layers at once: every part's batched coefficients.
+
+    Fills ``b`` (see :class:`Batch`); the step coefficients ``step{i}`` = η_k L_ℓ K_i, 0 where a layer is
+    skipped. Also sets ``b.code``. No host synchronisation.
+    """
+    like = b.like
+    # the step's inputs: a loss, statistic or gradient that is not finite skips the step
+    code = (~_finite(b.loss)).to(torch.int32) * CODE_LOSS
+    if b.statistic is not None:
+        code = code | (~_finite(b.statistic)).to(torch.int32) * CODE_STATISTIC
+    bad = b.red["nonfinite"]
+    if bad.numel():
+        code = code | (~_finite(bad)).to(torch.int32) * CODE_GRADIENT
+    b.ok = b.ok & ((code & CODE_SKIPS) == 0)
+    b.skip = b.skip | ~b.ok
+    composition.measurement.coefficients(b)
+    composition.surrogate.coefficients(b)
+    # the step along the gain: η_k L_ℓ K_i; with the guard the innovation is max(L_ℓ − L*, 0)
+    innovation = b.L.clamp_min(0.0) if b.hp.get("guard", True) else b.L
+    scale = float(b.hp["lr"]) * innovation
+    zero = torch.zeros_like(scale)
+    for i, k in enumerate(b.gain):
+        b.coef[STEP_COEFFICIENT.format(i)] = torch.where(b.skip, zero, scale * k)
+    composition.dynamics.coefficients(b)
+    info = b.counters.pop("overflow", None)
+    if info is not None:
+        code = code | (info > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
+    if b.hp.get("guard", True):
+        code = code | (b.loss < 0).to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
+    b.code = code
+    b.count("skipped_layers", b.skip.sum() if b.skip.numel() else like.new_zeros((), dtype=torch.int64))
+    return b
+
+
+def run_predict_coefficients(composition: Composition, b: Batch) -> Batch:
+    """The batched part of a predict: the dynamics' coefficients and group state, then the shared P̂."""
+    d, s = composition.dynamics, composition.surrogate
+    d.predict_coefficients(b)
+    F, Q = d.transition(b)
+    s.predict_group(b, F, Q)
+    return b
+
+
+def masked(new: Tensor, old: Tensor, keep: Tensor) -> Tensor:
+    """``new`` where ``keep``, else ``old`` (a non-finite discarded value never leaks)."""
+    return torch.where(keep, new, old)
+
+
+def empty_layers(like: Tensor) -> Tensor:
+    """A ``[0]`` tensor like ``like``."""
+    return like.new_zeros(0)
+
+
+INF = math.inf

@@ -1,0 +1,100 @@
+"""Engines: how a step is computed, selected by name like torch's ``foreach`` / ``fused`` flags.
+
+- ``"reference"``: the readable per-layer engine (:mod:`kalmanopt.engines.reference`); runs every
+  composition, also surrogates written per layer with ``gain()``.
+- ``"foreach"``: the multi-tensor engine (:mod:`kalmanopt.engines.torch_ops`), any device, no host
+  synchronisation; runs every composition whose parts meet the two-pass contract.
+- ``"fused"``: Triton kernels generated from the parts' declarations (:mod:`kalmanopt.engines.fused`), CUDA.
+- ``None``: the fastest engine that can run the composition and the group.
+
+No engine branches on which part it runs: each executes the contract of :mod:`kalmanopt.contract`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.filters.composition import Composition
+
+__all__ = ["IMPLEMENTATIONS", "Engine", "register_engine", "resolve_engine", "available_implementations"]
+
+#: engine names, fastest first
+IMPLEMENTATIONS = ("fused", "foreach", "reference")
+
+
+class Engine(Protocol):
+    """The arithmetic of the phases of a step for one parameter group (see :mod:`kalmanopt.engines.driver`)."""
+
+    name: str
+    #: whether a whole step runs without a host-device synchronisation
+    device_step: bool
+
+    def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
+        """``None`` if this engine can run the group, else the reason it cannot."""
+
+
+_ENGINES: dict[str, list[Any]] = {name: [] for name in IMPLEMENTATIONS}
+
+
+def register_engine(engine: Any) -> Any:
+    """Register an engine under ``engine.name`` (one of :data:`IMPLEMENTATIONS`)."""
+    if engine.name not in _ENGINES:
+        raise ValueError(f"unknown engine name {engine.name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    _ENGINES[engine.name].insert(0, engine)
+    return engine
+
+
+_LOADED = False
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from kalmanopt.engines import fused, reference, torch_ops
+
+    register_engine(reference.ReferenceEngine())
+    register_engine(torch_ops.ForeachEngine())
+    register_engine(fused.FusedEngine())
+
+
+def available_implementations(composition: Composition, group: dict[str, Any]) -> dict[str, str | None]:
+    """For each engine name, ``None`` if usable for the group, else why not."""
+    _load_builtin()
+    result: dict[str, str | None] = {}
+    for name in IMPLEMENTATIONS:
+        reasons = [engine.unsupported(composition, group) for engine in _ENGINES[name]]
+        if not reasons:
+            result[name] = "not available in this installation"
+        elif any(r is None for r in reasons):
+            result[name] = None
+        else:
+            result[name] = "; ".join(r for r in reasons if r)
+    return result
+
+
+def resolve_engine(composition: Composition, group: dict[str, Any]) -> Any:
+    """The engine a group asks for (``group["implementation"]``), or the fastest usable one.
+
+    Raises:
+        ValueError: the requested engine cannot run the group; the message says why and what to choose.
+    """
+    _load_builtin()
+    wanted = group.get("implementation")
+    names = IMPLEMENTATIONS if wanted is None else (wanted,)
+    if wanted is not None and wanted not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {wanted!r}; valid choices: "
+                         f"{', '.join(IMPLEMENTATIONS)} or None (the fastest that applies)")
+    reasons = []
+    for name in names:
+        for engine in _ENGINES[name]:
+            reason = engine.unsupported(composition, group)
+            if reason is None:
+                return engine
+            reasons.append(f"{name}: {reason}")
+        if not _ENGINES[name]:
+            reasons.append(f"{name}: not available in this installation")
+    raise ValueError(f"implementation {wanted!r} cannot run {composition.name!r} here ("
+                     + "; ".join(reasons) + "); choose implementation='reference' or None")

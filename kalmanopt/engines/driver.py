@@ -1,0 +1,302 @@
+"""The step driver: one place for the phases of a step, the non-finite policy, counters and warnings.
+
+For every engine, an update is::
+
+    pass 1     engine.reduce_update(group)          per-layer sums, for every group
+               (a sharded layer would all-reduce its sums here, between the passes)
+    check      the step's code: a non-finite loss, statistic or gradient skips the whole step
+    batched    engine.update_coefficients(batch)    every part's coefficients, all layers at once
+    pass 2     engine.apply_update(group, batch)    element-wise programs, state, counters
+
+and a predict the same with the dynamics' reductions and program. A skipped step changes nothing.
+On an engine with ``device_step`` the check is a device mask, and the warning is deferred: the code is
+OR-ed into a device accumulator, copied without blocking to pinned memory and read on a later step
+once the copy has landed (at once on the CPU, where reading costs nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from kalmanopt.contract import (
+    CODE_GRADIENT,
+    CODE_LOSS,
+    CODE_NEGATIVE_LOSS,
+    CODE_OVERFLOW,
+    CODE_SKIPS,
+    CODE_STATISTIC,
+    STEP_COEFFICIENT,
+    Batch,
+)
+from kalmanopt.engines import resolve_engine
+from kalmanopt.engines.torch_ops import GroupContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.optimizer import KalmanOptimizer
+
+__all__ = ["run_predict", "run_update", "run_step", "NONFINITE_KINDS", "NonFiniteError"]
+
+#: the bits of the code that skip a step, by kind
+NONFINITE_KINDS = ((CODE_LOSS, "loss"), (CODE_STATISTIC, "statistic"), (CODE_GRADIENT, "gradient"))
+
+#: the warning texts, by event
+MESSAGES = {
+    "nonfinite": ("non-finite {kinds} at {when}: the step was skipped and the parameters and filter state are "
+                  "unchanged"),
+    "negative loss": ("the loss is negative; the filter's target is L* = 0, so a layer whose loss is below it "
+                      "does not move (shift the loss to be >= 0)"),
+    "overflow": "‖H‖² or the loss of a layer overflows the state precision; the layer was skipped (counted in "
+                "skipped_layers)",
+}
+
+#: at most this many copies of the code are watched at once
+_MAX_PENDING = 8
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, statistic or gradient reached an optimizer built with ``strict=True``."""
+
+
+class _Watch:
+    """Per-optimizer bookkeeping of the deferred warnings (kept by the driver, not on the optimizer)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.kinds = torch.zeros((), dtype=torch.int32, device=device)
+        self.host = torch.zeros((), dtype=torch.int32).pin_memory() if device.type == "cuda" \
+            else torch.zeros((), dtype=torch.int32)
+        self.events: list[Any] = []
+
+
+_WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _watch(opt: KalmanOptimizer, device: torch.device) -> _Watch:
+    watch = _WATCHES.get(opt)
+    if watch is None or watch.kinds.device != device:
+        watch = _Watch(device)
+        _WATCHES[opt] = watch
+    return watch
+
+
+def _contexts(opt: KalmanOptimizer) -> list[tuple[Any, GroupContext]]:
+    out = []
+    for index, group in enumerate(opt.param_groups):
+        engine = resolve_engine(opt.filter, group)
+        ctx = GroupContext(opt.filter, group, opt._group_state(index), opt._layers(index),
+                           diagnostics=opt.track_diagnostics)
+        out.append((engine, ctx))
+    return out
+
+
+def _device(opt: KalmanOptimizer) -> torch.device:
+    """Where the step's code lives: the device of the first group's state (its first parameter's)."""
+    for group in opt.param_groups:
+        if group["params"]:
+            return group["params"][0].device
+    return torch.device("cpu")
+
+
+def _strict_check(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
+    """``strict=True``: raise on non-finite input before anything (state included) is created or changed."""
+    if opt.strict:
+        code = int(input_code(opt, loss, statistic, torch.device("cpu")))
+        if code & CODE_SKIPS:
+            raise NonFiniteError(_nonfinite_message(code, "this step") + " (strict=True)")
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    return torch.isfinite(t).all()
+
+
+def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, device: torch.device) -> Tensor:
+    """The code of the step's inputs (loss, statistic, gradients), a 0-d int32 tensor on ``device``.
+
+    A separate pass over the gradients: used where no update has measured them yet (the first step).
+    """
+    code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
+    if statistic is not None:
+        code = code | (~_all_finite(statistic)).to(device=device, dtype=torch.int32) * CODE_STATISTIC
+    grads = [g.detach() for g in opt._gradients() if g.numel()]
+    if grads:
+        if all(g.device.type == "cpu" for g in grads):
+            # min and max carry NaN and ±inf, and are vectorised on the CPU (the ∞-norm is not)
+            extremes = torch.stack([x for g in grads for x in torch.aminmax(g)])
+            bad = ~_all_finite(extremes.to(device))
+        else:
+            norms = torch._foreach_norm(grads, math.inf)
+            bad = ~_all_finite(torch.stack([n.to(device) for n in norms]))
+        code = code | bad.to(torch.int32) * CODE_GRADIENT
+    return code
+
+
+def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
+    """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked)."""
+    if ok is not None and ok.device.type == "cpu" and not bool(ok):
+        return  # (free to read on the CPU: a skipped step creates no state either)
+    for engine, ctx in _contexts(opt):
+        like = ctx.group_state["R"]
+        work, red, numel = engine.reduce_predict(ctx)
+        n = int(numel.numel())
+        mask = torch.ones((), dtype=torch.bool, device=like.device) if ok is None else ok.to(like.device)
+        b = Batch(hp=ctx.group, red=red, layer={}, group=ctx.group_state, numel=numel, loss=like.new_zeros(()),
+                  statistic=None, ok=mask, skip=(~mask).expand(n))
+        engine.predict_coefficients(ctx.composition, b)
+        engine.apply_predict(work, b)
+        ctx.group_state["predicted"].copy_(torch.where(mask, True, ctx.group_state["predicted"]))
+    opt._predicted = True
+
+
+def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None) -> Tensor:
+    """The update phase of every group; returns the step's code (see :mod:`kalmanopt.contract`).
+
+    ``code``: bits already known to skip the step (the first step's input check), or None.
+    """
+    contexts = _contexts(opt)
+    device = _device(opt)
+    works = []
+    for engine, ctx in contexts:
+        works.append(engine.reduce_update(ctx))
+    # the step's inputs: a loss, statistic or gradient that is not finite skips the whole step (every group)
+    step_code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
+    if statistic is not None:
+        step_code = step_code | (~_all_finite(statistic)).to(device=device, dtype=torch.int32) * CODE_STATISTIC
+    for _, red, _, _ in works:
+        if red["nonfinite"].numel():
+            step_code = step_code | (~_all_finite(red["nonfinite"])).to(device=device, dtype=torch.int32) \
+                * CODE_GRADIENT
+    if code is not None:
+        step_code = step_code | code.to(device)
+    if opt.strict and bool(step_code & CODE_SKIPS):
+        raise NonFiniteError(_nonfinite_message(int(step_code), "this step") + " (strict=True)")
+    ok = (step_code & CODE_SKIPS) == 0
+    batches = []
+    for (engine, ctx), (_, red, layer, numel) in zip(contexts, works):
+        like = ctx.group_state["R"]
+        stat = None if statistic is None else statistic.to(like).reshape(())
+        b = Batch(hp=ctx.group, red=red, layer=layer, group=ctx.group_state, numel=numel,
+                  loss=loss.to(like).reshape(()), statistic=stat,
+                  ok=ok.to(like.device), skip=torch.zeros(int(numel.numel()), dtype=torch.bool, device=like.device),
+                  diagnostics=ctx.diagnostics)
+        if ctx.group.get("r", 0.0) is None and statistic is None:
+            raise ValueError("r is None (online noise estimate) but no loss statistic was given")
+        engine.update_coefficients(ctx.composition, b)
+        batches.append(b)
+    for (engine, ctx), (work, _, _, _), b in zip(contexts, works, batches):
+        engine.apply_update(work, b)
+        state = ctx.group_state
+        state["steps"].add_(b.ok.to(torch.int64))
+        state["nonfinite_steps"].add_((~b.ok).to(torch.int64))
+        state["predicted"].copy_(torch.where(b.ok, False, state["predicted"]))
+        step_code = step_code | b.code.to(device)
+    if opt.track_diagnostics:
+        _record(opt, works, batches)
+    return step_code
+
+
+def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
+    """``step``: the update for the current gradients, then the predict of the next step.
+
+    The first predict runs before the first update, masked by the step's inputs. On an engine with
+    ``device_step`` nothing synchronises with the host.
+    """
+    _strict_check(opt, loss, statistic)
+    _report_landed(opt)
+    device = _device(opt)
+    code = None
+    if not opt._predicted:
+        code = input_code(opt, loss, statistic, device)
+        run_predict(opt, (code & CODE_SKIPS) == 0)
+    code = run_update(opt, loss, statistic, code)
+    run_predict(opt, (code & CODE_SKIPS) == 0)
+    report(opt, code)
+
+
+def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
+    """``update()`` of the two-phase API: the update (its predict must have run); whether it was applied.
+
+    An ``update()`` without a ``predict()`` since the last one runs the predict first, as ``step`` does.
+    """
+    _strict_check(opt, loss, statistic)
+    _report_landed(opt)
+    device = _device(opt)
+    code = None
+    if not opt._predicted:
+        code = input_code(opt, loss, statistic, device)
+        run_predict(opt, (code & CODE_SKIPS) == 0)
+    code = run_update(opt, loss, statistic, code)
+    applied = (code & CODE_SKIPS) == 0
+    opt._predicted = not bool(applied)  # a skipped update leaves its predict standing
+    report(opt, code)
+    return bool(applied)
+
+
+def _nonfinite_message(code: int, when: str) -> str:
+    kinds = [kind for bit, kind in NONFINITE_KINDS if code & bit]
+    return MESSAGES["nonfinite"].format(kinds=" and ".join(kinds), when=when)
+
+
+def report(opt: KalmanOptimizer, code: Tensor) -> None:
+    """Report a step's code: warn at once on the CPU; on CUDA record it for a deferred warning."""
+    if code.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # a graph replay cannot report; the counters still count
+    watch = _watch(opt, code.device)
+    watch.kinds.bitwise_or_(code)
+    if code.device.type != "cuda":
+        _warn(opt, int(watch.kinds))
+        watch.kinds.zero_()
+        return
+    watch.host.copy_(watch.kinds, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    watch.events.append(event)
+    if len(watch.events) > _MAX_PENDING:  # a later copy carries every earlier code
+        del watch.events[1:-1]
+
+
+def _report_landed(opt: KalmanOptimizer) -> None:
+    """Warn about the steps whose codes have reached the host."""
+    watch = _WATCHES.get(opt)
+    if watch is None or not watch.events or torch.cuda.is_current_stream_capturing():
+        return
+    landed = False
+    while watch.events and watch.events[0].query():
+        watch.events.pop(0)
+        landed = True
+    if landed:
+        _warn(opt, int(watch.host))
+
+
+def _warn(opt: KalmanOptimizer, code: int) -> None:
+    new = [kind for bit, kind in NONFINITE_KINDS if code & bit and kind not in opt._warned]
+    if new:
+        opt._warned.update(new)
+        warnings.warn(_nonfinite_message(code & CODE_SKIPS, "a recent step" if code else "this step")
+                      + f"; this warning is shown once per kind ({', '.join(new)})", RuntimeWarning, stacklevel=4)
+    if code & CODE_NEGATIVE_LOSS:
+        opt._warn_once("negative loss", MESSAGES["negative loss"])
+    if code & CODE_OVERFLOW:
+        opt._warn_once("overflow", MESSAGES["overflow"])
+
+
+def _record(opt: KalmanOptimizer, works: list, batches: list[Batch]) -> None:
+    """The last update's per-layer internals (device tensors; ``diagnostics()`` reads them)."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for (work, _, _, _), b in zip(works, batches):
+        legacy = work.extra.get("diagnostics")
+        for i, f in enumerate(work.flats):
+            if legacy is not None:
+                if i in legacy:
+                    out[f.layer.name] = {k: torch.as_tensor(v).detach() for k, v in legacy[i].items()}
+                continue
+            if b.S is None or bool(b.skip[i]):
+                continue
+            entry = {"S": b.S[i].detach(), "gain_scale": b.coef[STEP_COEFFICIENT.format(0)][i].detach()}
+            entry.update({k: v[i].detach() for k, v in b.info.items()})
+            out[f.layer.name] = entry
+    opt._diagnostics = out

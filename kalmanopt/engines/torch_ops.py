@@ -1,0 +1,280 @@
+"""The two-pass step in torch operations: the ``foreach`` engine, and the reference engine's core.
+
+Per group and step: pass 1 evaluates the parts' reductions layer by layer (dot products), the
+coefficients are computed for all layers at once (:func:`kalmanopt.contract.run_update_coefficients`),
+and pass 2 runs the parts' element-wise programs (:mod:`kalmanopt.program`) in place. Nothing here
+names a part: the engine executes their declarations.
+
+Where a branch needs a value (a skipped layer, a non-finite step) the engine reads it on the CPU,
+where that is free; on other devices it masks the writes, so a ``foreach`` step never synchronises
+with the host. (``host_branches=True``, the reference engine, reads it everywhere.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kalmanopt.contract import (
+    Batch,
+    PredictPlan,
+    UpdatePlan,
+    contract_gap,
+    predict_plan,
+    run_predict_coefficients,
+    run_update_coefficients,
+    update_plan,
+)
+from kalmanopt.layers import Layer
+from kalmanopt.program import CompiledProgram, compile_program, reduce_layer
+from kalmanopt.state import StateTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.filters.composition import Composition
+
+__all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "hp_coefficients", "has_gradient"]
+
+
+def has_gradient(layer: Layer) -> bool:
+    """Whether any parameter of the layer has a gradient (known on the host)."""
+    return any(p.grad is not None for p in layer.params)
+
+
+def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
+    """The group's numeric hyper-parameters as program coefficients (a part's column of that name wins)."""
+    return {k: float(v) for k, v in group.items()
+            if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@dataclass
+class GroupContext:
+    """One parameter group as the driver hands it to an engine."""
+
+    composition: Composition
+    group: dict[str, Any]
+    group_state: dict
+    layers: Sequence[Layer]
+    diagnostics: bool = False
+
+
+class FlatLayer:
+    """A layer's θ and g as flat vectors in the state precision, with its state vectors.
+
+    A single contiguous parameter already in that precision is used in place (a view);
+    otherwise θ is a copy and :meth:`commit` writes it back.
+    """
+
+    def __init__(self, layer: Layer, table: StateTable) -> None:
+        self.layer = layer
+        params = layer.params
+        self.direct = len(params) == 1 and params[0].is_contiguous() and params[0].dtype == layer.dtype
+        self.theta = params[0].detach().view(-1) if self.direct else layer.theta()
+        p = params[0]
+        if len(params) == 1 and p.grad is not None and p.grad.is_contiguous() and p.grad.dtype == layer.dtype:
+            g = p.grad.detach().view(-1)
+        else:
+            g = layer.grad()
+            if g is None:
+                g = torch.zeros_like(self.theta)
+        self.env: dict[str, Tensor] = {"theta": self.theta, "g": g}
+        for e in table.vectors:
+            self.env[f"state.{e.name}"] = layer.state[e.name]
+
+    def commit(self) -> None:
+        """Write θ back to the parameters if it is a copy."""
+        if not self.direct:
+            self.layer.write(self.theta)
+
+
+@dataclass
+class _Work:
+    """What pass 1 leaves for pass 2."""
+
+    ctx: GroupContext
+    flats: list[FlatLayer]
+    program: CompiledProgram
+    hp: dict[str, float]
+    n_none: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TorchEngine:
+    """The two-pass step in torch operations, for compositions whose parts meet the contract."""
+
+    name = "foreach"
+    device_step = True
+
+    def __init__(self, host_branches: bool = False) -> None:
+        self.host_branches = host_branches
+        self._plans: dict[tuple, tuple[Any, CompiledProgram]] = {}
+
+    def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
+        return contract_gap(composition)
+
+    # ------------------------------------------------------------------ plans
+    def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, CompiledProgram]:
+        group = ctx.group
+        key = ("update", id(ctx.composition), float(group["weight_decay"]) == 0.0 if "weight_decay" in group
+               else None, ctx.diagnostics, bool(group.get("guard", True)), group.get("r") is None)
+        cached = self._plans.get(key)
+        if cached is None or cached[0][1] is not ctx.composition:
+            plan = update_plan(ctx.composition, group, ctx.diagnostics)
+            cached = ((plan, ctx.composition), compile_program(plan.full_program, plan.outputs))
+            self._plans[key] = cached
+        return cached[0][0], cached[1]
+
+    def _predict_plan(self, ctx: GroupContext) -> tuple[PredictPlan, CompiledProgram]:
+        key = ("predict", id(ctx.composition))
+        cached = self._plans.get(key)
+        if cached is None or cached[0][1] is not ctx.composition:
+            plan = predict_plan(ctx.composition, ctx.group)
+            cached = ((plan, ctx.composition), compile_program(plan.program, plan.outputs))
+            self._plans[key] = cached
+        return cached[0][0], cached[1]
+
+    @staticmethod
+    def _ensure_state(table: StateTable, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[bool]:
+        """Create missing per-layer state; which layers got new state."""
+        if not table.has_layer_state():
+            return [False] * len(layers)
+        return [table.init_layer(layer.state, layer.numel, group, layer.dtype, layer.params[0].device)
+                for layer in layers]
+
+    def _host(self, like: Tensor) -> bool:
+        return self.host_branches or like.device.type == "cpu"
+
+    # ------------------------------------------------------------------ update
+    def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Pass 1: the layers' reductions ``[layers]`` each, their scalar state, their sizes."""
+        plan, program = self._update_plan(ctx)
+        active = [layer for layer in ctx.layers if has_gradient(layer)]
+        created = self._ensure_state(plan.table, active, ctx.group)
+        flats = [FlatLayer(layer, plan.table) for layer in active]
+        hp = hp_coefficients(ctx.group)
+        like = ctx.group_state["R"]
+        pre = compile_program(plan.pre, ())
+        rows = []
+        for f in flats:
+            pre.run(f.env, hp)  # H_ℓ = g_ℓ + wd θ_ℓ (the measurement's vectors)
+            rows.append(torch.stack(reduce_layer(plan.reductions, f.env, hp, like)).to(like))
+        names = [r.name for r in plan.reductions]
+        table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
+        red = {name: table[:, i] for i, name in enumerate(names)}
+        scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
+                            else like.new_zeros(0)) for e in plan.table.scalars}
+        numel = torch.tensor([f.layer.numel for f in flats], dtype=torch.int64, device=like.device)
+        program_only = compile_program(plan.program, plan.outputs)
+        work = _Work(ctx, flats, program_only, hp, n_none=len(ctx.layers) - len(active))
+        work.extra["created"] = (created, plan.table.layer_keys)
+        return work, red, scalars, numel
+
+    def update_coefficients(self, composition: Composition, b: Batch) -> Batch:
+        """The coefficients of all layers at once (every part's batched function)."""
+        return run_update_coefficients(composition, b)
+
+    def apply_update(self, work: _Work, b: Batch) -> None:
+        """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
+        ctx = work.ctx
+        self._run_programs(work.flats, work.program, work.hp, b)
+        self._commit_layer_scalars(work.flats, b)
+        self._commit_group(ctx.group_state, b)
+        b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
+        self._commit_counters(ctx.group_state, b)
+        created, keys = work.extra.get("created", ((), ()))
+        if any(created) and self._host(b.like):
+            # as if never touched: a layer skipped at its first update keeps no state (free to check on
+            # the CPU; elsewhere its state stays at its initial values, which mark "no update yet")
+            for f, new, skipped in zip(work.flats, created, b.skip.tolist()):
+                if new and skipped:
+                    for key in keys:
+                        f.layer.state.pop(key, None)
+
+    def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
+                      b: Batch) -> None:
+        if not flats or not program.program:
+            return
+        names = list(b.coef)
+        n = len(flats)
+        like = b.like
+        cols = [b.coef[k].to(like).expand(n) for k in names]
+        table = torch.stack(cols, 1) if cols else like.new_zeros(n, 0)
+        host = self._host(like)
+        if host:
+            skipped = b.skip.tolist()
+            rows = table.tolist()
+        else:
+            keep = ~b.skip
+            rows = [row.unbind(0) for row in table.unbind(0)]
+        for i, f in enumerate(flats):
+            coefs = dict(hp)
+            coefs.update(zip(names, rows[i]))
+            if host:
+                if skipped[i]:
+                    continue
+                program.run(f.env, coefs)
+            else:  # masked: a skipped layer keeps every value it had
+                old = {k: f.env[k].clone() for k in program.outputs}
+                program.run(f.env, coefs)
+                for k, value in old.items():
+                    f.env[k].copy_(torch.where(keep[i], f.env[k], value))
+            f.commit()
+
+    @staticmethod
+    def _commit_layer_scalars(flats: list[FlatLayer], b: Batch) -> None:
+        for name, new in b.new_layer.items():
+            if not flats:
+                continue
+            values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
+            for f, value in zip(flats, values.unbind(0)):
+                f.layer.state[name].copy_(value)
+
+    @staticmethod
+    def _commit_group(group_state: dict, b: Batch) -> None:
+        for name, new in b.new_group.items():
+            old = group_state[name]
+            old.copy_(torch.where(b.ok, new.to(old), old))
+
+    @staticmethod
+    def _commit_counters(group_state: dict, b: Batch) -> None:
+        for name, n in b.counters.items():
+            if name in group_state:
+                group_state[name].add_(torch.where(b.ok, n, 0).to(group_state[name]))
+
+    # ------------------------------------------------------------------ predict
+    def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:
+        """The predict's pass 1 over every layer (nothing when the dynamics do not move the state)."""
+        plan, program = self._predict_plan(ctx)
+        like = ctx.group_state["R"]
+        hp = hp_coefficients(ctx.group)
+        if not plan.moves:
+            work = _Work(ctx, [], program, hp)
+            return work, {}, like.new_zeros(0, dtype=torch.int64)
+        layers = list(ctx.layers)
+        self._ensure_state(plan.table, layers, ctx.group)
+        flats = [FlatLayer(layer, plan.table) for layer in layers]
+        rows = [torch.stack(reduce_layer(plan.reductions, f.env, hp, like)).to(like) if plan.reductions
+                else like.new_zeros(0) for f in flats]
+        names = [r.name for r in plan.reductions]
+        table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
+        red = {name: table[:, i] for i, name in enumerate(names)}
+        numel = torch.tensor([f.layer.numel for f in flats], dtype=torch.int64, device=like.device)
+        return _Work(ctx, flats, program, hp), red, numel
+
+    def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
+        """The predict's batched coefficients and group state."""
+        return run_predict_coefficients(composition, b)
+
+    def apply_predict(self, work: _Work, b: Batch) -> None:
+        """The predict's element-wise pass (where the step is ok) and group state."""
+        self._run_programs(work.flats, work.program, work.hp, b)
+        self._commit_group(work.ctx.group_state, b)
+
+
+class ForeachEngine(TorchEngine):
+    """``implementation="foreach"``: any device, no host synchronisation, every contract composition."""
+
+    name = "foreach"
+    device_step = True
