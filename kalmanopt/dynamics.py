@@ -104,9 +104,10 @@ class Momentum(Dynamics):
 
     def transition(self, b: Any) -> tuple[Tensor, Tensor]:
         like = b.like
-        F = torch.tensor([[1.0, 1.0], [0.0, float(b.hp["a"])]], dtype=like.dtype, device=like.device)
-        Q = torch.stack([b.group_value("qw").to(like), torch.full((), float(b.hp["qv"]), dtype=like.dtype,
-                                                                     device=like.device)])
+        one, zero = torch.ones_like(like), torch.zeros_like(like)
+        # F = [[1, 1], [0, a]]  (made on the device: no host-device copy)
+        F = torch.stack([torch.stack([one, one]), torch.stack([zero, one * float(b.hp["a"])])])
+        Q = torch.stack([b.group_value("qw").to(like), one * float(b.hp["qv"])])
         return F, Q
 
     def correction(self, direction: Expr, steps: Sequence[str], hp: Mapping[str, Any]) -> list[Assign]:

@@ -70,7 +70,7 @@ def test_fused_global_granularity_equals_reference(preset):
 @given(preset=st.sampled_from(FAST_PRESETS), shapes=SHAPES, data=st.data(),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_fused_equals_reference_on_drawn_shapes(chunk, block, preset, shapes, data, dtype):
-    from kalmanopt.fast import fused
+    from kalmanopt.engines import fused
 
     plan = data.draw(st.lists(st.lists(GRADS, min_size=len(shapes), max_size=len(shapes)), min_size=1,
                               max_size=4))

@@ -165,7 +165,7 @@ class TorchEngine:
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
-        numel = torch.tensor([f.layer.numel for f in flats], dtype=torch.int64, device=like.device)
+        numel = _sizes([f.layer.numel for f in flats], like.device)
         program_only = compile_program(plan.program, plan.outputs)
         work = _Work(ctx, flats, program_only, hp, n_none=len(ctx.layers) - len(active))
         work.extra["created"] = (created, plan.table.layer_keys)
@@ -260,7 +260,7 @@ class TorchEngine:
         names = [r.name for r in plan.reductions]
         table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
         red = {name: table[:, i] for i, name in enumerate(names)}
-        numel = torch.tensor([f.layer.numel for f in flats], dtype=torch.int64, device=like.device)
+        numel = _sizes([f.layer.numel for f in flats], like.device)
         return _Work(ctx, flats, program, hp), red, numel
 
     def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
@@ -271,6 +271,22 @@ class TorchEngine:
         """The predict's element-wise pass (where the step is ok) and group state."""
         self._run_programs(work.flats, work.program, work.hp, b)
         self._commit_group(work.ctx.group_state, b)
+
+
+_SIZES: dict[tuple, Tensor] = {}
+
+
+def _sizes(numels: list[int], device: torch.device) -> Tensor:
+    """The layer sizes as an int64 device tensor (cached; copied without blocking from pinned memory)."""
+    key = (tuple(numels), str(device))
+    t = _SIZES.get(key)
+    if t is None:
+        host = torch.tensor(numels, dtype=torch.int64)
+        t = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+        if len(_SIZES) > 256:
+            _SIZES.clear()
+        _SIZES[key] = t
+    return t
 
 
 class ForeachEngine(TorchEngine):

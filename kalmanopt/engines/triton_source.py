@@ -1,0 +1,220 @@
+"""Triton source generated from element-wise programs and reductions (imported on first fused step).
+
+Every vector a kernel touches is addressed as a base tensor plus one element offset per layer; a
+program's assignments become local variables, its outputs stores; a coefficient is one column of the
+``[layers, columns]`` table the engine fills. Constants that float32 cannot hold exactly travel in
+that table too (Triton types a Python float literal as float32), so float64 state gets them exactly.
+
+The generated module is written to a cache folder and imported, once per distinct declaration.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Vec
+
+__all__ = ["kernels_for", "Kernels", "source_for"]
+
+
+def _name(key: str, slots: Sequence[str], assigned: set[str]) -> str:
+    safe = re.sub(r"\W", "_", key)
+    if key in slots:
+        return f"v_{safe}"
+    return f"t_{safe}"
+
+
+def _exact32(value: float) -> bool:
+    return float(torch.tensor(value, dtype=torch.float32)) == value
+
+
+class _Writer:
+    """Turns expressions into Triton source, collecting the coefficient columns they read."""
+
+    def __init__(self, slots: Sequence[str]) -> None:
+        self.slots = list(slots)
+        self.coefs: list[str] = []
+        self.assigned: set[str] = set()
+        self.read_slots: list[str] = []
+
+    def coef(self, name: str) -> str:
+        if name not in self.coefs:
+            self.coefs.append(name)
+        return f"c{self.coefs.index(name)}"
+
+    def expr(self, e: Expr) -> str:
+        if isinstance(e, Vec):
+            key = e.key
+            if key in self.slots and key not in self.assigned and key not in self.read_slots:
+                self.read_slots.append(key)
+            if key not in self.slots and key not in self.assigned:
+                raise ValueError(f"the program reads {key!r} before assigning it")
+            return _name(key, self.slots, self.assigned)
+        if isinstance(e, Coef):
+            return self.coef(e.name)
+        if isinstance(e, Const):
+            if _exact32(e.value):
+                return repr(float(e.value))
+            return self.coef(f"__const:{e.value!r}")
+        if isinstance(e, BinOp):
+            return f"({self.expr(e.a)} {e.op} {self.expr(e.b)})"
+        if isinstance(e, ClampMin):
+            low = repr(float(e.low)) if _exact32(e.low) else self.coef(f"__const:{e.low!r}")
+            return f"tl.maximum({self.expr(e.a)}, {low})"
+        raise TypeError(f"cannot write {e!r} as Triton source")
+
+    def assign(self, a: Assign) -> str:
+        value = self.expr(a.expr)
+        self.assigned.add(a.target.key)
+        return f"{_name(a.target.key, self.slots, self.assigned)} = {value}"
+
+
+_HEADER = '''import triton
+import triton.language as tl
+'''
+
+
+def _prologue(kernel: str, slot_args: list[str], extra: str, reverse: bool) -> list[str]:
+    args = ", ".join(["chunk_layer", "chunk_start", "layer_numel"] + ([] if kernel == "reduce" else ["skip"])
+                     + slot_args + ["coef", extra, "n_chunks", "NC: tl.constexpr", "NR: tl.constexpr",
+                                    "S_DT: tl.constexpr", "CHUNK: tl.constexpr", "BLOCK: tl.constexpr"])
+    lines = ["@triton.jit", f"def {kernel}_kernel({args}):"]
+    lines.append("    pid = n_chunks - 1 - tl.program_id(0)" if reverse else "    pid = tl.program_id(0)")
+    lines.append("    layer = tl.load(chunk_layer + pid)")
+    return lines
+
+
+def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
+               outputs: Sequence[str], slots: Sequence[str]) -> tuple[str, list[str], list[str], list[str], list[str]]:
+    """The module source and, for each kernel, the coefficient columns and the slots it passes."""
+    out = [_HEADER]
+    # ---------------------------------------------------------------- reduce
+    w = _Writer(slots)
+    body = [w.assign(a) for a in pre]
+    accs = [f"acc{i} += tl.where(m, {w.expr(r.expr)}, 0.0)" for i, r in enumerate(reductions)]
+    reduce_slots = list(w.read_slots)
+    reduce_coefs = list(w.coefs)
+    if reductions:
+        lines = _prologue("reduce", [f"b_{_safe(k)}, o_{_safe(k)}" for k in reduce_slots], "partials", False)
+        lines += _chunk_bounds(reduce_slots, reduce_coefs, "    ")
+        lines += [f"    acc{i} = tl.zeros([BLOCK], dtype=S_DT)" for i in range(len(reductions))]
+        lines += ["    for i in range(start, end, BLOCK):", "        idx = i + tl.arange(0, BLOCK)",
+                  "        m = idx < end"]
+        lines += [f"        v_{_safe(k)} = tl.load(p_{_safe(k)} + idx, mask=m, other=0.0).to(S_DT)"
+                  for k in reduce_slots]
+        lines += ["        " + line for line in body + accs]
+        lines += [f"    tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))" for i in range(len(reductions))]
+        out.append("\n".join(lines) + "\n")
+    # ---------------------------------------------------------------- apply
+    w = _Writer(slots)
+    body = [w.assign(a) for a in tuple(pre) + tuple(program)]
+    written = [k for k in outputs if k in w.assigned and k in slots]
+    apply_slots = list(dict.fromkeys(w.read_slots + written))
+    apply_coefs = list(w.coefs)
+    if program:
+        lines = _prologue("apply", [f"b_{_safe(k)}, o_{_safe(k)}" for k in apply_slots], "unused", True)
+        lines += ["    if tl.load(skip + layer) == 0:"]
+        lines += _chunk_bounds(apply_slots, apply_coefs, "        ")
+        lines += ["        for i in range(start, end, BLOCK):", "            idx = i + tl.arange(0, BLOCK)",
+                  "            m = idx < end"]
+        lines += [f"            v_{_safe(k)} = tl.load(p_{_safe(k)} + idx, mask=m, other=0.0).to(S_DT)"
+                  for k in w.read_slots]
+        lines += ["            " + line for line in body]
+        lines += [f"            tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty), mask=m)"
+                  for k in written]
+        out.append("\n".join(lines) + "\n")
+    return "\n\n".join(out), reduce_coefs, reduce_slots, apply_coefs, apply_slots
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"\W", "_", key)
+
+
+def _chunk_bounds(slots: Sequence[str], coefs: Sequence[str], indent: str) -> list[str]:
+    lines = [f"{indent}start = tl.load(chunk_start + pid)", f"{indent}n = tl.load(layer_numel + layer)",
+             f"{indent}end = tl.minimum(start + CHUNK, n)"]
+    lines += [f"{indent}p_{_safe(k)} = b_{_safe(k)} + tl.load(o_{_safe(k)} + layer)" for k in slots]
+    lines += [f"{indent}c{i} = tl.load(coef + layer * NC + {i}).to(S_DT)" for i in range(len(coefs))]
+    return lines
+
+
+class Kernels:
+    """The compiled kernels of one declaration and how to launch them."""
+
+    def __init__(self, module: Any, reduce_coefs: list[str], reduce_slots: list[str], apply_coefs: list[str],
+                 apply_slots: list[str], n_reductions: int) -> None:
+        self.module = module
+        self.reduce_coefs, self.reduce_slots = reduce_coefs, reduce_slots
+        self.apply_coefs, self.apply_slots = apply_coefs, apply_slots
+        self.n_reductions = n_reductions
+        self.has_apply = hasattr(module, "apply_kernel")
+
+    def launch_reduce(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, partials: Tensor,
+                      dtype: torch.dtype) -> None:
+        from kalmanopt.engines.fused import CONFIG
+
+        args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel]
+        for k in self.reduce_slots:
+            args += list(slots[k])
+        args += [table, partials, chunks.n_chunks]
+        self.module.reduce_kernel[(chunks.n_chunks,)](
+            *args, NC=table.shape[1], NR=partials.shape[1], S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
+            BLOCK=int(CONFIG["block"]), num_warps=int(CONFIG["warps"]))
+
+    def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
+                     dtype: torch.dtype) -> None:
+        from kalmanopt.engines.fused import CONFIG
+
+        args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip]
+        for k in self.apply_slots:
+            args += list(slots[k])
+        args += [table, table, chunks.n_chunks]
+        self.module.apply_kernel[(chunks.n_chunks,)](
+            *args, NC=table.shape[1], NR=1, S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
+            BLOCK=int(CONFIG["block"]), num_warps=int(CONFIG["warps"]))
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("KALMANOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kalmanopt")
+    path = os.path.join(base, "triton")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        path = os.path.join(tempfile.gettempdir(), "kalmanopt-triton")
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=256)
+def kernels_for(pre: tuple[Assign, ...], reductions: tuple[Reduction, ...], program: tuple[Assign, ...],
+                outputs: tuple[str, ...], slots: tuple[str, ...]) -> Kernels:
+    """The kernels of a declaration (generated, written, imported once)."""
+    source, reduce_coefs, reduce_slots, apply_coefs, apply_slots = source_for(pre, reductions, program, outputs,
+                                                                              slots)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = os.path.join(_cache_dir(), f"kernels_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"kalmanopt_kernels_{digest}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return Kernels(module, reduce_coefs, reduce_slots, apply_coefs, apply_slots, len(reductions))
