@@ -314,4 +314,22 @@ def plot_all(out: str | Path, metrics: list[dict[str, Any]], records: list[dict[
         safe = "".join(c if c.isalnum() or c in "+-_." else "_" for c in name)
         written.append(plot_layer_diagnostics(metrics, first["run_id"], out / f"diagnostics-{safe}.png",
                                               f"{name}, seed {first['seed']}: per-layer internals"))
+    written += plot_spectra_files(out)
     return [p for p in written if p is not None]
+
+
+def plot_spectra_files(out: str | Path) -> list[Path]:
+    """``spectra-<label>.png`` for every ``ekf-<label>.json`` of the exact-EKF comparison in ``out``."""
+    import json
+
+    from kalmanopt.analysis import plot_spectra
+
+    written = []
+    for path in sorted(Path(out).glob("ekf-*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a comparison cut short; the run writes it again on resume
+        target = path.with_name("spectra-" + path.stem[len("ekf-"):] + ".png")
+        written.append(plot_spectra(result, target))
+    return written

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from kalmanopt.registry import load_plugins
 from kalmanopt.runner import models
-from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.errors import ConfigError, Problems
 
 __all__ = ["Dataset", "Task", "TASKS", "register_task", "get_task", "stdlib_corpus"]
 
@@ -87,8 +87,11 @@ class Task(ABC):
     loss_statistic: str = "second_moment"
 
     # ---------------------------------------------------------------- checks before training
+    #: types of options whose default is ``None`` (others take the type of their default)
+    option_types: dict[str, tuple[type, ...]] = {}
+
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The options with defaults filled in; unknown names or a missing data path raise ConfigError."""
+        """The options with defaults filled in; unknown names, wrong types or a missing data path raise ConfigError."""
         unknown = set(options) - set(self.options)
         if "data" in unknown:
             readers = ", ".join(sorted(n for n, t in TASKS.items() if "data" in t.options))
@@ -97,6 +100,13 @@ class Task(ABC):
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for task {self.name!r}; valid options: "
                               f"{', '.join(sorted(self.options)) or '(none)'}")
+        problems = Problems()
+        for name, value in options.items():
+            default = self.options[name]
+            types = self.option_types.get(name) or (() if default is None else _types_of(default))
+            if types and value is not None and not _is_a(value, types):
+                problems.add(f"task {self.name!r}: option {name} must be {_type_names(types)}, got {value!r}")
+        problems.raise_if_any()
         return {**self.options, **options}
 
     def check_model(self, model: str, model_options: dict[str, Any]) -> None:
@@ -109,6 +119,12 @@ class Task(ABC):
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for model {model!r}; valid options: "
                               f"{', '.join(sorted(valid)) or '(none)'}")
+        problems = Problems()
+        for name, value in model_options.items():
+            types = _types_of(valid[name])
+            if types and not _is_a(value, types):
+                problems.add(f"model {model!r}: option {name} must be {_type_names(types)}, got {value!r}")
+        problems.raise_if_any()
 
     # ---------------------------------------------------------------- data and model
     @abstractmethod
@@ -161,6 +177,30 @@ class Task(ABC):
             figures["val_accuracy"] = correct / max(count, 1)
             figures["val_error"] = 1.0 - figures["val_accuracy"]
         return figures
+
+
+def _types_of(default: Any) -> tuple[type, ...]:
+    """The types a value may take where ``default`` is the default: a float also takes an int."""
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, (int, str)):
+        return (type(default),)
+    return ()
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if types == (int, float):
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
 
 
 def model_keywords(builder: Callable[..., nn.Module]) -> dict[str, Any]:
@@ -220,6 +260,7 @@ class DigitsTask(Task):
     models = {"mlp": _digits_mlp, "cnn": _digits_cnn}
     default_model = "mlp"
     options = {"val_fraction": 0.2, "max_train": None}
+    option_types = {"max_train": (int,)}
     quick_options: dict[str, Any] = {}
 
     def load(self, options: dict[str, Any]) -> Dataset:
@@ -358,6 +399,7 @@ class CifarTask(Task):
     models = {"resnet18": _resnet18, "resnet50": _resnet50}
     default_model = "resnet18"
     options = {"data": None, "augment": True, "max_train": None, "max_val": None}
+    option_types = {"data": (str,), "max_train": (int,), "max_val": (int,)}
     quick_options = {"max_train": 512, "max_val": 256}
 
     def __init__(self, name: str, folder: str, num_classes: int, train_files: tuple[str, ...], test_file: str,
