@@ -138,13 +138,13 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     out = Path(out) if out is not None else default_out_dir(config)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror or exc}); "
                           "pass a writable --out") from None
-    if not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     try:
         with OutputLock(out) as lock:
             if lock.took_over is not None:
