@@ -61,6 +61,9 @@ def test_every_shipped_config_passes_the_checks(path, tmp_path):
     data = None
     if raw["task"].startswith("cifar"):
         data = write_fake_cifar(tmp_path, 10 if raw["task"] == "cifar10" else 100)
+    if (raw.get("task_options") or {}).get("require_data"):
+        data = tmp_path / "corpus.txt"
+        data.write_text("a small text of a few characters\n" * 400)
     for quick in (False, True):
         config = load_config(path, quick=quick, overrides={"data": data, "device": "cpu"})
         assert config.runs()

@@ -164,8 +164,12 @@ def _provenance_lines(records: list[dict[str, Any]], config: dict[str, Any]) -> 
             f"**Seeds**: {', '.join(map(str, seeds))}"]
     schedule = config.get("schedule")
     if schedule:
-        shown = {k: v for k, v in schedule.items() if k == "kind" or v not in ((), [], 0.0, 0)}
-        what.append("**Schedule**: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        from kalmanopt.runner.config import SCHEDULES
+
+        keys = SCHEDULES.get(schedule.get("kind"), ())
+        shown = {k: v for k, v in schedule.items() if k in keys and (k != "warmup" or v)}
+        what.append(f"**Schedule**: {schedule.get('kind')}" + "".join(f", {k} {v:g}" if isinstance(v, float)
+                                                                       else f", {k} {v}" for k, v in shown.items()))
     if config.get("autocast") not in (None, "none"):
         what.append(f"**Autocast**: {config['autocast']} (on CUDA only)")
     wall = sum(float(r.get("seconds", 0.0)) for r in records)

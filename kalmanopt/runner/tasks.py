@@ -305,8 +305,9 @@ def stdlib_corpus(max_bytes: int) -> bytes:
     return corpus
 
 
-def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4) -> nn.Module:
-    return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head)
+def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4, dropout: float = 0.0,
+         bias: bool = True) -> nn.Module:
+    return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head, dropout, bias)
 
 
 class TextTask(Task):
@@ -314,17 +315,25 @@ class TextTask(Task):
 
     name = "text"
     kind = "language"
-    doc = ("byte-level language model (small GPT) on --data FILE; without one, on Python's "
+    doc = ("language model (small GPT) on the bytes or characters of --data FILE; without one, on Python's "
            "standard-library sources")
     models = {"gpt": _gpt}
     default_model = "gpt"
-    options = {"data": None, "block_size": 64, "max_bytes": 1_000_000, "val_fraction": 0.1, "max_val_windows": 256}
+    options = {"data": None, "block_size": 64, "max_bytes": 1_000_000, "val_fraction": 0.1, "max_val_windows": 256,
+               "vocab": "bytes", "require_data": False}
+    option_types = {"data": (str,)}
     quick_options = {"max_bytes": 100_000, "max_val_windows": 32}
     loss_statistic = "variance"  # the authors' language-model code feeds R the loss variance
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Fill defaults; the data file, when given, must exist."""
+        """Fill defaults; the data file, when given (or required), must exist."""
         options = super().check_options(options)
+        if options["vocab"] not in ("bytes", "chars"):
+            raise ConfigError(f"task 'text': vocab must be 'bytes' (256 symbols) or 'chars' (the characters of "
+                              f"the corpus, as nanoGPT's shakespeare-char), got {options['vocab']!r}")
+        if options["require_data"] and options["data"] is None:
+            raise ConfigError("this config trains on a given text: pass --data FILE (e.g. "
+                              "../shared/data/tinyshakespeare.txt)")
         if options["data"] is not None and not Path(options["data"]).is_file():
             raise ConfigError(f"task 'text': data file {str(options['data'])!r} not found; pass --data FILE "
                               "(a text file, e.g. ../shared/data/tinyshakespeare.txt) or leave it out to "
@@ -337,7 +346,15 @@ class TextTask(Task):
         block = int(options["block_size"])
         raw = Path(options["data"]).read_bytes()[:options["max_bytes"]] if options["data"] else \
             stdlib_corpus(options["max_bytes"])
-        stream = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        vocab_size = 256
+        if options["vocab"] == "chars":  # nanoGPT's character vocabulary: the corpus's characters, sorted
+            text = raw.decode("utf-8", errors="replace")
+            chars = sorted(set(text))
+            index = {c: i for i, c in enumerate(chars)}
+            stream = torch.tensor([index[c] for c in text], dtype=torch.long)
+            vocab_size = len(chars)
+        else:
+            stream = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         n_val = max(block + 1, int(len(stream) * options["val_fraction"]))
         if len(stream) - n_val < block + 1:
             raise ConfigError(f"task 'text': the corpus has {len(stream)} bytes, too few for block_size {block} "
@@ -346,7 +363,7 @@ class TextTask(Task):
         n_windows = min((len(val) - 1) // block, int(options["max_val_windows"]))
         val_x = torch.stack([val[i * block:(i + 1) * block] for i in range(n_windows)])
         val_y = torch.stack([val[i * block + 1:(i + 1) * block + 1] for i in range(n_windows)])
-        return Dataset(train, train, val_x, val_y, {"vocab_size": 256, "block_size": block})
+        return Dataset(train, train, val_x, val_y, {"vocab_size": vocab_size, "block_size": block})
 
     def steps_per_epoch(self, data: Dataset, batch_size: int) -> int:
         """Windows of ``block_size`` bytes in the training stream, divided by the batch size."""
