@@ -369,6 +369,11 @@ lr = 0.05
     assert len(comparison["exact_eigenvalues"]["theta"][0]) == 6
     for name in ("spectra-koala++.png", "curvature.png"):
         assert (outcome.out / name).is_file()
+    (outcome.out / "spectra-koala++.png").unlink()
+    from kalmanopt.cli import main
+
+    assert main(["plot", str(outcome.out)]) == 0  # kalmanopt plot redraws the spectra too
+    assert (outcome.out / "spectra-koala++.png").is_file()
     assert not (outcome.out / "ekf-sgd.json").exists()
 
 

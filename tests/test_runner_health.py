@@ -3,6 +3,7 @@ the diagnostics steps, log lines, --version."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from runner_helpers import summary_rows
@@ -180,3 +181,30 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"kalmanopt {kalmanopt.__version__}"
+
+
+def test_plots_label_every_axis_share_one_legend_and_use_no_symlog(digits_grid, monkeypatch):
+    from kalmanopt.runner import plots
+
+    _, out, _ = digits_grid
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: figures.append((Path(path).name, fig)))
+    records = json.loads((out / "results.json").read_text())
+    metrics = MetricsLog.read(out / "metrics.jsonl")
+    plots.plot_all(out, metrics, records, x_key="step", title="t")
+    names = [name for name, _ in figures]
+    assert {"curves.png", "diagnostics.png", "diagnostics-koala++.png"} <= set(names)
+    for name, fig in figures:
+        assert len(fig.legends) == 1, name  # one legend for the figure, beside the panels
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            assert ax.get_legend() is None
+            assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel(), (name, ax.get_title())
+            assert ax.get_yscale() in ("linear", "log"), (name, ax.get_title())
+            if ax.get_title().startswith("skipped layer updates"):
+                assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1
+            if ax.get_title().startswith("angle"):
+                for collection in ax.collections:  # the bands
+                    for path in collection.get_paths():
+                        assert path.vertices[:, 1].min() >= 0 and path.vertices[:, 1].max() <= 180

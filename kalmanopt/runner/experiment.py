@@ -237,7 +237,7 @@ def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]
     if up_to_date:  # nothing new: the reports on disk were written for exactly these runs
         plots = sorted(out.glob("*.png"))
     else:
-        plots = (write_reports(out, config, records) if records else []) + spectra
+        plots = list(dict.fromkeys((write_reports(out, config, records) if records else []) + spectra))
     if not records:
         atomic_write(out / "summary.md", summary_table([], config.name))
     seconds = time.perf_counter() - started

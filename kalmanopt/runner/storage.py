@@ -22,7 +22,7 @@ from typing import IO, Any, Callable
 
 from kalmanopt.runner.errors import ConfigError
 
-__all__ = ["atomic_write", "atomic_write_with", "OutputLock", "LOCK_NAME"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_with", "OutputLock", "LOCK_NAME"]
 
 #: the lock file inside an output folder
 LOCK_NAME = ".kalmanopt.lock"
@@ -48,6 +48,25 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[str]], None], *, new
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``, atomically (see :func:`atomic_write`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
