@@ -142,7 +142,7 @@ def test_diagnostics_are_recorded_at_their_interval_and_left_out_of_the_timing(d
 def test_log_lines_without_progress_bars(digits_grid):
     _, out, err = digits_grid
     lines = err.strip().splitlines()
-    assert lines[0] == f"kalmanopt: kalmanopt run grid: writing into {out}"
+    assert lines[0] == f"kalmanopt: run grid: writing into {out}"
     finished = [line for line in lines if line.startswith("kalmanopt: [")]
     assert len(finished) == 3 and finished[0].startswith("kalmanopt: [1/3] koala++ seed 0: val accuracy (%) ")
     assert "ms/step on f" in finished[0] and finished[1].endswith("STALLED (" + finished[1].split("STALLED (")[1])

@@ -177,7 +177,7 @@ def _describe(record: dict[str, Any]) -> str:
 def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]], progress: bool
               ) -> ExperimentOutcome:
     started = time.perf_counter()
-    logger.info("kalmanopt run %s%s: writing into %s", config.name, " --quick" if config.mode == "quick" else "",
+    logger.info("run %s%s: writing into %s", config.name, " --quick" if config.mode == "quick" else "",
                 out)
     device = config.resolved_device()
     if config.device == "auto":
