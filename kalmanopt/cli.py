@@ -6,53 +6,49 @@
     kalmanopt list
     kalmanopt plot runs/a
 
-A bad config stops before any training with one line naming the problem and the valid choices
-(exit status 2). Ctrl-C stops cleanly, keeping the runs that finished (exit status 130); the same
-command with the same ``--out`` resumes.
+A bad config stops before any training with one line naming every problem and the valid choices
+(exit status 2). Ctrl-C, or SIGTERM from a cluster scheduler, stops cleanly, keeping the runs that
+finished (exit status 130, or 143 for SIGTERM); the same command with the same ``--out`` resumes.
+Progress is logged on stderr through Python ``logging``; a progress bar is drawn only on a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main", "build_parser"]
 
 
-def _parse_seeds(text: str) -> list[int]:
-    """``0,1,2`` -> those seeds; a single number N -> N seeds 0..N-1."""
-    try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes a comma-separated list (0,1,2) or a count (3), "
-                                         f"got {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"--seeds count must be at least 1, got {count}")
-    return list(range(count))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kalmanopt`` command."""
+    import kalmanopt
+
     parser = argparse.ArgumentParser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch: "
                                      "run ablations and compare them with torch baselines.")
+    parser.add_argument("--version", action="version", version=f"kalmanopt {kalmanopt.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{run,list,plot}")
     run = commands.add_parser("run", help="train a grid of optimizers x settings x seeds; write tables and plots",
                               description="Run the grid of CONFIG (a TOML file; default: the built-in ablation "
                                           "on scikit-learn's digits) and write results.json, results.csv, "
                                           "summary.md, metrics.jsonl and PNG plots into --out.")
     run.add_argument("config", nargs="?", help="a TOML config (see configs/ and docs/runner.md)")
-    run.add_argument("--out", help="output folder (default runs/<config>-<timestamp>/); an existing one resumes")
+    run.add_argument("--out", help="output folder (default runs/<config>-<timestamp>/, runs/<config>-quick-"
+                                   "<timestamp>/ with --quick); an existing one of the same config and mode resumes")
     run.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (overrides the config)")
-    run.add_argument("--seeds", type=_parse_seeds, help="seeds: a list 0,1,2 or a count 3 (overrides the config)")
+    run.add_argument("--seeds", help="a count N (seeds 0 .. N-1: --seeds 3 runs 0, 1, 2) or a list of seeds with "
+                                     "commas (--seeds 0,5,7; one seed: --seeds 5,); overrides the config")
     run.add_argument("--quick", action="store_true", help="a short smoke run: the config's [quick] overrides")
     run.add_argument("--data", help="the task's data: a text file (text) or the folder holding the CIFAR archive")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar, plain log lines only (the default when stderr is not a terminal)")
     commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
     plot = commands.add_parser("plot", help="redraw the summary and plots of an output folder")
     plot.add_argument("out", help="an output folder of kalmanopt run")
@@ -124,48 +120,102 @@ def list_everything() -> str:
     return "\n".join(lines)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops as cleanly as after Ctrl-C."""
+
+    seen = False  # set when SIGTERM arrived during this command
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """While the grid runs, SIGTERM stops it as Ctrl-C does (clean, resumable); restored afterwards."""
+
+    def handler(signum: int, frame: Any) -> None:
+        _Terminated.seen = True
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _setup_logging() -> logging.Handler:
+    """Log lines of the runner on stderr, plain (``kalmanopt: ...``)."""
+    logger = logging.getLogger("kalmanopt")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kalmanopt: %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
 def _run(args: argparse.Namespace) -> int:
     from kalmanopt.runner import ConfigError, load_config, run_experiment
+    from kalmanopt.runner.config import parse_seeds
 
-    overrides = {"device": args.device, "seeds": args.seeds, "data": args.data}
+    handler = _setup_logging()
+    terminated = _Terminated.seen = False
     try:
-        config = load_config(args.config, quick=args.quick, overrides=overrides)
-        out = Path(args.out) if args.out else None
-        if out is not None and out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
-        outcome = run_experiment(config, out, progress=not args.no_progress)
-    except ConfigError as exc:
-        return _error(str(exc))
-    except KeyboardInterrupt:  # before the grid started (the grid itself keeps what finished)
-        print("interrupted before any run started", file=sys.stderr)
-        return 130
+        with _sigterm_as_interrupt():
+            try:
+                seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+                overrides = {"device": args.device, "seeds": seeds, "data": args.data}
+                config = load_config(args.config, quick=args.quick, overrides=overrides)
+                out = Path(args.out) if args.out else None
+                progress = not args.no_progress and sys.stderr.isatty()
+                outcome = run_experiment(config, out, progress=progress)
+            except ConfigError as exc:
+                return _error(str(exc))
+            except KeyboardInterrupt as exc:  # before the grid started (the grid itself keeps what finished)
+                print(f"{'terminated (SIGTERM)' if isinstance(exc, _Terminated) else 'interrupted'} before any run "
+                      "started", file=sys.stderr)
+                return 143 if isinstance(exc, _Terminated) else 130
+            terminated = outcome.interrupted and _Terminated.seen
+    finally:
+        logging.getLogger("kalmanopt").removeHandler(handler)
     summary = (outcome.out / "summary.md").read_text(encoding="utf-8")
     print(summary)
     if outcome.skipped:
         print(f"resumed: {outcome.skipped} run(s) were already finished in {outcome.out}")
-    print(f"wrote {outcome.out}/: results.json, results.csv, summary.md, metrics.jsonl, "
-          + ", ".join(p.name for p in outcome.plots))
+    print(f"wrote {outcome.out}/: results.json, results.csv, summary.md, metrics.jsonl, config.json, "
+          + ", ".join(p.name for p in outcome.plots) + f" ({outcome.seconds:.1f} s)")
     if outcome.interrupted:
-        print(f"interrupted: kept {len(outcome.records)} finished run(s); resume with "
-              f"`kalmanopt run {args.config or ''} --out {outcome.out}`".replace("  ", " "), file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        command = " ".join(["kalmanopt run", args.config or "", "--quick" if args.quick else "",
+                            f"--out {outcome.out}", f"--data {args.data}" if args.data else ""])
+        print(f"{how}: kept {len(outcome.records)} finished run(s); resume with `{' '.join(command.split())}`",
+              file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from kalmanopt.runner.plots import plot_all
-    from kalmanopt.runner.results import load_results, summary_table
-    from kalmanopt.runner.training import MetricsLog
+    from kalmanopt.runner import ConfigError
+    from kalmanopt.runner.experiment import write_reports
+    from kalmanopt.runner.results import load_results
+    from kalmanopt.runner.storage import OutputLock
 
     out = Path(args.out)
     if not (out / "results.json").is_file():
         return _error(f"{str(out)!r} holds no results.json; pass an output folder of `kalmanopt run`")
-    config = json.loads((out / "config.json").read_text(encoding="utf-8")) if (out / "config.json").is_file() else {}
-    records = load_results(out)
-    title = f"{config.get('name', out.name)}: {config.get('task', '')} / {config.get('model', '')}"
-    (out / "summary.md").write_text(summary_table(records, title), encoding="utf-8")
-    x_key = "epoch" if config.get("epochs") is not None else "step"
-    plots = plot_all(out, MetricsLog.read(out / "metrics.jsonl"), records, x_key=x_key, title=title)
+    try:
+        with OutputLock(out):
+            try:
+                config = json.loads((out / "config.json").read_text(encoding="utf-8")) \
+                    if (out / "config.json").is_file() else {"name": out.name}
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{str(out / 'config.json')!r} is unreadable ({exc})") from None
+            records = load_results(out)
+            plots = write_reports(out, config, records) if records else []
+    except ConfigError as exc:
+        return _error(str(exc))
     print(f"wrote {out}/summary.md, " + ", ".join(p.name for p in plots))
     return 0
 

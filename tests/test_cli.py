@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runner_helpers import summary_rows
 
 from kalmanopt.cli import main
 from kalmanopt.runner import experiment
@@ -56,7 +57,7 @@ def test_quick_default_run_writes_every_output(quick_run):
 def test_quick_run_summary_ranks_best_first(quick_run):
     _, out = quick_run
     records = json.loads((out / "results.json").read_text())
-    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| `")]
+    table = summary_rows((out / "summary.md").read_text())
     assert len(table) == len(DEFAULT_OPTIMIZERS)
     ranked = [line.split("`")[1] for line in table]
     means = {name: sum(r["val_accuracy"] for r in records if r["optimizer"] == name) / 2 for name in ranked}
@@ -210,10 +211,18 @@ def test_missing_cifar_folder_and_config_file_are_named(tmp_path, capsys):
     assert "task 'digits' takes no data path (--data)" in capsys.readouterr().err
 
 
-def test_bad_seeds_flag_is_rejected(capsys):
-    with pytest.raises(SystemExit):
-        main(["run", "--seeds", "a,b"])
-    assert "--seeds takes a comma-separated list" in capsys.readouterr().err
+@pytest.mark.parametrize("seeds, message", [
+    ("a,b", "--seeds 'a,b': a list of seeds must be integers separated by commas"),
+    ("x", "give a count (3 runs seeds 0, 1, 2) or a list of seeds"),
+    ("0", "is read as a count of seeds"),
+    ("100000000", "it must lie in 1 .. 1000 (for the single seed 100000000, write --seeds 100000000,)"),
+    (",", "the list names no seed"),
+    ("-1,", "seeds must lie in [0, 2**32)"),
+])
+def test_bad_seeds_flag_is_one_error_line(capsys, seeds, message):
+    assert main(["run", f"--seeds={seeds}", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kalmanopt: error: ") and message in lines[0], lines
 
 
 def test_console_entry_point_runs_as_a_module():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runner_helpers import summary_rows
 
 from kalmanopt.runner import DEFAULT_CONFIG, ConfigError, load_config, run_experiment
 from kalmanopt.runner.config import Schedule, parse_config, parse_toml
@@ -60,6 +61,9 @@ def test_every_shipped_config_passes_the_checks(path, tmp_path):
     data = None
     if raw["task"].startswith("cifar"):
         data = write_fake_cifar(tmp_path, 10 if raw["task"] == "cifar10" else 100)
+    if (raw.get("task_options") or {}).get("require_data"):
+        data = tmp_path / "corpus.txt"
+        data.write_text("a small text of a few characters\n" * 400)
     for quick in (False, True):
         config = load_config(path, quick=quick, overrides={"data": data, "device": "cpu"})
         assert config.runs()
@@ -155,9 +159,12 @@ channels = 4
 [[optimizers]]
 preset = "koala++"
 """)
-    assert "grid: 100%" in capsys.readouterr().err  # the grid's bar (each run has its own below it)
+    err = capsys.readouterr().err
+    assert "koala++ s0: 100%" in err  # one bar over the grid's steps, named after the run in progress
+    assert err.count("\n") == 1  # a single bar, no nested bars
     (record,) = outcome.records
-    assert record["status"] == "finished" and record["steps"] == 8
+    # eight steps on 128 images: it may not beat chance yet, and its health says so
+    assert record["status"] in ("finished", "stalled") and record["steps"] == 8
     assert 0 <= record["val_accuracy"] <= 1 and record["val_error"] == pytest.approx(1 - record["val_accuracy"])
     assert record["parameters"] == sum(p.numel() for p in get_task("digits").build_model(
         "cnn", get_task("digits").load(get_task("digits").check_options({})), {"channels": 4}).parameters())
@@ -224,7 +231,8 @@ weight_decay = 5e-4
 [[optimizers]]
 torch = "sgd"
 """, data=data_dir)
-    assert [r["status"] for r in outcome.records] == ["finished", "finished"]
+    # random images and labels: nothing to learn, so the health check calls them stalled, not diverged
+    assert {r["status"] for r in outcome.records} <= {"finished", "stalled"} and len(outcome.records) == 2
     cifar = get_task(task)
     data = cifar.load(cifar.check_options({"data": str(data_dir)}))
     assert data.train_inputs.shape == ((40 if task == "cifar10" else 8), 3, 32, 32)
@@ -361,6 +369,11 @@ lr = 0.05
     assert len(comparison["exact_eigenvalues"]["theta"][0]) == 6
     for name in ("spectra-koala++.png", "curvature.png"):
         assert (outcome.out / name).is_file()
+    (outcome.out / "spectra-koala++.png").unlink()
+    from kalmanopt.cli import main
+
+    assert main(["plot", str(outcome.out)]) == 0  # kalmanopt plot redraws the spectra too
+    assert (outcome.out / "spectra-koala++.png").is_file()
     assert not (outcome.out / "ekf-sgd.json").exists()
 
 
@@ -376,7 +389,7 @@ def test_summary_ranks_lower_perplexity_first_and_splits_swept_settings(tmp_path
     records += [_record("koala++", s, p, lr=lr) for s, (p, lr) in enumerate([(5.0, 1.0), (7.0, 1.0)])]
     records += [_record("koala++", s, p, lr=lr) for s, (p, lr) in enumerate([(20.0, 2.0), (22.0, 2.0)])]
     table = summary_table(records, "t")
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    rows = summary_rows(table)
     assert [r.split("`")[1] for r in rows] == ["koala++ lr=1.0", "adamw", "koala++ lr=2.0"]
     assert "6.000 ± 1.4" in rows[0]  # mean ± sample standard deviation over the two seeds
     assert "lower is better" in table

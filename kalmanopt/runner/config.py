@@ -19,12 +19,18 @@ from typing import Any, Callable
 
 import torch
 
-from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.errors import ConfigError, Problems
 from kalmanopt.runner.optimizers import OptimizerSpec, parse_optimizer
 from kalmanopt.runner.tasks import get_task
 
 __all__ = ["DEFAULT_CONFIG", "ExperimentConfig", "Schedule", "RunSpec", "load_config", "parse_config",
-           "read_toml", "SCHEDULES"]
+           "read_toml", "SCHEDULES", "MAX_SEEDS", "parse_seeds"]
+
+#: the most seeds one grid may run (a guard against a mistyped --seeds)
+MAX_SEEDS = 1000
+
+#: autocast modes of the ``autocast`` key
+AUTOCAST = ("none", "bf16")
 
 #: the default ablation, run by ``kalmanopt run`` without arguments (also ``configs/default.toml``)
 DEFAULT_CONFIG = """\
@@ -115,6 +121,8 @@ _TOP_LEVEL = {
     "log_every": "steps between training-loss and diagnostics records",
     "eval_every": "steps between validations (default: every epoch, or 20 times a run given in steps)",
     "diagnostics": "record the Kalman filters' internals (default true)",
+    "diagnostics_every": "steps between diagnostics records (default: log_every); only those steps pay for them",
+    "autocast": "\"bf16\": bfloat16 autocast of the forward pass on CUDA (ignored on the CPU); default \"none\"",
     "task_options": "options of the task (data path, sizes)",
     "model_options": "options of the model (widths, depths)",
     "schedule": "the learning-rate schedule",
@@ -196,12 +204,15 @@ class ExperimentConfig:
     log_every: int = 10
     eval_every: int | None = None
     diagnostics: bool = True
+    diagnostics_every: int | None = None
+    autocast: str = "none"
     task_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     schedule: Schedule = field(default_factory=Schedule)
     optimizers: list[OptimizerSpec] = field(default_factory=list)
     quick: dict[str, Any] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)
+    mode: str = "full"  # "quick" when read with --quick (not a config key)
 
     # ---------------------------------------------------------------- derived
     def runs(self) -> list[RunSpec]:
@@ -219,6 +230,10 @@ class ExperimentConfig:
                    "model_options": self.model_options, "epochs": self.epochs, "steps": self.steps,
                    "batch_size": self.batch_size, "schedule": self.schedule.__dict__, "diagnostics": self.diagnostics,
                    "optimizer": spec.describe(), "parts": spec.parts, "setting": setting, "seed": seed}
+        if spec.clip_grad_norm is not None:
+            shaping["clip_grad_norm"] = spec.clip_grad_norm
+        if self.autocast != "none":
+            shaping["autocast"] = self.autocast
         digest = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
         varying = "-".join(f"{k}{setting[k]}" for k in spec.grid)
         readable = re.sub(r"[^A-Za-z0-9+_.=-]+", "_", "-".join(filter(None, [spec.label, varying, f"seed{seed}"])))
@@ -240,43 +255,93 @@ class ExperimentConfig:
             "name": self.name, "task": self.task, "model": self.model, "seeds": self.seeds, "epochs": self.epochs,
             "steps": self.steps, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
             "device": self.device, "threads": self.threads, "log_every": self.log_every, "eval_every": self.eval_every,
-            "diagnostics": self.diagnostics, "task_options": self.task_options, "model_options": self.model_options,
+            "diagnostics": self.diagnostics, "diagnostics_every": self.diagnostics_every, "autocast": self.autocast,
+            "task_options": self.task_options, "model_options": self.model_options,
             "schedule": {k: list(v) if isinstance(v, tuple) else v for k, v in self.schedule.__dict__.items()},
             "optimizers": [{"label": s.label, "family": s.family, "name": s.name, "parts": s.parts,
-                            "keywords": s.keywords, "grid": s.grid} for s in self.optimizers],
-            "analysis": self.analysis,
+                            "keywords": s.keywords, "grid": s.grid, "clip_grad_norm": s.clip_grad_norm}
+                           for s in self.optimizers],
+            "analysis": self.analysis, "mode": self.mode,
         }
 
     # ---------------------------------------------------------------- checks
     def check(self) -> None:
-        """Check everything that can be checked without training; raise ConfigError on the first problem.
+        """Check everything that can be checked without training; raise one ConfigError naming every problem.
 
         Fills in the task's default model and the task options' defaults.
         """
-        task = get_task(self.task)
-        self.task_options = task.check_options(self.task_options)
-        self.model = self.model or task.default_model
-        task.check_model(self.model, self.model_options)
-        if (self.epochs is None) == (self.steps is None):
-            raise ConfigError("give exactly one of epochs and steps (how long each run trains)")
-        for key in ("epochs", "steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "threads"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must not repeat, got {self.seeds!r}")
-        self._check_device()
+        problems = Problems()
+        with problems.collect():
+            self._check_types()
+        task = None
+        with problems.collect():
+            task = get_task(self.task)
+        if task is not None:
+            with problems.collect():
+                self.task_options = task.check_options(self.task_options)
+            self.model = self.model or task.default_model
+            with problems.collect():
+                task.check_model(self.model, self.model_options)
+        with problems.collect():
+            self._check_seeds()
+        with problems.collect():
+            self._check_device()
         if not self.optimizers:
-            raise ConfigError("the config names no optimizers; add [[optimizers]] entries "
-                              "(kalmanopt list shows the presets and baselines)")
+            problems.add("the config names no optimizers; add [[optimizers]] entries "
+                         "(kalmanopt list shows the presets and baselines)")
         labels = [s.label for s in self.optimizers]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
-            raise ConfigError(f"optimizer label(s) {duplicates} appear twice; give each entry its own label = \"...\"")
+            problems.add(f"optimizer label(s) {duplicates} appear twice; give each entry its own label = \"...\"")
         for spec in self.optimizers:
-            spec.check()
+            with problems.collect():
+                spec.check()
+        with problems.collect():
+            self._check_analysis()
+        problems.raise_if_any()
+
+    def _check_types(self) -> None:
+        problems = Problems()
+        if not isinstance(self.name, str) or not self.name:
+            problems.add(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.task, str):
+            problems.add(f"task must be a string (kalmanopt list shows the tasks), got {self.task!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            problems.add(f"model must be a string, got {self.model!r}")
+        if (self.epochs is None) == (self.steps is None):
+            problems.add("give exactly one of epochs and steps (how long each run trains)")
+        for key in ("epochs", "steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "threads",
+                    "diagnostics_every"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.add(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.diagnostics, bool):
+            problems.add(f"diagnostics must be true or false, got {self.diagnostics!r}")
+        if self.autocast not in AUTOCAST:
+            problems.add(f"autocast must be one of {', '.join(repr(a) for a in AUTOCAST)}, got {self.autocast!r}")
+        if not isinstance(self.device, str):
+            problems.add(f"device must be a string (cpu, cuda, cuda:N, mps or auto), got {self.device!r}")
+        for key in ("task_options", "model_options", "analysis"):
+            if not isinstance(getattr(self, key), dict):
+                problems.add(f"[{key}] must be a table, got {getattr(self, key)!r}")
+                setattr(self, key, {})
+        problems.raise_if_any()
+
+    def _check_seeds(self) -> None:
+        seeds = self.seeds
+        if not isinstance(seeds, list) or not seeds or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"seeds must be a non-empty list of integers such as [0, 1, 2], got {seeds!r} "
+                              f"(on the command line, --seeds 3 means seeds 0, 1, 2)")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds must not repeat, got {seeds!r}")
+        if len(seeds) > MAX_SEEDS:
+            raise ConfigError(f"{len(seeds)} seeds is more than the {MAX_SEEDS} a grid may run")
+        bad = [s for s in seeds if not 0 <= s < 2 ** 32]
+        if bad:
+            raise ConfigError(f"seeds must lie in [0, 2**32), got {bad}")
+
+    def _check_analysis(self) -> None:
         from kalmanopt.runner.analysis_hook import ANALYSIS_DEFAULTS
 
         unknown = set(self.analysis) - set(ANALYSIS_DEFAULTS)
@@ -284,11 +349,16 @@ class ExperimentConfig:
             raise ConfigError(f"unknown [analysis] key(s) {sorted(unknown)}; valid keys: "
                               f"{', '.join(sorted(ANALYSIS_DEFAULTS))}")
         for key, value in self.analysis.items():
-            if key != "enabled" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if key == "enabled":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"[analysis] enabled must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"[analysis] {key} must be a non-negative integer, got {value!r}")
 
     def _check_device(self) -> None:
         valid = "cpu, cuda, cuda:N, mps or auto"
+        if not isinstance(self.device, str):
+            return  # reported by _check_types
         if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"unknown device {self.device!r}; valid choices: {valid}")
         if self.device.startswith("cuda"):
@@ -328,67 +398,140 @@ def parse_toml(text: str, source: str = "<config>") -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_schedule(schedule_raw: Any) -> Schedule:
+    if not isinstance(schedule_raw, dict):
+        raise ConfigError(f"[schedule] must be a table, got {schedule_raw!r}")
+    schedule_raw = dict(schedule_raw)
+    kind = schedule_raw.pop("kind", "constant")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULES)}")
+    problems = Problems()
+    bad = set(schedule_raw) - set(SCHEDULES[kind])
+    if bad:
+        problems.add(f"schedule {kind!r} takes no {sorted(bad)}; valid keys: kind, {', '.join(SCHEDULES[kind])}")
+    milestones = schedule_raw.get("milestones", [])
+    if not isinstance(milestones, list) or not all(_number(m) and m >= 0 for m in milestones):
+        problems.add(f"[schedule] milestones must be a list of non-negative numbers such as [10, 20], "
+                     f"got {milestones!r}")
+        milestones = []
+    elif milestones != sorted(milestones):
+        problems.add(f"[schedule] milestones must be in increasing order, got {milestones!r}")
+    for key, low in (("gamma", 0.0), ("min_factor", 0.0), ("warmup", 0.0)):
+        value = schedule_raw.get(key, 0.0)
+        if not _number(value) or value < low or not math.isfinite(value):
+            problems.add(f"[schedule] {key} must be a finite number >= {low:g}, got {value!r}")
+    problems.raise_if_any()
+    return Schedule(kind=kind, milestones=tuple(float(m) for m in milestones),
+                    gamma=float(schedule_raw.get("gamma", 0.1)),
+                    min_factor=float(schedule_raw.get("min_factor", 0.0)),
+                    warmup=float(schedule_raw.get("warmup", 0.0)))
+
+
+def _apply_quick(raw: dict[str, Any]) -> None:
+    overrides = raw.get("quick") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"[quick] must be a table, got {overrides!r}")
+    bad = set(overrides) - set(_TOP_LEVEL) | ({"quick", "optimizers"} & set(overrides))
+    if bad:
+        raise ConfigError(f"[quick] overrides unknown or unsupported key(s) {sorted(bad)}")
+    overrides = dict(overrides)
+    if not overrides:
+        for key, cap in (("epochs", 2), ("steps", 40)):
+            if isinstance(raw.get(key), int) and not isinstance(raw.get(key), bool):
+                overrides[key] = min(raw[key], cap)
+        seeds = raw.get("seeds", [0])
+        overrides["seeds"] = list(seeds)[:2] if isinstance(seeds, list) else seeds
+    base_task_options = dict(raw.get("task_options") or {}) if isinstance(raw.get("task_options"), dict) else {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    if "steps" in overrides and "epochs" not in overrides:
+        raw.pop("epochs", None)
+    if "epochs" in overrides and "steps" not in overrides:
+        raw.pop("steps", None)
+    task_name = raw.get("task", "digits")
+    if isinstance(task_name, str):
+        task = get_task(task_name)
+        # the task's own quick options shrink the data; the [quick] table has the last word
+        quick_task = overrides.get("task_options", {}) if isinstance(overrides.get("task_options"), dict) else {}
+        raw["task_options"] = {**base_task_options, **task.quick_options, **quick_task}
+
+
 def parse_config(raw: dict[str, Any], *, quick: bool = False) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from parsed TOML; ``quick`` applies the ``[quick]`` overrides.
 
     Without a ``[quick]`` table, ``quick`` keeps at most 2 epochs (or 40 steps) and 2 seeds; the
-    task's own quick options (smaller corpora, subsets) are applied either way.
+    task's own quick options (smaller corpora, subsets) are applied either way. Every problem
+    found is reported in one :class:`ConfigError`; types are checked by :meth:`ExperimentConfig.check`.
     """
+    problems = Problems()
+    config = _parse(raw, quick, problems)
+    problems.raise_if_any()
+    return config
+
+
+def _parse(raw: dict[str, Any], quick: bool, problems: Problems) -> ExperimentConfig:
+    """The config, with every problem found added to ``problems`` (what is wrong is left out)."""
     raw = copy.deepcopy(raw)
     unknown = set(raw) - set(_TOP_LEVEL)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(_TOP_LEVEL))}")
-    for key in ("task_options", "model_options", "schedule", "quick", "analysis"):
-        if key in raw and not isinstance(raw[key], dict):
-            raise ConfigError(f"[{key}] must be a table, got {raw[key]!r}")
+        problems.add(f"unknown config key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(_TOP_LEVEL))}")
+        for key in unknown:
+            raw.pop(key)
     if quick:
-        overrides = raw.get("quick") or {}
-        bad = set(overrides) - set(_TOP_LEVEL) | ({"quick", "optimizers"} & set(overrides))
-        if bad:
-            raise ConfigError(f"[quick] overrides unknown or unsupported key(s) {sorted(bad)}")
-        if not overrides:
-            if raw.get("epochs") is not None:
-                overrides["epochs"] = min(int(raw["epochs"]), 2)
-            if raw.get("steps") is not None:
-                overrides["steps"] = min(int(raw["steps"]), 40)
-            overrides["seeds"] = list(raw.get("seeds", [0]))[:2]
-        base_task_options = dict(raw.get("task_options") or {})
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(raw.get(key), dict):
-                raw[key] = {**raw[key], **value}
-            else:
-                raw[key] = value
-        if "steps" in overrides and "epochs" not in overrides:
-            raw.pop("epochs", None)
-        if "epochs" in overrides and "steps" not in overrides:
-            raw.pop("steps", None)
-        task = get_task(raw.get("task", "digits"))
-        # the task's own quick options shrink the data; the [quick] table has the last word
-        raw["task_options"] = {**base_task_options, **task.quick_options, **overrides.get("task_options", {})}
-    schedule_raw = dict(raw.pop("schedule", {}) or {})
-    kind = schedule_raw.pop("kind", "constant")
-    if kind not in SCHEDULES:
-        raise ConfigError(f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULES)}")
-    bad = set(schedule_raw) - set(SCHEDULES[kind])
-    if bad:
-        raise ConfigError(f"schedule {kind!r} takes no {sorted(bad)}; valid keys: kind, {', '.join(SCHEDULES[kind])}")
-    try:
-        schedule = Schedule(kind=kind, milestones=tuple(float(m) for m in schedule_raw.get("milestones", ())),
-                            gamma=float(schedule_raw.get("gamma", 0.1)),
-                            min_factor=float(schedule_raw.get("min_factor", 0.0)),
-                            warmup=float(schedule_raw.get("warmup", 0.0)))
-    except (TypeError, ValueError):
-        raise ConfigError(f"[schedule] values must be numbers (milestones a list of numbers), got "
-                          f"{schedule_raw}") from None
+        with problems.collect():
+            _apply_quick(raw)
+    schedule = Schedule()
+    with problems.collect():
+        schedule = _parse_schedule(raw.pop("schedule", {}) or {})
     entries = raw.pop("optimizers", [])
+    optimizers = []
     if not isinstance(entries, list):
-        raise ConfigError("optimizers must be a list: [[optimizers]] tables or a list of names")
-    optimizers = [parse_optimizer(entry) for entry in entries]
+        problems.add("optimizers must be a list: [[optimizers]] tables or a list of names")
+        entries = []
+    for entry in entries:
+        with problems.collect():
+            optimizers.append(parse_optimizer(entry))
     raw.pop("quick", None)
-    config = ExperimentConfig(schedule=schedule, optimizers=optimizers, **raw)
+    raw.pop("mode", None)
+    config = ExperimentConfig(schedule=schedule, optimizers=optimizers, mode="quick" if quick else "full", **raw)
     if config.task_options is None:
         config.task_options = {}
     return config
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: a count ``3`` (seeds 0, 1, 2) or an explicit list ``0,5,7``.
+
+    Raises:
+        ConfigError: naming which form was read and what is wrong with it.
+    """
+    text = text.strip()
+    if "," in text:
+        items = [item.strip() for item in text.split(",")]
+        try:
+            seeds = [int(item) for item in items if item]
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r}: a list of seeds must be integers separated by commas, "
+                              f"such as 0,5,7") from None
+        if not seeds:
+            raise ConfigError(f"--seeds {text!r}: the list names no seed")
+        return seeds
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give a count (3 runs seeds 0, 1, 2) or a list of seeds "
+                          f"separated by commas (0,5,7; a single seed 5 is written 5,)") from None
+    if not 1 <= count <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {count} is read as a count of seeds (0 .. {count - 1}); it must lie in "
+                          f"1 .. {MAX_SEEDS} (for the single seed {count}, write --seeds {count},)")
+    return list(range(count))
 
 
 def load_config(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None
@@ -402,18 +545,23 @@ def load_config(path: str | Path | None = None, *, quick: bool = False, override
             ``task_options``), as the command line's flags do.
 
     Raises:
-        ConfigError: the first problem found, before anything is trained.
+        ConfigError: every problem found, in one message, before anything is trained.
     """
     raw = parse_toml(DEFAULT_CONFIG, "default config") if path is None else read_toml(path)
     if path is not None and "name" not in raw:
         raw["name"] = Path(path).stem
     overrides = dict(overrides or {})
     data = overrides.pop("data", None)
-    config = parse_config(raw, quick=quick)
+    problems = Problems()
+    config = _parse(raw, quick, problems)
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
-    if data is not None:
+    if data is not None and isinstance(config.task_options, dict):
         config.task_options = {**config.task_options, "data": str(data)}
-    config.check()
+    with problems.collect():
+        config.check()
+    if raw.get("optimizers"):  # entries were given; the ones that failed are reported already
+        problems.messages = [m for m in problems.messages if not m.startswith("the config names no optimizers")]
+    problems.raise_if_any()
     return config

@@ -1,9 +1,16 @@
-"""Run a whole grid: prepare and check, train every run not yet finished, write tables and plots."""
+"""Run a whole grid: claim the output folder, train every run not yet finished, write tables and plots.
+
+Progress goes through Python :mod:`logging` (the ``kalmanopt.runner`` logger): the output folder
+at the start, one line per finished run (optimizer, seed, figure, time, engine, health), and
+within a long run a line at most every 30 s. A progress bar is drawn only when asked for.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
+import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +19,22 @@ from typing import Any
 import torch
 
 from kalmanopt.runner.config import ExperimentConfig
+from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.health import HEALTHY, STATUSES
 from kalmanopt.runner.plots import plot_all
-from kalmanopt.runner.results import load_results, save_results, summary_table
+from kalmanopt.runner.provenance import environment
+from kalmanopt.runner.results import FIGURES, load_results, primary_figure, save_results, summary_table
+from kalmanopt.runner.storage import OutputLock, atomic_write
 from kalmanopt.runner.tasks import get_task
 from kalmanopt.runner.training import MetricsLog, train_run
 
-__all__ = ["ExperimentOutcome", "run_experiment", "default_out_dir", "write_reports"]
+__all__ = ["ExperimentOutcome", "run_experiment", "default_out_dir", "write_reports", "check_resumable",
+           "IDENTITY_IGNORES"]
+
+logger = logging.getLogger("kalmanopt.runner")
+
+#: config keys that may change between invocations into one folder (they do not change a run's result)
+IDENTITY_IGNORES = ("seeds", "device", "threads", "eval_batch_size")
 
 
 @dataclass
@@ -29,8 +46,9 @@ class ExperimentOutcome:
         records: the grid's finished runs (resumed ones included).
         trained: how many runs this invocation trained.
         skipped: how many were already finished (resume).
-        interrupted: whether Ctrl-C stopped it.
+        interrupted: whether Ctrl-C (or SIGTERM) stopped it.
         plots: the PNG files written.
+        seconds: wall time of this invocation.
     """
 
     out: Path
@@ -39,58 +57,140 @@ class ExperimentOutcome:
     skipped: int
     interrupted: bool
     plots: list[Path]
+    seconds: float = 0.0
 
 
 def default_out_dir(config: ExperimentConfig) -> Path:
-    """``runs/<config name>-<timestamp>/``."""
-    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<config name>-<timestamp>/`` (``runs/<name>-quick-<timestamp>/`` for ``--quick``)."""
+    mode = "-quick" if config.mode == "quick" else ""
+    return Path("runs") / f"{config.name}{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _title(config: ExperimentConfig) -> str:
-    return f"{config.name}: {config.task} / {config.model}"
+def _title(config: ExperimentConfig | dict[str, Any]) -> str:
+    c = config.to_dict() if isinstance(config, ExperimentConfig) else config
+    mode = " (--quick)" if c.get("mode") == "quick" else ""
+    return f"{c.get('name')}: {c.get('task')} / {c.get('model')}{mode}"
 
 
-def write_reports(out: Path, config: ExperimentConfig, records: list[dict[str, Any]]) -> list[Path]:
+def write_reports(out: Path, config: ExperimentConfig | dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     """``summary.md`` and the plots for ``records`` (the grid's finished runs)."""
-    title = _title(config)
-    (out / "summary.md").write_text(summary_table(records, title), encoding="utf-8")
+    c = config.to_dict() if isinstance(config, ExperimentConfig) else config
+    title = _title(c)
+    atomic_write(out / "summary.md", summary_table(records, title, c))
     metrics = MetricsLog.read(out / "metrics.jsonl")
-    x_key = "epoch" if config.epochs is not None else "step"
+    x_key = "epoch" if c.get("epochs") is not None else "step"
     return plot_all(out, metrics, records, x_key=x_key, title=title)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    identity = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES and k not in ("provenance", "run")}
+    identity["task_options"] = {k: v for k, v in (identity.get("task_options") or {}).items() if k != "data"}
+    identity["optimizers"] = [{k: v for k, v in entry.items() if not (k == "clip_grad_norm" and v is None)}
+                              for entry in identity.get("optimizers") or []]
+    return json.loads(json.dumps(identity, default=str))
+
+
+def check_resumable(out: Path, config: ExperimentConfig) -> None:
+    """Raise ConfigError if ``out`` holds runs of another config or mode (``--quick`` or full).
+
+    Seeds, device, threads, the validation batch size and the data path may differ (a resume on
+    another machine, more seeds); anything else that shapes the runs may not.
+    """
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r} is unreadable ({exc}); nothing was changed: repair or move it, "
+                          "or pass another --out") from None
+    stored_mode = stored.get("mode", "full")
+    if stored_mode != config.mode:
+        flags = {"quick": "with --quick", "full": "without --quick"}
+        raise ConfigError(f"{str(out)!r} holds a {stored_mode} run of config {stored.get('name')!r}; this is a "
+                          f"{config.mode} run: resume it {flags[stored_mode]}, or pass another --out")
+    old, new = _identity(stored), _identity(config.to_dict())
+    differ = sorted(k for k in set(old) | set(new) if k in old and k in new and old[k] != new[k])
+    if differ:
+        details = "; ".join(f"{k}: {json.dumps(old[k])[:60]} -> {json.dumps(new[k])[:60]}" for k in differ[:4])
+        raise ConfigError(f"{str(out)!r} holds runs of another config ({details}); resume it with the same "
+                          f"config, or pass another --out")
 
 
 def _analysis_enabled(config: ExperimentConfig) -> bool:
     return bool(config.analysis.get("enabled", False))
 
 
-def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, progress: bool = True
+def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, progress: bool = False
                    ) -> ExperimentOutcome:
     """Train every run of ``config`` not already finished in ``out`` and write the reports.
 
-    The config must have passed :meth:`ExperimentConfig.check` (``load_config`` does it). Data is
-    loaded once; each finished run is saved at once, so Ctrl-C keeps everything finished before
-    it, and a later call with the same ``out`` trains only what is missing.
-    """
-    from tqdm.auto import tqdm
+    The config must have passed :meth:`ExperimentConfig.check` (``load_config`` does it). The
+    folder is claimed first (:class:`OutputLock`; a second run into it fails with ConfigError)
+    and checked to hold runs of this config and mode only; data is loaded once; each finished
+    run is saved at once, so Ctrl-C keeps everything finished before it, and a later call with
+    the same ``out`` trains only what is missing. ``progress`` draws one progress bar (over
+    every step of the grid) on stderr.
 
+    Raises:
+        ConfigError: the folder is locked, unwritable, of another config or mode, or holds an
+            unreadable results.json; nothing has been trained or changed then.
+    """
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    out = Path(out) if out is not None else default_out_dir(config)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     try:
-        return _run_grid(config, out, progress, tqdm)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror or exc}); "
+                          "pass a writable --out") from None
+    try:
+        with OutputLock(out) as lock:
+            if lock.took_over is not None:
+                logger.warning("took over %s: the process that held it (%s) no longer exists", lock.path,
+                               lock.took_over.get("pid", "unknown"))
+            check_resumable(out, config)
+            previous = [r for r in load_results(out) if r.get("status") in STATUSES]
+            return _run_grid(config, out, previous, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_grid(config: ExperimentConfig, out: str | Path | None, progress: bool, tqdm: Any) -> ExperimentOutcome:
+def _describe(record: dict[str, Any]) -> str:
+    """One log line's worth of a finished run."""
+    primary = primary_figure([record])
+    title, scale, _ = FIGURES[primary]
+    value = record.get(primary, math.nan)
+    figure = f"{title} {value * scale:.4g}" if isinstance(value, (int, float)) and math.isfinite(value) else \
+        f"{title} n/a"
+    per_step = record.get("seconds_per_step", math.nan)
+    speed = f"{1000 * per_step:.3g} ms/step" if math.isfinite(per_step) else "no timed step"
+    health = record["status"] if record["status"] == HEALTHY else \
+        f"{record['status'].upper()} ({record.get('status_reason', '')})"
+    return (f"{record['optimizer']} seed {record['seed']}: {figure}, {record['seconds']:.1f} s "
+            f"({speed} on {record.get('engine', '?')}), {health}")
+
+
+def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]], progress: bool
+              ) -> ExperimentOutcome:
+    started = time.perf_counter()
+    logger.info("run %s%s: writing into %s", config.name, " --quick" if config.mode == "quick" else "",
+                out)
+    device = config.resolved_device()
+    if config.device == "auto":
+        logger.info("device auto: using %s", device)
     task = get_task(config.task)
-    data = task.load(config.task_options).to(config.resolved_device())
-    out = Path(out) if out is not None else default_out_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str) + "\n", encoding="utf-8")
+    data = task.load(config.task_options).to(device)
+    env = environment(device, config.device)
     runs = config.runs()
     grid_ids = {r.run_id for r in runs}
-    previous = [r for r in load_results(out) if r.get("status") in ("finished", "diverged")]
+    steps_per_run = config.total_steps(task.steps_per_epoch(data, config.batch_size))
+    document = {**config.to_dict(), "steps_per_run": steps_per_run,
+                "steps_per_epoch": task.steps_per_epoch(data, config.batch_size), "provenance": env}
+    atomic_write(out / "config.json", json.dumps(document, indent=1, default=str) + "\n")
     done = {r["run_id"] for r in previous}
     MetricsLog.keep_only(out / "metrics.jsonl", done)  # drop the partial metrics of interrupted runs
     log = MetricsLog(out / "metrics.jsonl")
@@ -101,28 +201,30 @@ def _run_grid(config: ExperimentConfig, out: str | Path | None, progress: bool, 
         hook = make_analysis_hook(config, task, data)
     all_records = list(previous)
     todo = [r for r in runs if r.run_id not in done]
+    if len(todo) < len(runs):
+        logger.info("resuming: %d of %d run(s) already finished", len(runs) - len(todo), len(runs))
     trained = 0
     interrupted = False
     spectra: list[Path] = []
-    steps_per_run = config.total_steps(task.steps_per_epoch(data, config.batch_size))
-    disable = not progress
+    bar = _progress_bar(progress, len(todo) * steps_per_run)
     try:
-        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="grid", unit="run", disable=disable,
-                  file=sys.stderr, position=0) as grid_bar:
-            for run in todo:
-                grid_bar.set_postfix_str(f"{run.optimizer.label} seed {run.seed}")
-                with tqdm(total=steps_per_run, desc=f"{run.optimizer.label} s{run.seed}", unit="step",
-                          leave=False, disable=disable, file=sys.stderr, position=1) as run_bar:
-                    record = train_run(run, config, task, data, log, on_step=run_bar.update, analysis=hook)
+        with bar as steps_bar, _redirect_logging(progress):
+            for index, run in enumerate(todo, len(runs) - len(todo) + 1):
+                if steps_bar is not None:
+                    steps_bar.set_description(f"{run.optimizer.label} s{run.seed}")
+                record = train_run(run, config, task, data, log,
+                                   on_step=steps_bar.update if steps_bar is not None else None, analysis=hook)
+                record["provenance"] = {**env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                        "mode": config.mode, "steps_per_run": steps_per_run}
                 all_records.append(record)
                 save_results(out, all_records)
                 trained += 1
-                grid_bar.update(1)
-        if _analysis_enabled(config):
-            from kalmanopt.runner.analysis_hook import run_ekf_comparisons
+                logger.info("[%d/%d] %s", index, len(runs), _describe(record))
+            if _analysis_enabled(config):
+                from kalmanopt.runner.analysis_hook import run_ekf_comparisons
 
-            done_labels = {p.stem[len("ekf-"):] for p in out.glob("ekf-*.json")}
-            spectra = run_ekf_comparisons(config, task, data, out, done_labels)
+                done_labels = {p.stem[len("ekf-"):] for p in out.glob("ekf-*.json")}
+                spectra = run_ekf_comparisons(config, task, data, out, done_labels)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -131,12 +233,34 @@ def _run_grid(config: ExperimentConfig, out: str | Path | None, progress: bool, 
     records = [r for r in all_records if r["run_id"] in grid_ids]
     save_results(out, all_records)
     summary = out / "summary.md"
+    title = _title(config)
     up_to_date = (trained == 0 and not spectra and summary.is_file() and (out / "curves.png").is_file()
-                  and summary.read_text(encoding="utf-8") == summary_table(records, _title(config)))
+                  and summary.read_text(encoding="utf-8") == summary_table(records, title, config.to_dict()))
     if up_to_date:  # nothing new: the reports on disk were written for exactly these runs
         plots = sorted(out.glob("*.png"))
     else:
-        plots = (write_reports(out, config, records) if records else []) + spectra
+        plots = list(dict.fromkeys((write_reports(out, config, records) if records else []) + spectra))
     if not records:
-        (out / "summary.md").write_text(summary_table([], config.name), encoding="utf-8")
-    return ExperimentOutcome(out, records, trained, len(runs) - len(todo), interrupted, plots)
+        atomic_write(out / "summary.md", summary_table([], config.name))
+    seconds = time.perf_counter() - started
+    return ExperimentOutcome(out, records, trained, len(runs) - len(todo), interrupted, plots, seconds)
+
+
+def _progress_bar(progress: bool, total: int) -> Any:
+    """One tqdm bar over every step still to train, or a context that yields None."""
+    if not progress or total == 0:
+        return contextlib.nullcontext(None)
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="grid", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+
+def _redirect_logging(progress: bool) -> Any:
+    """While a bar is drawn, log lines go through ``tqdm.write`` so they do not tear it."""
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm([logging.getLogger("kalmanopt")])

@@ -73,32 +73,36 @@ class DigitsCNN(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
         self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """Attend over the sequence dimension of ``x`` (batch, time, d_model)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)))
 
 
 class Block(nn.Module):
     """A pre-norm transformer block: attention and an MLP, each with a residual connection."""
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.ln1 = nn.LayerNorm(d_model, bias=bias)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, bias)
+        self.ln2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=bias), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model, bias=bias), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         """x + attn(ln(x)), then + mlp(ln(x))."""
@@ -109,22 +113,30 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A small GPT: token and position embeddings, causal blocks, a tied output layer.
 
+    With ``d_model=384, n_layer=6, n_head=6, dropout=0.2, bias=False`` and a context of 256 it is
+    nanoGPT's shakespeare-char model.
+
     Args:
         vocab_size: number of symbols (256 for bytes).
         block_size: the longest context.
         d_model: embedding width.
         n_layer: number of blocks.
         n_head: attention heads per block.
+        dropout: dropout after the embeddings, on the attention weights and on each residual branch.
+        bias: biases in the linear layers and layer norms.
     """
 
     def __init__(self, vocab_size: int = 256, block_size: int = 64, d_model: int = 128, n_layer: int = 2,
-                 n_head: int = 4) -> None:
+                 n_head: int = 4, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.block_size = block_size
         self.token = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(block_size, d_model)
-        self.blocks = nn.Sequential(*[Block(d_model, n_head) for _ in range(n_layer)])
-        self.ln = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[Block(d_model, n_head, dropout, bias) for _ in range(n_layer)])
+        self.ln = nn.LayerNorm(d_model, bias=bias)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.token.weight
         self.apply(self._init)
@@ -147,7 +159,7 @@ class GPT(nn.Module):
         if t > self.block_size:
             raise ValueError(f"sequence of length {t} is longer than block_size {self.block_size}")
         pos = torch.arange(t, device=idx.device)
-        x = self.blocks(self.token(idx) + self.position(pos))
+        x = self.blocks(self.drop(self.token(idx) + self.position(pos)))
         return self.head(self.ln(x))
 
 

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 import kalmanopt
 from kalmanopt.optimizer import OPTIONS, KalmanOptimizer
 from kalmanopt.registry import PART_KINDS
-from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.errors import ConfigError, Problems
 
 __all__ = ["TORCH_BASELINES", "OptimizerSpec", "parse_optimizer", "baseline_keywords"]
 
@@ -38,7 +38,7 @@ TORCH_BASELINES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
 }
 
 #: keys of an optimizer entry that are not keywords of the optimizer
-_ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid")
+_ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid", "clip_grad_norm")
 
 #: keywords of every KalmanOptimizer beside the composition's hyper-parameters
 _KALMAN_KEYWORDS = ("loss_statistic", "strict", "track_diagnostics")
@@ -64,6 +64,8 @@ class OptimizerSpec:
         parts: for a composition, the part names and structural options passed to ``compose``.
         keywords: fixed keywords (hyper-parameters) of the optimizer.
         grid: keyword -> list of values; the runs take their Cartesian product.
+        clip_grad_norm: clip the gradients' global norm to this before each step
+            (``torch.nn.utils.clip_grad_norm_``), or ``None``.
     """
 
     label: str
@@ -72,6 +74,7 @@ class OptimizerSpec:
     parts: dict[str, Any] = field(default_factory=dict)
     keywords: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    clip_grad_norm: float | None = None
 
     @property
     def is_kalman(self) -> bool:
@@ -121,26 +124,41 @@ class OptimizerSpec:
         return KalmanOptimizer(params, self._composition(), **kalman_keywords)
 
     def check(self) -> None:
-        """Raise ConfigError for an unknown keyword or a value out of range, in any grid setting."""
+        """Raise one ConfigError naming every unknown keyword, repeated grid value or value out of range."""
         try:
             valid = self.valid_keywords()
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"optimizer {self.label!r}: {exc}") from None
+        problems = Problems()
         for where, names in (("keyword", self.keywords), ("grid keyword", self.grid)):
             unknown = sorted(set(names) - set(valid))
             if unknown:
-                raise ConfigError(f"optimizer {self.label!r} ({self.describe()}): unknown {where}(s) {unknown}; "
-                                  f"valid keywords: {', '.join(sorted(valid))}")
+                problems.add(f"optimizer {self.label!r} ({self.describe()}): unknown {where}(s) {unknown}; "
+                             f"valid keywords: {', '.join(sorted(valid))}")
+        both = sorted(set(self.keywords) & set(self.grid))
+        if both:
+            problems.add(f"optimizer {self.label!r}: {both} given both as a fixed keyword and in the grid; keep one")
         for name, values in self.grid.items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"optimizer {self.label!r}: grid.{name} must be a non-empty list of values, "
-                                  f"got {values!r}")
+                problems.add(f"optimizer {self.label!r}: grid.{name} must be a non-empty list of values, "
+                             f"got {values!r}")
+                continue
+            repeated = [v for i, v in enumerate(values) if any(v == w for w in values[:i])]
+            if repeated:
+                problems.add(f"optimizer {self.label!r}: grid.{name} repeats {repeated} (in {values!r}); "
+                             f"each value may appear once")
+        clip = self.clip_grad_norm
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+                                 or clip == float("inf")):
+            problems.add(f"optimizer {self.label!r}: clip_grad_norm must be a positive number, got {clip!r}")
+        problems.raise_if_any()
         for setting in self.settings():
             dummy = torch.zeros(2, requires_grad=True)
             try:
                 self.build([dummy], setting)
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"optimizer {self.label!r} with {setting}: {exc}") from None
+                problems.add(f"optimizer {self.label!r} with {setting}: {exc}")
+        problems.raise_if_any()
 
 
 def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
@@ -156,6 +174,9 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
                           f"(got {', '.join(given) or 'none'})")
     how = given[0]
     label = entry.pop("label", None)
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise ConfigError(f"label of optimizer entry {entry!r} must be a non-empty string, got {label!r}")
+    clip = entry.pop("clip_grad_norm", None)
     grid = entry.pop("grid", {}) or {}
     if not isinstance(grid, dict):
         raise ConfigError(f"grid of optimizer {label or entry[how]!r} must be a table of lists, got {grid!r}")
@@ -176,12 +197,12 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
         name = str(value).lower()
         if name not in presets:
             raise ConfigError(f"unknown preset {value!r}; valid presets: {', '.join(presets)}")
-        return OptimizerSpec(label or name, "preset", name, {}, keywords, grid)
+        return OptimizerSpec(label or name, "preset", name, {}, keywords, grid, clip)
     if how == "torch":
         name = str(value).lower()
         if name not in TORCH_BASELINES:
             raise ConfigError(f"unknown torch baseline {value!r}; valid baselines: {', '.join(TORCH_BASELINES)}")
-        return OptimizerSpec(label or name, "torch", name, {}, keywords, grid)
+        return OptimizerSpec(label or name, "torch", name, {}, keywords, grid, clip)
     if not isinstance(value, dict):
         raise ConfigError(f"compose must be a table of part names and options, e.g. "
                           f"compose = {{surrogate = \"lowrank\", memory = 3}}; got {value!r}")
@@ -191,4 +212,4 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"compose {parts}: {exc} (part kinds: {', '.join(PART_KINDS)})") from None
     default_label = "compose:" + "-".join(str(parts[k]) for k in PART_KINDS if k in parts)
-    return OptimizerSpec(label or default_label, "compose", "compose", parts, keywords, grid)
+    return OptimizerSpec(label or default_label, "compose", "compose", parts, keywords, grid, clip)

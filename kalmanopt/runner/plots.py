@@ -18,21 +18,23 @@ from kalmanopt.runner.results import group_runs
 __all__ = ["plot_all", "plot_curves", "plot_diagnostics", "plot_layer_diagnostics", "plot_distance",
            "plot_curvature", "DIAGNOSTIC_QUANTITIES"]
 
-#: per-layer diagnostics: key in the records -> (title, y scale)
-DIAGNOSTIC_QUANTITIES: dict[str, tuple[str, str]] = {
-    "S": ("innovation variance $S_k$", "log"),
-    "gain_scale": ("gain scale $\\eta L_\\ell / S_k$", "log"),
-    "lambda": ("$\\lambda_k$", "symlog"),
-    "alpha": ("$\\alpha_k$", "symlog"),
-    "w": ("$w_k$", "symlog"),
-    "angle_Hv": ("angle between $H_k$ and $v_k$ (degrees)", "linear"),
-    "rows_kept": ("low-rank rows kept", "linear"),
+#: per-layer diagnostics: key in the records -> (title, y label, y scale, valid range)
+#: ``"magnitude"`` quantities have either sign: their magnitude is drawn on a log axis, and records
+#: where the value was negative are marked apart (▽), instead of a symlog axis flipping sign.
+DIAGNOSTIC_QUANTITIES: dict[str, tuple[str, str, str, tuple[float, float]]] = {
+    "S": ("innovation variance $S_k$", "$S_k$ (loss$^2$)", "log", (0.0, math.inf)),
+    "gain_scale": ("gain scale $\\eta L_\\ell / S_k$", "$\\eta L_\\ell / S_k$ (1 / loss)", "log", (0.0, math.inf)),
+    "lambda": ("$|\\lambda_k|$ (▽: negative)", "$|\\lambda_k|$", "magnitude", (0.0, math.inf)),
+    "alpha": ("$|\\alpha_k|$ (▽: negative)", "$|\\alpha_k|$", "magnitude", (0.0, math.inf)),
+    "w": ("$|w_k|$ (▽: negative)", "$|w_k|$", "magnitude", (0.0, math.inf)),
+    "angle_Hv": ("angle between $H_k$ and $v_k$", "angle (degrees)", "linear", (0.0, 180.0)),
+    "rows_kept": ("low-rank rows kept", "rows", "linear", (0.0, math.inf)),
 }
 
 _THIRD_PANEL = {
-    "val_accuracy": ("val_error", "validation error (%)", 100.0, "linear"),
-    "val_perplexity": ("val_perplexity", "validation perplexity", 1.0, "log"),
-    "distance_to_optimum": ("distance_to_optimum", "distance to optimum $\\|\\theta - \\theta^*\\|$", 1.0, "log"),
+    "val_accuracy": ("val_error", "validation error", "error (%)", 100.0, "linear"),
+    "val_perplexity": ("val_perplexity", "validation perplexity", "perplexity", 1.0, "log"),
+    "distance_to_optimum": ("distance_to_optimum", "distance to optimum", "$\\|\\theta - \\theta^*\\|$", 1.0, "log"),
 }
 
 
@@ -59,11 +61,14 @@ def _group_of(records: list[dict[str, Any]]) -> dict[str, str]:
     return {r["run_id"]: name for name, runs in group_runs(records).items() for r in runs}
 
 
-def _band(ax: Any, series: dict[str, dict[float, float]], label: str, color: Any, log: bool = False) -> None:
-    """Mean over runs with a ±1 std band, at the x values every run has.
+def _band(ax: Any, series: dict[str, dict[float, float]], label: str, color: Any, log: bool = False,
+          valid: tuple[float, float] = (-math.inf, math.inf), negative: dict[str, dict[float, bool]] | None = None
+          ) -> None:
+    """Mean over runs with a ±1 std band, at the x values every run has; the band is clipped to ``valid``.
 
     With ``log``, mean and band are taken of log values (a geometric mean with a ×/÷ band), so a
-    band on a log axis never reaches zero.
+    band on a log axis never reaches zero. ``negative`` (run -> x -> whether the signed value was
+    negative) marks with ▽ the x values where most runs were negative.
     """
     xs = sorted(set.intersection(*(set(s) for s in series.values()))) if series else []
     if not xs:
@@ -76,36 +81,59 @@ def _band(ax: Any, series: dict[str, dict[float, float]], label: str, color: Any
     low, high = mean - std, mean + std
     if log:
         mean, low, high = np.exp(mean), np.exp(low), np.exp(high)
+    low, high = np.clip(low, *valid), np.clip(high, *valid)
     ax.plot(xs, mean, color=color, label=label, lw=1.6)
     if len(values) > 1:
         ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+    if negative:
+        marks = [i for i, x in enumerate(xs)
+                 if sum(negative.get(run, {}).get(x, False) for run in series) * 2 > len(series)]
+        if marks:
+            ax.plot([xs[i] for i in marks], [mean[i] for i in marks], linestyle="none", marker="v", ms=4,
+                    color=color, markerfacecolor="none")
 
 
 def _legend(fig: Any, axes: Any, fontsize: int = 8) -> None:
-    """A legend in the first panel, or beside the figure when there are many lines."""
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if not handles:
-        for row in axes:
-            for ax in row:
-                handles, labels = ax.get_legend_handles_labels()
-                if handles:
-                    break
-            if handles:
-                break
-    if len(handles) <= 8:
-        axes[0][0].legend(handles, labels, fontsize=fontsize)
-    else:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=fontsize, ncol=math.ceil(len(handles) / 16))
+    """One legend for the whole figure, beside the panels (every panel draws the same lines)."""
+    handles, labels = [], []
+    for row in axes:
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                if label not in labels:
+                    handles.append(handle)
+                    labels.append(label)
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=fontsize,
+                   ncol=max(1, math.ceil(len(handles) / 20)), title="optimizer", title_fontsize=fontsize)
 
 
-def _finish(ax: Any, title: str, xlabel: str, scale: str) -> None:
+def _x_label(x_key: str) -> str:
+    return {"epoch": "epoch", "step": "optimizer step"}.get(x_key, x_key)
+
+
+def _finish(ax: Any, title: str, x_key: str, ylabel: str, scale: str) -> None:
+    """Title, axis labels, grid and the y scale; a log scale over less than a decade becomes linear,
+    where it would show one or two tick labels."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    if scale == "symlog":
-        ax.set_yscale("symlog", linthresh=1e-3)
-    elif scale != "linear":
-        ax.set_yscale(scale)
+    ax.set_xlabel(_x_label(x_key))
+    ax.set_ylabel(ylabel)
+    if scale in ("log", "magnitude"):
+        data = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [[]])
+        data = data[np.isfinite(data) & (data > 0)]
+        if len(data) and data.max() / data.min() >= 10.0:
+            ax.set_yscale("log")
+    elif scale == "count":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = ax.get_ylim()
+        ax.set_ylim(0.0, max(high, 1.0))
     ax.grid(True, alpha=0.3)
+
+
+def _loss_unit(records: list[dict[str, Any]]) -> str:
+    """The unit of the loss: nats for cross-entropy tasks, squared units for least squares."""
+    return "" if records and records[0].get("task") == "quadratic" else " (nats)"
 
 
 def plot_curves(metrics: list[dict[str, Any]], records: list[dict[str, Any]], path: str | Path,
@@ -113,52 +141,92 @@ def plot_curves(metrics: list[dict[str, Any]], records: list[dict[str, Any]], pa
     """Training loss, validation loss and validation error (or perplexity, or distance) per optimizer.
 
     One line per optimizer: the mean over seeds, with a band of ±1 standard deviation (as Figure 1
-    of the KOALA++ paper).
+    of the KOALA++ paper); one legend for the figure.
     """
     group_of = _group_of(records)
     evals = [m for m in metrics if m.get("kind") == "eval" and m.get("run_id") in group_of]
     if not evals:
         return None
     third = next((v for k, v in _THIRD_PANEL.items() if k in evals[0]), None)
-    panels = [("train_loss", "training loss", 1.0, "log"), ("val_loss", "validation loss", 1.0, "log")]
+    unit = _loss_unit(records)
+    panels = [("train_loss", "training loss (mean since the last validation)", "loss" + unit, 1.0, "log"),
+              ("val_loss", "validation loss", "loss" + unit, 1.0, "log")]
     if third is not None:
         panels.append(third)
     fig, axes = _figure(1, len(panels))
     names = list(dict.fromkeys(group_of[r["run_id"]] for r in records))
     colors = _colors(names)
-    for ax, (key, label, scale, yscale) in zip(axes[0], panels):
+    for ax, (key, label, ylabel, scale, yscale) in zip(axes[0], panels):
         for name in names:
             series: dict[str, dict[float, float]] = {}
             for m in evals:
                 if group_of[m["run_id"]] == name and m.get(key) is not None and math.isfinite(m[key]):
                     series.setdefault(m["run_id"], {})[round(m[x_key], 6)] = m[key] * scale
-            _band(ax, series, name, colors[name], log=yscale == "log")
-        _finish(ax, label, x_key, yscale)
+            valid = (0.0, 100.0) if key == "val_error" else (0.0, math.inf)
+            _band(ax, series, name, colors[name], log=yscale == "log", valid=valid)
+        _finish(ax, label, x_key, ylabel, yscale)
     _legend(fig, axes, 8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     return Path(path)
 
 
-def _layer_values(record: dict[str, Any], quantity: str) -> list[float]:
+def _save(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write the PNG atomically (a kill leaves the old figure or the new one)."""
+    import io
+
+    from kalmanopt.runner.storage import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _layer_values(record: dict[str, Any], quantity: str, signed: bool = False) -> list[float]:
+    """One value per layer; magnitudes for the signed quantities unless ``signed``."""
     values = []
     for entry in record.get("layers", {}).values():
         if quantity == "angle_Hv":
-            if "cos_Hv" in entry:
+            if "cos_Hv" in entry and entry["cos_Hv"] is not None:
                 values.append(math.degrees(math.acos(max(-1.0, min(1.0, entry["cos_Hv"])))))
-        elif quantity in entry:
-            values.append(entry[quantity])
-    return [v for v in values if v is not None and math.isfinite(v)]
+        elif quantity in entry and entry[quantity] is not None:
+            value = entry[quantity]
+            values.append(value if signed or DIAGNOSTIC_QUANTITIES[quantity][2] != "magnitude" else abs(value))
+    return [v for v in values if math.isfinite(v)]
+
+
+def _diagnostic_panel(ax: Any, quantity: str, runs: dict[str, list[dict[str, Any]]], colors: dict[str, Any],
+                      x_key: str, per_layer: str | None = None) -> None:
+    """One quantity: per line (an optimizer's runs, or one layer), the median over layers (or the layer)."""
+    _, _, scale, valid = DIAGNOSTIC_QUANTITIES[quantity]
+    for name, diags in runs.items():
+        series: dict[str, dict[float, float]] = {}
+        negative: dict[str, dict[float, bool]] = {}
+        for d in diags:
+            record = d if per_layer is None else {"layers": {per_layer: d.get("layers", {}).get(per_layer, {})}}
+            values = _layer_values(record, quantity)
+            if not values:
+                continue
+            x = round(d[x_key], 6)
+            series.setdefault(d["run_id"], {})[x] = float(np.median(values))
+            if scale == "magnitude":
+                signed = _layer_values(record, quantity, signed=True)
+                negative.setdefault(d["run_id"], {})[x] = float(np.median(signed)) < 0
+        positive = scale in ("log", "magnitude")
+        if positive:
+            series = {run: {x: v for x, v in s.items() if v > 0} for run, s in series.items()}
+        _band(ax, series, name, colors[name], log=positive, valid=valid, negative=negative or None)
 
 
 def plot_diagnostics(metrics: list[dict[str, Any]], records: list[dict[str, Any]], path: str | Path,
                      x_key: str = "step") -> Path | None:
     """The filters' internals compared across optimizers: per step, the median over layers.
 
-    Panels: S_k, the gain scale, λ_k, α_k, w_k, the angle between H_k and v_k (KOALA++ paper,
-    Figure 4), the low-rank rows kept, and the cumulative count of skipped layers; each line is the
-    mean over seeds with a ±1 std band.
+    Panels: S_k, the gain scale, |λ_k|, |α_k|, |w_k| (magnitudes on log axes; ▽ where the value
+    was negative), the angle between H_k and v_k (KOALA++ paper, Figure 4), the low-rank rows
+    kept, and the cumulative count of skipped layers; each line is the mean over seeds with a
+    ±1 std band, clipped to the quantity's valid range.
     """
     group_of = _group_of(records)
     diags = [m for m in metrics if m.get("kind") == "diagnostics" and m.get("run_id") in group_of]
@@ -170,33 +238,28 @@ def plot_diagnostics(metrics: list[dict[str, Any]], records: list[dict[str, Any]
     rows = math.ceil(len(panels) / cols)
     fig, axes = _figure(rows, cols)
     names = list(dict.fromkeys(group_of[r["run_id"]] for r in records))
+    names = [n for n in names if any(group_of[d["run_id"]] == n for d in diags)]
     colors = _colors(names)
+    runs = {name: [d for d in diags if group_of[d["run_id"]] == name] for name in names}
     for index, quantity in enumerate(panels):
         ax = axes[index // cols][index % cols]
-        for name in names:
-            series: dict[str, dict[float, float]] = {}
-            for d in diags:
-                if group_of[d["run_id"]] != name:
-                    continue
-                if quantity == "skipped_layers":
-                    value = float(d["counters"].get("skipped_layers", 0))
-                else:
-                    values = _layer_values(d, quantity)
-                    if not values:
-                        continue
-                    value = float(np.median(values))
-                series.setdefault(d["run_id"], {})[round(d[x_key], 6)] = value
-            log = quantity != "skipped_layers" and DIAGNOSTIC_QUANTITIES[quantity][1] == "log"
-            _band(ax, series, name, colors[name], log=log)
         if quantity == "skipped_layers":
-            _finish(ax, "skipped layers (cumulative)", x_key, "linear")
+            for name in names:
+                series: dict[str, dict[float, float]] = {}
+                for d in runs[name]:
+                    series.setdefault(d["run_id"], {})[round(d[x_key], 6)] = \
+                        float(d["counters"].get("skipped_layers", 0))
+                _band(ax, series, name, colors[name], valid=(0.0, math.inf))
+            _finish(ax, "skipped layer updates (cumulative)", x_key, "layer updates skipped", "count")
         else:
-            title, scale = DIAGNOSTIC_QUANTITIES[quantity]
-            _finish(ax, title + " (median over layers)", x_key, scale)
+            _diagnostic_panel(ax, quantity, runs, colors, x_key)
+            title, ylabel, scale, _ = DIAGNOSTIC_QUANTITIES[quantity]
+            _finish(ax, title + ", median over layers", x_key, ylabel, scale)
     for index in range(len(panels), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
     _legend(fig, axes, 8)
-    fig.savefig(path, dpi=100)
+    fig.suptitle("Kalman filters' internals (mean over seeds, ±1 std)")
+    _save(fig, path, 100)
     return Path(path)
 
 
@@ -219,24 +282,15 @@ def plot_layer_diagnostics(metrics: list[dict[str, Any]], run_id: str, path: str
     for index, quantity in enumerate(quantities):
         ax = axes[index // cols][index % cols]
         for layer in layers:
-            xs, ys = [], []
-            for d in diags:
-                entry = d.get("layers", {}).get(layer)
-                if entry is None:
-                    continue
-                values = _layer_values({"layers": {layer: entry}}, quantity)
-                if values:
-                    xs.append(d[x_key])
-                    ys.append(values[0])
-            if xs:
-                ax.plot(xs, ys, color=colors[layer], label=layer, lw=1.2)
-        title_q, scale = DIAGNOSTIC_QUANTITIES[quantity]
-        _finish(ax, title_q, x_key, scale)
+            _diagnostic_panel(ax, quantity, {layer: diags}, colors, x_key, per_layer=layer)
+        title_q, ylabel, scale, _ = DIAGNOSTIC_QUANTITIES[quantity]
+        _finish(ax, title_q, x_key, ylabel, scale)
     for index in range(len(quantities), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
     _legend(fig, axes, 7)
+    fig.legends[-1].set_title("layer")
     fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    _save(fig, path, 100)
     return Path(path)
 
 
@@ -251,18 +305,19 @@ def plot_distance(metrics: list[dict[str, Any]], records: list[dict[str, Any]], 
     fig, axes = _figure(1, 2)
     names = list(dict.fromkeys(group_of[r["run_id"]] for r in records))
     colors = _colors(names)
-    for ax, (key, label) in zip(axes[0], (("distance_to_optimum", "distance to optimum $\\|\\theta-\\theta^*\\|$"),
-                                          ("excess_train_loss", "excess training loss $L(\\theta) - L(\\theta^*)$"))):
+    for ax, (key, label, ylabel) in zip(axes[0], (
+            ("distance_to_optimum", "distance to the optimum", "$\\|\\theta-\\theta^*\\|$"),
+            ("excess_train_loss", "excess training loss", "$L(\\theta) - L(\\theta^*)$"))):
         for name in names:
             series: dict[str, dict[float, float]] = {}
             for m in evals:
                 value = m.get(key)
                 if group_of[m["run_id"]] == name and value is not None and math.isfinite(value):
                     series.setdefault(m["run_id"], {})[round(m[x_key], 6)] = max(value, 1e-12)
-            _band(ax, series, name, colors[name], log=True)
-        _finish(ax, label, x_key, "log")
+            _band(ax, series, name, colors[name], log=True, valid=(0.0, math.inf))
+        _finish(ax, label, x_key, ylabel, "log")
     _legend(fig, axes, 8)
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     return Path(path)
 
 
@@ -278,26 +333,27 @@ def plot_curvature(metrics: list[dict[str, Any]], records: list[dict[str, Any]],
     analyses = [m for m in metrics if m.get("kind") == "analysis" and m.get("run_id") in group_of]
     if not analyses:
         return None
-    panels = (("hessian_top_eigenvalue", "largest Hessian eigenvalue", "linear"),
-              ("gradient_noise_trace", "trace of the per-sample gradient covariance", "log"),
-              ("gradient_norm", "gradient norm", "log"))
+    panels = (("hessian_top_eigenvalue", "largest Hessian eigenvalue", "$\\lambda_{max}(\\nabla^2 L)$", "linear"),
+              ("gradient_noise_trace", "per-sample gradient covariance", "trace", "log"),
+              ("gradient_norm", "gradient norm", "$\\|\\nabla L\\|$", "log"))
     fig, axes = _figure(1, len(panels))
     names = list(dict.fromkeys(group_of[r["run_id"]] for r in records))
     colors = _colors(names)
-    for ax, (key, label, scale) in zip(axes[0], panels):
+    for ax, (key, label, ylabel, scale) in zip(axes[0], panels):
         for name in names:
             series: dict[str, dict[float, float]] = {}
             for m in analyses:
                 value = m.get(key)
                 if group_of[m["run_id"]] == name and value is not None and math.isfinite(value):
                     series.setdefault(m["run_id"], {})[round(m[x_key], 6)] = value
-            _band(ax, series, name, colors[name], log=scale == "log")
-        _finish(ax, label, x_key, scale)
+            _band(ax, series, name, colors[name], log=scale == "log",
+                  valid=(-math.inf if key == "hessian_top_eigenvalue" else 0.0, math.inf))
+        _finish(ax, label, x_key, ylabel, scale)
         low, high = ax.get_ylim()
         if scale == "linear" and high - low < 1e-3 * max(abs(low), abs(high)):
             ax.set_ylim(min(0.0, 1.2 * low), max(0.0, 1.2 * high))  # a constant curvature (a quadratic)
     _legend(fig, axes, 8)
-    fig.savefig(path, dpi=100)
+    _save(fig, path, 100)
     return Path(path)
 
 
@@ -314,4 +370,22 @@ def plot_all(out: str | Path, metrics: list[dict[str, Any]], records: list[dict[
         safe = "".join(c if c.isalnum() or c in "+-_." else "_" for c in name)
         written.append(plot_layer_diagnostics(metrics, first["run_id"], out / f"diagnostics-{safe}.png",
                                               f"{name}, seed {first['seed']}: per-layer internals"))
+    written += plot_spectra_files(out)
     return [p for p in written if p is not None]
+
+
+def plot_spectra_files(out: str | Path) -> list[Path]:
+    """``spectra-<label>.png`` for every ``ekf-<label>.json`` of the exact-EKF comparison in ``out``."""
+    import json
+
+    from kalmanopt.analysis import plot_spectra
+
+    written = []
+    for path in sorted(Path(out).glob("ekf-*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a comparison cut short; the run writes it again on resume
+        target = path.with_name("spectra-" + path.stem[len("ekf-"):] + ".png")
+        written.append(plot_spectra(result, target))
+    return written

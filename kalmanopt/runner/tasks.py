@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from kalmanopt.registry import load_plugins
 from kalmanopt.runner import models
-from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.errors import ConfigError, Problems
 
 __all__ = ["Dataset", "Task", "TASKS", "register_task", "get_task", "stdlib_corpus"]
 
@@ -87,8 +87,11 @@ class Task(ABC):
     loss_statistic: str = "second_moment"
 
     # ---------------------------------------------------------------- checks before training
+    #: types of options whose default is ``None`` (others take the type of their default)
+    option_types: dict[str, tuple[type, ...]] = {}
+
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The options with defaults filled in; unknown names or a missing data path raise ConfigError."""
+        """The options with defaults filled in; unknown names, wrong types or a missing data path raise ConfigError."""
         unknown = set(options) - set(self.options)
         if "data" in unknown:
             readers = ", ".join(sorted(n for n, t in TASKS.items() if "data" in t.options))
@@ -97,6 +100,13 @@ class Task(ABC):
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for task {self.name!r}; valid options: "
                               f"{', '.join(sorted(self.options)) or '(none)'}")
+        problems = Problems()
+        for name, value in options.items():
+            default = self.options[name]
+            types = self.option_types.get(name) or (() if default is None else _types_of(default))
+            if types and value is not None and not _is_a(value, types):
+                problems.add(f"task {self.name!r}: option {name} must be {_type_names(types)}, got {value!r}")
+        problems.raise_if_any()
         return {**self.options, **options}
 
     def check_model(self, model: str, model_options: dict[str, Any]) -> None:
@@ -109,6 +119,12 @@ class Task(ABC):
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)} for model {model!r}; valid options: "
                               f"{', '.join(sorted(valid)) or '(none)'}")
+        problems = Problems()
+        for name, value in model_options.items():
+            types = _types_of(valid[name])
+            if types and not _is_a(value, types):
+                problems.add(f"model {model!r}: option {name} must be {_type_names(types)}, got {value!r}")
+        problems.raise_if_any()
 
     # ---------------------------------------------------------------- data and model
     @abstractmethod
@@ -161,6 +177,30 @@ class Task(ABC):
             figures["val_accuracy"] = correct / max(count, 1)
             figures["val_error"] = 1.0 - figures["val_accuracy"]
         return figures
+
+
+def _types_of(default: Any) -> tuple[type, ...]:
+    """The types a value may take where ``default`` is the default: a float also takes an int."""
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, (int, str)):
+        return (type(default),)
+    return ()
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if types == (int, float):
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
 
 
 def model_keywords(builder: Callable[..., nn.Module]) -> dict[str, Any]:
@@ -220,6 +260,7 @@ class DigitsTask(Task):
     models = {"mlp": _digits_mlp, "cnn": _digits_cnn}
     default_model = "mlp"
     options = {"val_fraction": 0.2, "max_train": None}
+    option_types = {"max_train": (int,)}
     quick_options: dict[str, Any] = {}
 
     def load(self, options: dict[str, Any]) -> Dataset:
@@ -264,8 +305,9 @@ def stdlib_corpus(max_bytes: int) -> bytes:
     return corpus
 
 
-def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4) -> nn.Module:
-    return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head)
+def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4, dropout: float = 0.0,
+         bias: bool = True) -> nn.Module:
+    return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head, dropout, bias)
 
 
 class TextTask(Task):
@@ -273,17 +315,25 @@ class TextTask(Task):
 
     name = "text"
     kind = "language"
-    doc = ("byte-level language model (small GPT) on --data FILE; without one, on Python's "
+    doc = ("language model (small GPT) on the bytes or characters of --data FILE; without one, on Python's "
            "standard-library sources")
     models = {"gpt": _gpt}
     default_model = "gpt"
-    options = {"data": None, "block_size": 64, "max_bytes": 1_000_000, "val_fraction": 0.1, "max_val_windows": 256}
+    options = {"data": None, "block_size": 64, "max_bytes": 1_000_000, "val_fraction": 0.1, "max_val_windows": 256,
+               "vocab": "bytes", "require_data": False}
+    option_types = {"data": (str,)}
     quick_options = {"max_bytes": 100_000, "max_val_windows": 32}
     loss_statistic = "variance"  # the authors' language-model code feeds R the loss variance
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Fill defaults; the data file, when given, must exist."""
+        """Fill defaults; the data file, when given (or required), must exist."""
         options = super().check_options(options)
+        if options["vocab"] not in ("bytes", "chars"):
+            raise ConfigError(f"task 'text': vocab must be 'bytes' (256 symbols) or 'chars' (the characters of "
+                              f"the corpus, as nanoGPT's shakespeare-char), got {options['vocab']!r}")
+        if options["require_data"] and options["data"] is None:
+            raise ConfigError("this config trains on a given text: pass --data FILE (e.g. "
+                              "../shared/data/tinyshakespeare.txt)")
         if options["data"] is not None and not Path(options["data"]).is_file():
             raise ConfigError(f"task 'text': data file {str(options['data'])!r} not found; pass --data FILE "
                               "(a text file, e.g. ../shared/data/tinyshakespeare.txt) or leave it out to "
@@ -296,7 +346,15 @@ class TextTask(Task):
         block = int(options["block_size"])
         raw = Path(options["data"]).read_bytes()[:options["max_bytes"]] if options["data"] else \
             stdlib_corpus(options["max_bytes"])
-        stream = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        vocab_size = 256
+        if options["vocab"] == "chars":  # nanoGPT's character vocabulary: the corpus's characters, sorted
+            text = raw.decode("utf-8", errors="replace")
+            chars = sorted(set(text))
+            index = {c: i for i, c in enumerate(chars)}
+            stream = torch.tensor([index[c] for c in text], dtype=torch.long)
+            vocab_size = len(chars)
+        else:
+            stream = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         n_val = max(block + 1, int(len(stream) * options["val_fraction"]))
         if len(stream) - n_val < block + 1:
             raise ConfigError(f"task 'text': the corpus has {len(stream)} bytes, too few for block_size {block} "
@@ -305,7 +363,7 @@ class TextTask(Task):
         n_windows = min((len(val) - 1) // block, int(options["max_val_windows"]))
         val_x = torch.stack([val[i * block:(i + 1) * block] for i in range(n_windows)])
         val_y = torch.stack([val[i * block + 1:(i + 1) * block + 1] for i in range(n_windows)])
-        return Dataset(train, train, val_x, val_y, {"vocab_size": 256, "block_size": block})
+        return Dataset(train, train, val_x, val_y, {"vocab_size": vocab_size, "block_size": block})
 
     def steps_per_epoch(self, data: Dataset, batch_size: int) -> int:
         """Windows of ``block_size`` bytes in the training stream, divided by the batch size."""
@@ -358,6 +416,7 @@ class CifarTask(Task):
     models = {"resnet18": _resnet18, "resnet50": _resnet50}
     default_model = "resnet18"
     options = {"data": None, "augment": True, "max_train": None, "max_val": None}
+    option_types = {"data": (str,), "max_train": (int,), "max_val": (int,)}
     quick_options = {"max_train": 512, "max_val": 256}
 
     def __init__(self, name: str, folder: str, num_classes: int, train_files: tuple[str, ...], test_file: str,

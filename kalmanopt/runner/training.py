@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,10 +14,16 @@ import torch
 from torch import nn
 
 from kalmanopt.runner.config import ExperimentConfig, RunSpec
+from kalmanopt.runner.diagnostics import DiagnosticsRecorder
+from kalmanopt.runner.health import assess
+from kalmanopt.runner.provenance import engine_of, resolved_hyperparameters
 from kalmanopt.runner.results import json_safe as _json_safe
+from kalmanopt.runner.storage import atomic_write_with
 from kalmanopt.runner.tasks import Dataset, Task
 
-__all__ = ["MetricsLog", "train_run", "layer_names"]
+__all__ = ["MetricsLog", "train_run", "layer_names", "autocast_context", "PROGRESS_SECONDS"]
+
+logger = logging.getLogger("kalmanopt.runner")
 
 
 class MetricsLog:
@@ -55,12 +63,33 @@ class MetricsLog:
 
     @staticmethod
     def keep_only(path: str | Path, run_ids: set[str]) -> None:
-        """Drop the records of runs not in ``run_ids`` (those a Ctrl-C cut short)."""
+        """Drop the records of runs not in ``run_ids`` (those a Ctrl-C cut short).
+
+        The file is rewritten atomically (a temporary copy, synced, then renamed over it), line by
+        line, so a kill during the rewrite leaves the old file whole; nothing is rewritten when
+        every line is kept.
+        """
         path = Path(path)
         if not path.exists():
             return
-        kept = [r for r in MetricsLog.read(path) if r.get("run_id") in run_ids]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+        def keeps(line: str) -> bool:
+            try:
+                return json.loads(line).get("run_id") in run_ids
+            except (json.JSONDecodeError, AttributeError):
+                return False
+
+        with open(path, encoding="utf-8") as f:
+            if all(keeps(line) for line in f if line.strip()):
+                return
+
+        def copy_kept(out: Any) -> None:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip() and keeps(line):
+                        out.write(line if line.endswith("\n") else line + "\n")
+
+        atomic_write_with(path, copy_kept)
 
 
 def layer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
@@ -79,6 +108,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: seconds between progress lines written to the log during one run (besides the line at its end)
+PROGRESS_SECONDS = 30.0
+
+
+def autocast_context(config: ExperimentConfig, device: torch.device) -> Any:
+    """bfloat16 autocast for ``autocast = "bf16"`` on CUDA; no autocast otherwise (the CPU included)."""
+    if config.autocast == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset, log: MetricsLog, *,
               on_step: Callable[[int], None] | None = None,
               analysis: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, Any] | None] | None = None
@@ -95,15 +135,18 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
             logged as an ``"analysis"`` record.
 
     A ``KeyboardInterrupt`` propagates (the caller keeps what finished); a run whose training
-    loss becomes non-finite stops early with ``status = "diverged"``.
+    loss becomes non-finite stops early with ``status = "diverged"``. ``seconds_per_step`` times
+    the steps that record no diagnostics (see :mod:`kalmanopt.runner.diagnostics`); the record's
+    ``status`` is its health (:mod:`kalmanopt.runner.health`).
     """
     device = config.resolved_device()
     spec = run.optimizer
     torch.manual_seed(run.seed)
     model = task.build_model(config.model, data, config.model_options).to(device)
     model.train()
-    optimizer = spec.build(model.parameters(), run.hyperparameters, track_diagnostics=config.diagnostics,
+    optimizer = spec.build(model.parameters(), run.hyperparameters, track_diagnostics=False,
                            loss_statistic=task.loss_statistic)
+    built_with = resolved_hyperparameters(optimizer)  # before the schedule scales lr
     names = layer_names(model, optimizer)
     steps_per_epoch = task.steps_per_epoch(data, config.batch_size)
     total = config.total_steps(steps_per_epoch)
@@ -111,6 +154,10 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.schedule.factor(unit, total))
     eval_every = config.eval_every or (steps_per_epoch if config.epochs is not None else max(1, total // 20))
     analysis_every = int(config.analysis.get("every", 0) or 0)
+    recorder = DiagnosticsRecorder(optimizer, (config.diagnostics_every or config.log_every)
+                                   if config.diagnostics else 0, names)
+    amp = autocast_context(config, device)
+    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(run.seed)
     base = {"run_id": run.run_id, "optimizer": spec.label, "seed": run.seed}
 
@@ -118,11 +165,12 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
     eval_sum = torch.zeros((), device=device)
     log_count = eval_count = 0
     step = 0
+    recorded = 0  # steps that recorded diagnostics (left out of the timing)
     status = "finished"
     figures: dict[str, float] = {}
-    final_train_loss = math.nan
-    outside = 0.0  # seconds spent validating, logging diagnostics and analysing
-    start = time.perf_counter()
+    final_train_loss = initial_train_loss = math.nan
+    outside = 0.0  # seconds spent validating, logging, recording diagnostics and analysing
+    start = last_note = time.perf_counter()
 
     last_analysis: dict[str, Any] = {}
     analysed_at = -1
@@ -141,9 +189,17 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
         record_analysis()
     while step < total and status == "finished":
         for inputs, targets in task.batches(data, config.batch_size, generator):
-            losses = task.per_sample_loss(model(inputs), targets)
+            recording = recorder.due(step + 1)
+            if recording:
+                _sync(device)
+                t_record = time.perf_counter()
+                recorder.start()
+            with amp:
+                losses = task.per_sample_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
+            if spec.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, spec.clip_grad_norm)
             if spec.is_kalman:
                 optimizer.step(loss=losses.detach())
             else:
@@ -151,13 +207,21 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
             scheduler.step()
             step += 1
             mean_loss = losses.detach().mean()
+            if step == 1:
+                initial_train_loss = float(mean_loss)
             log_sum += mean_loss
             eval_sum += mean_loss
             log_count += 1
             eval_count += 1
+            epoch = step / steps_per_epoch
+            if recording:
+                diag = recorder.finish()
+                log.write({**base, "kind": "diagnostics", "step": step, "epoch": epoch, **diag})
+                recorded += 1
+                _sync(device)
+                outside += time.perf_counter() - t_record
             if on_step is not None:
                 on_step(1)
-            epoch = step / steps_per_epoch
             if step % config.log_every == 0 or step == total:
                 t0 = time.perf_counter()
                 train_loss = float(log_sum) / log_count
@@ -165,11 +229,6 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
                            "lr": optimizer.param_groups[0]["lr"]})
                 log_sum.zero_()
                 log_count = 0
-                if spec.is_kalman and config.diagnostics:
-                    diag = optimizer.diagnostics()
-                    layers = {names.get(k, k): v for k, v in diag["layers"].items()}
-                    log.write({**base, "kind": "diagnostics", "step": step, "epoch": epoch,
-                               "counters": diag["counters"], "layers": layers})
                 outside += time.perf_counter() - t0
                 if not math.isfinite(train_loss):
                     status = "diverged"
@@ -178,12 +237,17 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
                 final_train_loss = float(eval_sum) / eval_count
                 eval_sum.zero_()
                 eval_count = 0
-                figures = task.evaluate(model, data, config.eval_batch_size)
+                with amp:
+                    figures = task.evaluate(model, data, config.eval_batch_size)
                 log.write({**base, "kind": "eval", "step": step, "epoch": epoch,
                            "train_loss": final_train_loss, **figures})
-                outside += time.perf_counter() - t0
                 if not math.isfinite(final_train_loss):
                     status = "diverged"
+                elif time.perf_counter() - last_note >= PROGRESS_SECONDS:
+                    last_note = time.perf_counter()
+                    logger.info("  %s seed %d: step %d/%d, train loss %.4g, %s", spec.label, run.seed, step, total,
+                                final_train_loss, ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+                outside += time.perf_counter() - t0
             if analysis_every and step % analysis_every == 0:
                 record_analysis()
             if step >= total or status != "finished":
@@ -193,24 +257,34 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
     _sync(device)
     seconds = time.perf_counter() - start
     if status == "diverged":
-        figures = {k: math.nan for k in (figures or task.evaluate(model, data, config.eval_batch_size))}
+        with amp:
+            figures = {k: math.nan for k in (figures or task.evaluate(model, data, config.eval_batch_size))}
         final_train_loss = math.nan
+    timed = step - recorded
     result: dict[str, Any] = {
         **base,
         "method": spec.describe(),
+        "engine": engine_of(optimizer),
         "task": config.task,
         "model": config.model,
         "hyperparameters": dict(run.hyperparameters),
+        "resolved_hyperparameters": built_with,
+        "clip_grad_norm": spec.clip_grad_norm,
         "status": status,
+        "status_reason": "",
         "steps": step,
         "epochs": step / steps_per_epoch,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "initial_train_loss": initial_train_loss,
         "final_train_loss": final_train_loss,
         **figures,
         "seconds": seconds,
-        "seconds_per_step": (seconds - outside) / max(step, 1),
+        "seconds_per_step": (seconds - outside) / timed if timed > 0 else math.nan,
+        "timed_steps": timed,
     }
     result.update(last_analysis)
     if spec.is_kalman:
         result["counters"] = optimizer.diagnostics()["counters"]
+    result["status"], result["status_reason"] = assess(result, layers=len(params),
+                                                       num_classes=data.info.get("num_classes"))
     return result
