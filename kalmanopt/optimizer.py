@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from kalmanopt.checkpoint import checked_state
 from kalmanopt.filters.composition import Composition
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.implementations import resolve_implementation
@@ -147,8 +148,9 @@ class KalmanOptimizer(Optimizer):
         if isinstance(param_group, dict) and any(flag in param_group for flag in TORCH_FLAGS):
             param_group = dict(param_group)
             foreach, fused = param_group.pop("foreach", None), param_group.pop("fused", None)
-            param_group["implementation"] = implementation_from_torch_flags(
-                param_group.get("implementation", self.defaults.get("implementation")), foreach, fused)
+            wanted = implementation_from_torch_flags(param_group.get("implementation"), foreach, fused)
+            if wanted is not None:  # (fused=False alone keeps the optimizer's default)
+                param_group["implementation"] = wanted
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -419,77 +421,28 @@ class KalmanOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping filter state in its own precision.
 
-        The state is checked against this optimizer's parameters first: a state that does not fit
-        (other groups, sizes, or another composition) raises ``ValueError`` and changes nothing.
-        Tensors move to each parameter's device, so a state saved on CUDA loads on CPU.
+        As torch's: the load-state-dict pre-hooks run first (and may return a replacement dict),
+        the post-hooks last. In between, everything the optimizer will use is checked
+        (:func:`kalmanopt.checkpoint.checked_state`): groups, hyper-parameters, every state tensor's
+        shape, kind and finiteness. A state that does not fit raises ``ValueError`` and changes
+        nothing. Options an older dict lacks take this optimizer's defaults; counters saved as
+        Python numbers are converted. Tensors move to each parameter's device, so a state saved
+        on CUDA loads on CPU; the optimizer never shares tensors with the dict.
         """
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
-        saved_filter = state_dict.get("filter")
-        if saved_filter is not None and saved_filter != self._filter_signature():
-            raise ValueError(f"the state was saved by another filter ({saved_filter}); this optimizer runs "
-                             f"{self.filter.name!r} ({self._filter_signature()})")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state has {len(saved_groups)} parameter group(s), this optimizer "
-                             f"{len(self.param_groups)}")
-        id_map: dict[int, Tensor] = {}
-        new_groups = []
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"group {index}: the state has {len(saved['params'])} parameters, "
-                                 f"this optimizer {len(group['params'])}")
-            # other keys (a scheduler's initial_lr, a user's label) travel with the group, as in torch
-            missing = set(self.specs) - set(saved)
-            if missing:
-                raise ValueError(f"group {index}: the state was saved by another composition (it lacks the "
-                                 f"hyper-parameters {sorted(missing)}); this optimizer runs {self.filter.name!r}")
-            merged = {k: v for k, v in saved.items() if k != "params"}
-            merged["params"] = group["params"]
-            self._validate_group({**OPTIONS, **merged})
-            new_groups.append(merged)
-            id_map.update(zip(saved["params"], group["params"]))
-        new_state: dict[Any, Any] = {}
-        for key, value in state_dict["state"].items():
-            if key in id_map:
-                param = id_map[key]
-                self._check_param_state(param, value)
-                new_state[param] = _to_device(value, param.device, state_dtype(param.dtype))
-            elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
-                    and int(key[5:]) < len(self.param_groups):
-                params = self.param_groups[int(key[5:])]["params"]
-                device = params[0].device if params else torch.device("cpu")
-                dtype = torch.float32
-                for p in params:
-                    dtype = torch.promote_types(dtype, state_dtype(p.dtype))
-                if not isinstance(value, Mapping):
-                    raise ValueError(f"state {key!r} must be a dict of tensors, got {type(value).__name__}")
-                if "global" in value:
-                    total = sum(p.numel() for p in params)
-                    self._check_vectors(value["global"], total, f"{key}/global")
-                new_state[key] = _to_device(value, device, dtype)
-            else:
-                raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        checked = checked_state(self, state_dict)
         # everything checked: commit
-        self.param_groups[:] = new_groups
+        self.param_groups[:] = checked.param_groups
         self.state.clear()
-        self.state.update(new_state)
-        first = self.state.get(self._group_key(0), {})
-        self._predicted = bool(first["predicted"]) if "predicted" in first else False
-
-    def _check_param_state(self, param: Tensor, value: Any) -> None:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"state of a parameter must be a dict of tensors, got {type(value).__name__}")
-        self._check_vectors(value, param.numel(), f"parameter of shape {tuple(param.shape)}")
-
-    @staticmethod
-    def _check_vectors(value: Mapping[str, Any], numel: int, where: str) -> None:
-        for name, t in value.items():
-            if not isinstance(t, Tensor):
-                raise ValueError(f"state {name!r} of {where} is not a tensor ({type(t).__name__})")
-            if t.dim() >= 1 and t.shape[-1] != numel:
-                raise ValueError(f"state {name!r} of {where} has shape {tuple(t.shape)}, which does not "
-                                 f"fit {numel} parameter(s)")
+        self.state.update(checked.state)
+        self._predicted = checked.predicted
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def step_loss(closure: Callable[[], Tensor] | None, loss: Tensor | None, owner: str) -> Tensor:

@@ -36,7 +36,8 @@ def as_bool(name: str, value: Any) -> bool:
     """
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    if type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") == "b" \
+            and getattr(value, "ndim", None) == 0:
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
