@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
+from kalmanopt.hyperparams import as_number
 from kalmanopt.optimizer import KalmanOptimizer
 from kalmanopt.options import OPTIONS, TORCH_FLAGS, option_defaults
 from kalmanopt.registry import get_preset
@@ -39,7 +40,8 @@ def create(name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwa
         TypeError: an unknown keyword (the message lists the valid ones).
     """
     preset = get_preset(name)
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options()}
+    # structural options (memory=3): numpy scalars read as Python numbers, as the hyper-parameters
+    options = {k: as_number(k, kwargs.pop(k)) for k in list(kwargs) if k in preset.options()}
     composition = preset.build(**options)
     valid = set(composition.hyperparameters()) | set(OPTIONS) | set(preset.options())
     unknown = set(kwargs) - valid - set(TORCH_FLAGS)
