@@ -91,9 +91,18 @@ class KalmanOptimizer(Optimizer):
         granularity: ``"layer"`` (one filter per parameter tensor, as the authors) or
             ``"global"`` (the whole group as one filter).
         implementation: ``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest usable).
+        foreach, fused: torch.optim's flags, aliases of ``implementation`` (``foreach=True`` →
+            ``"foreach"``, ``fused=True`` → ``"fused"``, ``foreach=False`` → ``"reference"``);
+            flags that disagree with each other or with ``implementation`` raise ``ValueError``.
         guard: the positive-definiteness guard of the product surrogates (``False`` for exact
             reproductions of the released code).
         **hyperparameters: the composition's hyper-parameters (``kalmanopt list`` shows them).
+
+    The options (everything but the hyper-parameters) are listed with their types, defaults and
+    choices in :data:`kalmanopt.options.OPTIONS`. Hyper-parameters may be numpy scalars, and
+    ``lr`` a 1-element tensor, as in torch.optim; both are stored as Python numbers.
+    ``param_groups`` may be edited between steps: every step checks them first
+    (:meth:`validate_groups`) and refuses a bad value before anything changes.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], filter: Composition, *,
