@@ -6,12 +6,12 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-from kalmanopt.optimizer import OPTIONS, KalmanOptimizer
+from kalmanopt.hyperparams import as_number
+from kalmanopt.optimizer import KalmanOptimizer
+from kalmanopt.options import OPTIONS, TORCH_FLAGS, option_defaults
 from kalmanopt.registry import get_preset
 
 __all__ = ["create", "preset_keywords"]
-
-_OPTIMIZER_KEYWORDS = ("loss_statistic", "strict", "track_diagnostics")
 
 
 def preset_keywords(name: str) -> dict[str, Any]:
@@ -19,8 +19,7 @@ def preset_keywords(name: str) -> dict[str, Any]:
     preset = get_preset(name)
     keywords = {spec.name: spec.default for spec in preset.build().hyperparameters().values()}
     keywords.update(preset.options())
-    keywords.update(OPTIONS)
-    keywords.update({"loss_statistic": "second_moment", "strict": False, "track_diagnostics": False})
+    keywords.update(option_defaults())
     return keywords
 
 
@@ -31,17 +30,23 @@ def create(name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwa
 
         opt = kalmanopt.create("koala++", model.parameters(), sigma=0.1, q=0.1, lr=1.0, weight_decay=5e-4)
 
+    torch.optim's ``foreach=True``/``fused=True`` are accepted as ``implementation="foreach"``/
+    ``"fused"`` (``foreach=False`` as ``"reference"``); the options are listed, with their types
+    and choices, in :data:`kalmanopt.options.OPTIONS`.
+
     Raises:
         ValueError: an unknown preset (the message lists the valid ones) or an out-of-range value
             (the message names the parameter and its range).
         TypeError: an unknown keyword (the message lists the valid ones).
     """
     preset = get_preset(name)
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options()}
+    # structural options (memory=3): numpy scalars read as Python numbers, as the hyper-parameters
+    options = {k: as_number(k, kwargs.pop(k)) for k in list(kwargs) if k in preset.options()}
     composition = preset.build(**options)
-    valid = set(composition.hyperparameters()) | set(OPTIONS) | set(_OPTIMIZER_KEYWORDS) | set(preset.options())
-    unknown = set(kwargs) - valid
+    valid = set(composition.hyperparameters()) | set(OPTIONS) | set(preset.options())
+    unknown = set(kwargs) - valid - set(TORCH_FLAGS)
     if unknown:
         raise TypeError(f"unknown keyword(s) {sorted(unknown)} for preset {preset.name!r}; "
-                        f"valid keywords: {', '.join(sorted(valid))}")
+                        f"valid keywords: {', '.join(sorted(valid))} (and torch's foreach=/fused=, "
+                        "aliases of implementation=)")
     return KalmanOptimizer(params, composition, **kwargs)

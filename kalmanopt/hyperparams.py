@@ -12,7 +12,35 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["HyperParameter", "Range", "validate_hyperparameters"]
+import torch
+
+__all__ = ["HyperParameter", "Range", "validate_hyperparameters", "as_number", "TENSOR_HYPERPARAMETERS"]
+
+#: hyper-parameters that may also be given as a 1-element tensor (as torch.optim accepts a tensor lr)
+TENSOR_HYPERPARAMETERS = ("lr",)
+
+
+def as_number(name: str, value: Any) -> Any:
+    """``value`` as a Python number where it is one in another form, else ``value`` unchanged.
+
+    numpy scalars (``np.float32(0.1)``, ``np.int64(3)``) become Python numbers, as torch.optim
+    accepts them; for the names in :data:`TENSOR_HYPERPARAMETERS` a 1-element real tensor becomes
+    a float (the engines take the step size on the host), and any other tensor is a ``ValueError``.
+    Everything else (``None``, strings, bools) is returned as is, for :meth:`HyperParameter.check`.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        return item if isinstance(item, (int, float)) and not isinstance(item, bool) else value
+    if name in TENSOR_HYPERPARAMETERS and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"Tensor {name} must be real, got dtype {value.dtype}")
+        return float(value.detach().reshape(()).item())
+    return value
 
 
 @dataclass(frozen=True)
@@ -84,8 +112,12 @@ class HyperParameter:
     valid: Range = NON_NEGATIVE
     doc: str = ""
 
-    def check(self, value: Any) -> None:
-        """Raise ``ValueError`` (or ``TypeError`` for a non-number) if ``value`` is out of range."""
+    def check(self, value: Any) -> Any:
+        """``value`` as a Python number (see :func:`as_number`), or ``ValueError`` if it is out of range.
+
+        A non-number (a string, a bool, a tensor other than a 1-element ``lr``) is a ``TypeError``.
+        """
+        value = as_number(self.name, value)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(
                 f"hyper-parameter {self.name!r} must be a number, got {type(value).__name__} "
@@ -96,6 +128,7 @@ class HyperParameter:
                 f"hyper-parameter {self.name!r} = {value!r} is out of range; "
                 f"valid range: {self.valid.describe()}"
             )
+        return value
 
 
 def validate_hyperparameters(

@@ -21,10 +21,43 @@ from kalmanopt.state import GroupState, StateTable
 #: a layer whose ‖g_ℓ‖₂ is below this is skipped (no state of it changes)
 SKIP_GRAD_NORM = 1e-9
 
-__all__ = ["SKIP_GRAD_NORM", "MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic", "split_losses"]
+__all__ = ["SKIP_GRAD_NORM", "MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic",
+           "split_losses", "as_loss_tensor", "statistics_dtype"]
 
 #: the loss statistics an online R estimate can follow
 LOSS_STATISTICS = ("second_moment", "variance")
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision L_k and s_k are computed in: the loss's, at least float32.
+
+    float16 losses of 300 would overflow their own second moment (300² > 65504) and skip the step.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def as_loss_tensor(loss: Any) -> Tensor:
+    """A loss as a detached floating-point tensor: a tensor, or a real Python (or numpy) number.
+
+    A Python number becomes a float64 scalar (as LBFGS takes ``float(closure())``).
+
+    Raises:
+        TypeError: anything else (a tuple, a dict, ``None``, a bool, an integer tensor), with what
+            a loss must be.
+    """
+    if isinstance(loss, Tensor):
+        loss = loss.detach()
+    elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        loss = torch.tensor(float(loss), dtype=torch.float64)
+    elif type(loss).__module__ == "numpy" and getattr(loss, "ndim", None) == 0 and loss.dtype.kind in "iuf":
+        loss = torch.tensor(float(loss), dtype=torch.float64)
+    else:
+        raise TypeError(f"the loss must be a floating-point tensor of per-sample losses or their mean, or a "
+                        f"Python number; got {type(loss).__name__}. A closure must return the loss itself "
+                        "(not a tuple or a dict of outputs), step(loss=...) must be given it")
+    if not loss.is_floating_point():
+        raise TypeError(f"the loss must be a floating-point tensor, got {loss.dtype}")
+    return loss
 
 
 def loss_statistic(losses: Tensor, kind: str) -> Tensor:
@@ -34,10 +67,13 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
         losses: per-sample losses ℓ_i (any shape; a scalar counts as one sample).
         kind: ``"second_moment"``: mean_i ℓ_i² (the authors' image code), or ``"variance"``:
             mean_i ℓ_i² − (mean_i ℓ_i)² (their language-model code).
+
+    Computed in the losses' precision, at least float32 (:func:`statistics_dtype`).
     """
     if kind not in LOSS_STATISTICS:
         raise ValueError(f"unknown loss_statistic {kind!r}; valid choices: {', '.join(LOSS_STATISTICS)}")
     losses = losses.detach()
+    losses = losses.to(statistics_dtype(losses.dtype))
     second_moment = torch.mean(torch.pow(losses, 2))
     if kind == "second_moment":
         return second_moment
@@ -45,20 +81,22 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
 
 
 def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tuple[Tensor, Tensor | None]:
-    """(L_k, s_k) from the per-sample losses (or their mean) a step is given.
+    """(L_k, s_k) from the per-sample losses (or their mean) a step is given, in at least float32.
+
+    Given a single number (the mean) where the online R needs a statistic, s_k is mean² — the
+    second moment of one sample; the optimizer warns once when that happens.
 
     Args:
-        loss: the per-sample losses ℓ_i, or their mean.
+        loss: the per-sample losses ℓ_i, or their mean (a tensor, or a Python number).
         kind: the statistic the online R follows (see :func:`loss_statistic`).
         needs_statistic: whether any filter estimates R online (else s_k is ``None``).
 
     Raises:
-        TypeError: a loss that is not floating point.
+        TypeError: a loss that is not a floating-point tensor or a real number.
         ValueError: an empty loss, or ``"variance"`` asked of a single (mean) loss.
     """
-    losses = torch.as_tensor(loss).detach()
-    if not losses.is_floating_point():
-        raise TypeError(f"the loss must be a floating-point tensor, got {losses.dtype}")
+    losses = as_loss_tensor(loss)
+    losses = losses.to(statistics_dtype(losses.dtype))
     if losses.numel() == 0:
         raise ValueError("the loss is empty; pass the per-sample losses or their mean")
     mean = losses.mean()

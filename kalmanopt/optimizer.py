@@ -9,23 +9,46 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from kalmanopt.checkpoint import checked_state
 from kalmanopt.contract import contract_gap, state_table
-from kalmanopt.engines import IMPLEMENTATIONS, driver, resolve_engine
+from kalmanopt.engines import driver, resolve_engine
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.filters.composition import Composition
+from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
-from kalmanopt.measurement import LOSS_STATISTICS, split_losses
+from kalmanopt.measurement import as_loss_tensor, split_losses, statistics_dtype
+from kalmanopt.options import (
+    GRANULARITIES,
+    GROUP_OPTIONS,
+    TORCH_FLAGS,
+    implementation_from_torch_flags,
+    option_defaults,
+)
+from kalmanopt.options import OPTIONS as OPTION_TABLE
 
-__all__ = ["KalmanOptimizer", "NonFiniteError", "GRANULARITIES", "OPTIONS"]
+__all__ = ["KalmanOptimizer", "NonFiniteError", "GRANULARITIES", "OPTIONS", "check_parameter"]
 
-#: how parameters are grouped into filters
-GRANULARITIES = ("layer", "global")
-
-#: per-group options beside the hyper-parameters, with their defaults
-OPTIONS: dict[str, Any] = {"granularity": "layer", "implementation": None, "guard": True}
+#: per-group options beside the hyper-parameters, with their defaults (the full table, with types,
+#: choices and help, is :data:`kalmanopt.options.OPTIONS`)
+OPTIONS: dict[str, Any] = option_defaults("group")
 
 #: event counters kept per group (tensors in the state, so they survive checkpoints)
 COUNTERS = ("steps", "nonfinite_steps", "skipped_layers", "guard_restarts", "rows_dropped")
+
+
+def check_parameter(p: Tensor, index: int) -> None:
+    """Refuse a parameter the filter cannot run on, with the reason (``ValueError``)."""
+    if p.is_complex():
+        raise ValueError("KalmanOptimizer does not support complex parameters (the filter "
+                         "is defined over real weights); view them as real with torch.view_as_real")
+    if not p.is_floating_point():
+        raise ValueError(f"KalmanOptimizer needs floating-point parameters, got {p.dtype} (parameter {index})")
+    if p.device.type == "meta":
+        raise ValueError(f"parameter {index} is on the meta device (it has no values to filter); "
+                         "materialise the model first (model.to_empty(device=...) and initialise it), "
+                         "then build the optimizer")
+    if p.is_sparse:
+        raise ValueError(f"parameter {index} is a sparse tensor; KalmanOptimizer needs dense parameters")
 
 
 class KalmanOptimizer(Optimizer):
@@ -65,73 +88,103 @@ class KalmanOptimizer(Optimizer):
         granularity: ``"layer"`` (one filter per parameter tensor, as the authors) or
             ``"global"`` (the whole group as one filter).
         implementation: ``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest usable).
+        foreach, fused: torch.optim's flags, aliases of ``implementation`` (``foreach=True`` →
+            ``"foreach"``, ``fused=True`` → ``"fused"``, ``foreach=False`` → ``"reference"``);
+            flags that disagree with each other or with ``implementation`` raise ``ValueError``.
         guard: the positive-definiteness guard of the product surrogates (``False`` for exact
             reproductions of the released code).
         **hyperparameters: the composition's hyper-parameters (``kalmanopt list`` shows them).
+
+    The options (everything but the hyper-parameters) are listed with their types, defaults and
+    choices in :data:`kalmanopt.options.OPTIONS`. Hyper-parameters may be numpy scalars, and
+    ``lr`` a 1-element tensor, as in torch.optim; both are stored as Python numbers.
+    ``param_groups`` may be edited between steps: every step checks them first
+    (:meth:`validate_groups`) and refuses a bad value before anything changes.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], filter: Composition, *,
                  loss_statistic: str = "second_moment", strict: bool = False,
-                 track_diagnostics: bool = False, **hyperparameters: Any) -> None:
+                 track_diagnostics: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 **hyperparameters: Any) -> None:
         if not isinstance(filter, Composition):
             raise TypeError(f"filter must be a kalmanopt Composition, got {type(filter).__name__}; "
                             "use kalmanopt.create(name, params, ...) for a preset")
-        if loss_statistic not in LOSS_STATISTICS:
-            raise ValueError(f"unknown loss_statistic {loss_statistic!r}; valid choices: "
-                             f"{', '.join(LOSS_STATISTICS)}")
         self.filter = filter
         self.specs = filter.hyperparameters()
-        self.loss_statistic = loss_statistic
-        self.strict = bool(strict)
-        self.track_diagnostics = bool(track_diagnostics)
+        self.loss_statistic = OPTION_TABLE["loss_statistic"].check(loss_statistic)
+        self.strict = OPTION_TABLE["strict"].check(strict)
+        self.track_diagnostics = OPTION_TABLE["track_diagnostics"].check(track_diagnostics)
         self._warned: set[str] = set()
         self._diagnostics: dict[str, dict[str, Tensor]] = {}
         self._predicted = False
-        unknown = set(hyperparameters) - set(self.specs) - set(OPTIONS)
+        unknown = set(hyperparameters) - set(self.specs) - set(GROUP_OPTIONS)
         if unknown:
             raise TypeError(
                 f"unknown keyword(s) {sorted(unknown)} for {filter.name!r}; valid hyper-parameters: "
-                f"{', '.join(sorted(self.specs))}; options: {', '.join(sorted(OPTIONS))}, "
-                "loss_statistic, strict, track_diagnostics"
+                f"{', '.join(sorted(self.specs))}; options: {', '.join(sorted(OPTION_TABLE))}; "
+                "torch flags: foreach, fused"
             )
+        if foreach is not None or fused is not None:
+            hyperparameters["implementation"] = implementation_from_torch_flags(
+                hyperparameters.get("implementation"), foreach, fused)
         defaults = {name: spec.default for name, spec in self.specs.items()}
-        defaults.update(OPTIONS)
+        defaults.update(option_defaults("group"))
         defaults.update(hyperparameters)
         self._validate_group(defaults)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
-    def _validate_group(self, group: Mapping[str, Any]) -> None:
-        for name, spec in self.specs.items():
-            spec.check(group[name])
-        for part in self.filter.parts().values():
-            part.check_hyperparameters(group)
-        if group["granularity"] not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {group['granularity']!r}; valid choices: "
-                             f"{', '.join(GRANULARITIES)}")
-        if group["implementation"] is not None and group["implementation"] not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown implementation {group['implementation']!r}; valid choices: "
-                             f"{', '.join(IMPLEMENTATIONS)} or None (the fastest that applies)")
-        if not isinstance(group["guard"], bool):
-            raise TypeError(f"guard must be True or False, got {group['guard']!r}")
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a group's hyper-parameters and options and normalise them in place (numpy → Python)."""
+        group.update(checked_group_values(self, group))
+
+    def validate_groups(self) -> None:
+        """Check every parameter group before a step reads it (see :func:`kalmanopt.groups.validate_groups`).
+
+        ``param_groups`` can be edited between steps; a bad value (``lr`` NaN, negative or a string)
+        raises ``ValueError``/``TypeError`` naming the group, and nothing changes.
+        """
+        validate_groups(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (torch semantics); its values are validated before it is added."""
+        """Add a group (torch semantics); its values are validated before it is added.
+
+        torch's ``foreach``/``fused`` flags in the group are read as ``implementation``.
+        """
+        if isinstance(param_group, dict) and any(flag in param_group for flag in TORCH_FLAGS):
+            param_group = dict(param_group)
+            foreach, fused = param_group.pop("foreach", None), param_group.pop("fused", None)
+            wanted = implementation_from_torch_flags(param_group.get("implementation"), foreach, fused)
+            if wanted is not None:  # (fused=False alone keeps the optimizer's default)
+                param_group["implementation"] = wanted
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError("KalmanOptimizer does not support complex parameters (the filter "
-                                     "is defined over real weights); view them as real with "
-                                     "torch.view_as_real")
-                if not p.is_floating_point():
-                    raise ValueError(f"KalmanOptimizer needs floating-point parameters, got {p.dtype}")
+            for index, p in enumerate(group["params"]):
+                check_parameter(p, index)
             self._validate_group(group)
             resolve_engine(self.filter, group)
         except Exception:
             self.param_groups.pop()
             raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, groups) plus the filter and the options, for deepcopy and pickle."""
+        state = super().__getstate__()
+        state.update(filter=self.filter, specs=self.specs, loss_statistic=self.loss_statistic,
+                     strict=self.strict, track_diagnostics=self.track_diagnostics,
+                     _warned=set(self._warned), _diagnostics=dict(self._diagnostics),
+                     _predicted=self._predicted)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch adds defaults["differentiable"]; kalmanopt has no such option (a group would inherit it)
+        if "differentiable" not in self.specs:
+            self.defaults.pop("differentiable", None)
+        self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_diagnostics", {})
+        self.__dict__.setdefault("_predicted", False)
 
     def _group_key(self, index: int) -> str:
         return f"group{index}"
@@ -179,6 +232,7 @@ class KalmanOptimizer(Optimizer):
         """
         if self._predicted:
             return
+        self.validate_groups()
         driver.run_predict(self, None)
 
     @torch.no_grad()
@@ -195,6 +249,7 @@ class KalmanOptimizer(Optimizer):
             ``True`` if the update was applied, ``False`` if it was skipped (non-finite input). This
             reads a device value (one synchronisation).
         """
+        self.validate_groups()
         loss, statistic = self._as_tensors(loss_mean, loss_statistic)
         return driver.run_two_phase_update(self, loss, statistic)
 
@@ -212,8 +267,9 @@ class KalmanOptimizer(Optimizer):
         Returns:
             The loss (the closure's, if one was given).
         """
+        self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)
-        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
+        mean, statistic = self._split_step_loss(loss)
         driver.run_step(self, mean, statistic)
         return loss
 
@@ -221,14 +277,32 @@ class KalmanOptimizer(Optimizer):
     def _needs_statistic(self) -> bool:
         return any(group["r"] is None for group in self.param_groups if "r" in group)
 
+    def _split_step_loss(self, loss: Any) -> tuple[Tensor, Tensor | None]:
+        """(L_k, s_k) of a step's loss; warns once when an online R has only the mean to follow."""
+        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
+        if statistic is not None and as_loss_tensor(loss).numel() == 1:
+            self._warn_once("scalar loss", "step() was given one number (the mean loss) while R is estimated "
+                            "online (r=None), so R follows mean² rather than the second moment of the per-sample "
+                            "losses; pass step(loss=per_sample_losses) (reduction='none'), or fix r")
+        return mean, statistic
+
     def _as_tensors(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None
                     ) -> tuple[Tensor, Tensor | None]:
-        loss = torch.as_tensor(loss_mean).detach()
+        loss = as_loss_tensor(loss_mean)
         if loss.numel() != 1:
             raise ValueError(f"update() takes the mean loss (one number), got a tensor of shape "
                              f"{tuple(loss.shape)}; use step(loss=per_sample_losses) for those")
-        loss = loss.reshape(())
-        statistic = None if loss_statistic is None else torch.as_tensor(loss_statistic).detach().reshape(())
+        loss = loss.reshape(()).to(statistics_dtype(loss.dtype))
+        statistic = None
+        if loss_statistic is not None:
+            statistic = as_loss_tensor(loss_statistic)
+            if statistic.numel() != 1:
+                raise ValueError(
+                    f"update(loss_mean, loss_statistic) takes the loss statistic s_k (one number: "
+                    f"{self.loss_statistic!r}, e.g. kalmanopt.loss_statistic(losses, {self.loss_statistic!r})), "
+                    f"got a tensor of shape {tuple(statistic.shape)}; per-sample losses go to "
+                    "step(loss=per_sample_losses)")
+            statistic = statistic.reshape(()).to(statistics_dtype(statistic.dtype))
         if statistic is None and self._needs_statistic():
             raise ValueError("r is None (online noise estimate), so update() needs the loss statistic: "
                              "update(loss_mean, loss_statistic)")
@@ -286,88 +360,45 @@ class KalmanOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping filter state in its own precision.
 
-        The state is checked against this optimizer's parameters first: a state that does not fit
-        (other groups, sizes, or another composition) raises ``ValueError`` and changes nothing.
-        Tensors move to each parameter's device, so a state saved on CUDA loads on CPU.
+        As torch's: the load-state-dict pre-hooks run first (and may return a replacement dict),
+        the post-hooks last. In between, everything the optimizer will use is checked
+        (:func:`kalmanopt.checkpoint.checked_state`): groups, hyper-parameters, every state tensor's
+        shape, kind and finiteness. A state that does not fit raises ``ValueError`` and changes
+        nothing. Options an older dict lacks take this optimizer's defaults; counters saved as
+        Python numbers are converted. Tensors move to each parameter's device, so a state saved
+        on CUDA loads on CPU; the optimizer never shares tensors with the dict.
         """
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
-        saved_filter = state_dict.get("filter")
-        if saved_filter is not None and saved_filter != self._filter_signature():
-            raise ValueError(f"the state was saved by another filter ({saved_filter}); this optimizer runs "
-                             f"{self.filter.name!r} ({self._filter_signature()})")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state has {len(saved_groups)} parameter group(s), this optimizer "
-                             f"{len(self.param_groups)}")
-        id_map: dict[int, Tensor] = {}
-        new_groups = []
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"group {index}: the state has {len(saved['params'])} parameters, "
-                                 f"this optimizer {len(group['params'])}")
-            # other keys (a scheduler's initial_lr, a user's label) travel with the group, as in torch
-            missing = set(self.specs) - set(saved)
-            if missing:
-                raise ValueError(f"group {index}: the state was saved by another composition (it lacks the "
-                                 f"hyper-parameters {sorted(missing)}); this optimizer runs {self.filter.name!r}")
-            merged = {k: v for k, v in saved.items() if k != "params"}
-            merged["params"] = group["params"]
-            self._validate_group({**OPTIONS, **merged})
-            new_groups.append(merged)
-            id_map.update(zip(saved["params"], group["params"]))
-        new_state: dict[Any, Any] = {}
-        for key, value in state_dict["state"].items():
-            if key in id_map:
-                param = id_map[key]
-                self._check_param_state(param, value)
-                new_state[param] = _to_device(value, param.device, state_dtype(param.dtype))
-            elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
-                    and int(key[5:]) < len(self.param_groups):
-                params = self.param_groups[int(key[5:])]["params"]
-                device = params[0].device if params else torch.device("cpu")
-                dtype = torch.float32
-                for p in params:
-                    dtype = torch.promote_types(dtype, state_dtype(p.dtype))
-                if not isinstance(value, Mapping):
-                    raise ValueError(f"state {key!r} must be a dict of tensors, got {type(value).__name__}")
-                if "global" in value:
-                    total = sum(p.numel() for p in params)
-                    self._check_vectors(value["global"], total, f"{key}/global")
-                new_state[key] = _to_device(value, device, dtype)
-            else:
-                raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        checked = checked_state(self, state_dict)
         # everything checked: commit
-        self.param_groups[:] = new_groups
+        self.param_groups[:] = checked.param_groups
         self.state.clear()
-        self.state.update(new_state)
-        first = self.state.get(self._group_key(0), {})
-        self._predicted = bool(first["predicted"]) if "predicted" in first else False
-
-    def _check_param_state(self, param: Tensor, value: Any) -> None:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"state of a parameter must be a dict of tensors, got {type(value).__name__}")
-        self._check_vectors(value, param.numel(), f"parameter of shape {tuple(param.shape)}")
-
-    @staticmethod
-    def _check_vectors(value: Mapping[str, Any], numel: int, where: str) -> None:
-        for name, t in value.items():
-            if not isinstance(t, Tensor):
-                raise ValueError(f"state {name!r} of {where} is not a tensor ({type(t).__name__})")
-            if t.dim() >= 1 and t.shape[-1] != numel:
-                raise ValueError(f"state {name!r} of {where} has shape {tuple(t.shape)}, which does not "
-                                 f"fit {numel} parameter(s)")
+        self.state.update(checked.state)
+        self._predicted = checked.predicted
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def step_loss(closure: Callable[[], Tensor] | None, loss: Tensor | None, owner: str) -> Tensor:
     """The loss a ``step(closure=None, *, loss=None)`` works with: ``loss``, else the closure's.
 
-    The closure runs with gradients enabled (it calls ``backward``) whenever one is given.
+    The closure runs with gradients enabled (it calls ``backward``) whenever one is given. It must
+    return the loss: a tensor (per-sample losses or their mean) or a Python number; a tuple or a
+    dict is a ``TypeError`` saying so.
     """
     if closure is not None:
         with torch.enable_grad():
             out = closure()
         if loss is None:
+            if out is None or isinstance(out, (tuple, list, dict)):
+                raise TypeError(f"the closure returned {type(out).__name__}; {owner}.step(closure) needs it to "
+                                "return the loss: a tensor of per-sample losses or their mean, or a Python number "
+                                "(return loss, not (loss, output) or a dict)")
             loss = out
     if loss is None:
         raise TypeError(f"{owner}.step needs the loss: step(loss=per_sample_losses) or "

@@ -211,7 +211,7 @@ def test_implementation_choice_and_errors():
 
 def test_cpu_fast_path_does_not_import_triton():
     _train("koala++", "foreach", steps=2)
-    assert "kalmanopt.fast.kernels" not in sys.modules
+    assert "kalmanopt.engines.triton_source" not in sys.modules
 
 
 def test_bfloat16_parameters_keep_float32_state():

@@ -8,6 +8,11 @@ injected into the loss, the statistic or a gradient at random steps. Two invaria
 - non-finite input changes nothing: parameters and state stay bit for bit, one counter moves.
 
 ``FUZZ_EXAMPLES`` counts the examples tried in this process (reported by the last test).
+
+Volume: 60 examples per (preset, implementation) in the default, derandomised "ci" profile
+(``tests/conftest.py``); ``HYPOTHESIS_PROFILE=deep`` draws 2000 with random seeds, and
+``KALMANOPT_FUZZ_EXAMPLES=N`` sets the number in either. Failing examples found are kept below as
+explicit ``@example`` cases (:func:`test_fuzz_examples_found_earlier`), replayed on every run.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from collections import Counter
 import pytest
 import torch
 from cases import CASES, PRESETS
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
 
-EXAMPLES = int(os.environ.get("KALMANOPT_FUZZ_EXAMPLES", "60"))
+#: examples per (preset, implementation): KALMANOPT_FUZZ_EXAMPLES, else 60 in the "ci" profile and the
+#: profile's max_examples in any other ("deep": 2000)
+EXAMPLES = int(os.environ.get("KALMANOPT_FUZZ_EXAMPLES", "0")) or (
+    60 if settings.get_current_profile_name() == "ci" else settings().max_examples)
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_EXAMPLES: Counter = Counter()
 
@@ -200,6 +208,32 @@ def test_fuzz_finite_in_finite_out_and_bad_input_changes_nothing(preset, impleme
     hp = data.draw(hyperparameters(preset), label="hyperparameters")
     steps = data.draw(schedule(len(param_shapes)), label="steps")
     _fuzz_run(preset, implementation, dtype, param_shapes, hp, steps, api)
+
+
+def _zero_losses(n_steps: int) -> list[dict]:
+    """A schedule of ``n_steps`` steps with gradients of magnitude 1 and all losses 0."""
+    return [{"magnitudes": [1.0], "zero_fraction": 0.0, "missing_grad": [False], "loss_scale": 0.0,
+             "negative": False, "inject": None, "value": math.nan, "where": 0, "seed": k} for k in range(n_steps)]
+
+
+#: found by hypothesis on CI (issue 9): koala++, float32, one (2, 3) parameter, sigma 1e-6, q 0, weight
+#: decay 0.1, alpha_r 0, lr 10, zero losses: S lands on the R floor, v + QH = 0, the guard S ≤ 1e-6·R
+#: does not fire, the gain is inf and inf·0 = NaN. It fails on the reference path too.
+ZERO_LOSSES_AT_THE_R_FLOOR = {
+    "dtype": torch.float32, "param_shapes": [(2, 3)], "api": "step", "steps": _zero_losses(2),
+    "hp": {"lr": 10.0, "sigma": 1e-6, "q": 0.0, "r": None, "alpha_r": 0.0, "weight_decay": 0.1,
+           "granularity": "layer", "loss_statistic": "second_moment", "track_diagnostics": False},
+}
+
+
+@pytest.mark.xfail(strict=True, reason="engine rewrite: NaN from inf·0 with S on the R floor (issue 9)")
+@pytest.mark.parametrize("implementation", [i for p, i in CASES if p == "koala++"])
+@settings(phases=[Phase.explicit], deadline=None)
+@example(run=ZERO_LOSSES_AT_THE_R_FLOOR)
+@given(run=st.just(None))  # (only the explicit examples run: Phase.explicit)
+def test_fuzz_examples_found_earlier(implementation, run):
+    """The failing examples fuzzing found, replayed on every engine of their preset on every run."""
+    _fuzz_run("koala++", implementation, **run)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -111,7 +111,7 @@ def resolved_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]
 def engine_of(optimizer: torch.optim.Optimizer) -> str:
     """The implementation the optimizer runs on: ``fused``, ``foreach``, ``reference`` (per group, joined
     by ``+`` when they differ), or ``torch`` for a torch.optim baseline."""
-    from kalmanopt.implementations import resolve_implementation
+    from kalmanopt.engines import resolve_engine as resolve_implementation
     from kalmanopt.optimizer import KalmanOptimizer
 
     if not isinstance(optimizer, KalmanOptimizer):

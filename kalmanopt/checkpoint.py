@@ -1,0 +1,267 @@
+"""Checking a state dict before it is loaded: everything the optimizer will use, and nothing changed on failure.
+
+:meth:`KalmanOptimizer.load_state_dict` hands the dict here (after torch's load-state-dict
+pre-hooks) and commits only what :func:`checked_state` returns. The checks:
+
+- the structure (``state``, ``param_groups``), the filter that saved it, the number of groups
+  and of parameters per group;
+- every group's hyper-parameters and options (range and type, as at construction); options the
+  dict lacks (an older checkpoint) are filled from this optimizer's defaults, as torch fills
+  flags added after a checkpoint was written; ``param_names`` is kept from this optimizer when the
+  dict has none (torch's semantics);
+- every state entry against the layout the composition creates: the same keys, each tensor's
+  shape (0-d included; vectors the length of their parameter), floating, integer or boolean as
+  created, floating values finite, and R_k > 0. Python numbers where 0-d tensors belong (step
+  counters saved as ints) are converted, as torch converts a non-tensor ``step``.
+
+The layout is not written down twice: it is read from two throw-away optimizers over probe
+parameters of two sizes, one update each, so a dimension that follows the parameter's size is
+told apart from a fixed one (KOALA-M's 2×2 P, the low-rank buffers' m − 1 rows).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kalmanopt.groups import checked_group_values
+from kalmanopt.layers import state_dtype
+from kalmanopt.options import GROUP_OPTIONS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.optimizer import KalmanOptimizer
+
+__all__ = ["CheckedState", "checked_state", "state_layout"]
+
+#: the sizes of the two probe parameters the state layout is read from
+PROBE_SIZES = (5, 7)
+#: a dimension of the layout that follows the size of the layer (its parameters' numel)
+N = "n"
+#: group-state entries that must be positive (R_k ≥ the smallest normal number, see LossMeasurement)
+POSITIVE = ("R",)
+#: group-state entries an older checkpoint may lack, with the value they start from (event counters)
+FILLED = {"predicted": False, "steps": 0, "nonfinite_steps": 0, "skipped_layers": 0, "guard_restarts": 0,
+          "rows_dropped": 0}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape (``N`` for the layer size) and kind (``"f"``, ``"i"``, ``"b"``) of one state tensor."""
+
+    shape: tuple
+    kind: str
+
+    def expected(self, n: int) -> tuple:
+        return tuple(n if d == N else d for d in self.shape)
+
+
+@dataclass
+class CheckedState:
+    """What :func:`checked_state` found valid: the groups and state to commit, ready to use."""
+
+    param_groups: list[dict[str, Any]]
+    state: dict[Any, Any]
+    predicted: bool
+
+
+def _kind(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "b"
+    return "f" if t.is_floating_point() else "i"
+
+
+def _probe_state(opt: KalmanOptimizer, group: Mapping[str, Any], size: int) -> dict:
+    """The state of a throw-away optimizer with this filter and group, over one parameter of ``size``."""
+    from kalmanopt.optimizer import KalmanOptimizer
+
+    p = torch.nn.Parameter(torch.linspace(0.5, 1.5, size, dtype=torch.float64))
+    values = {name: group[name] for name in opt.specs}
+    values.update({name: group[name] for name in GROUP_OPTIONS})
+    values["implementation"] = "reference"
+    probe = KalmanOptimizer([p], opt.filter, loss_statistic=opt.loss_statistic, **values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(2):  # two updates: every entry a layer keeps exists after its second
+            p.grad = torch.linspace(1.0, 2.0 + k, size, dtype=torch.float64)
+            probe.predict()
+            probe.update(torch.tensor(1.0 + k, dtype=torch.float64), torch.tensor(2.0 + k, dtype=torch.float64))
+    state = probe.state_dict()["state"]
+    return {"group": state.get("group0", {}), "layer": state.get(0, {})}
+
+
+def _layout(a: Any, b: Any, sizes: tuple[int, int]) -> Any:
+    """The layout of two probe states: dimensions that follow the probe size become ``N``."""
+    if isinstance(a, Mapping):
+        return {k: _layout(a[k], b[k], sizes) for k in a if k in b}
+    shape = tuple(N if (da, db) == sizes else da for da, db in zip(a.shape, b.shape))
+    return TensorSpec(shape, _kind(a))
+
+
+def state_layout(opt: KalmanOptimizer, group: Mapping[str, Any]) -> dict[str, dict]:
+    """``{"group": {key: TensorSpec | {key: TensorSpec}}, "layer": {key: TensorSpec}}`` for ``group``."""
+    small, large = (_probe_state(opt, group, size) for size in PROBE_SIZES)
+    return {part: _layout(small[part], large[part], PROBE_SIZES) for part in ("group", "layer")}
+
+
+def _check_entries(value: Any, layout: Mapping[str, Any], n: int, where: str, dtype: torch.dtype,
+                   device: torch.device, optional: tuple = (), filled: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """``value`` checked against ``layout`` and copied to ``device`` (floating tensors in ``dtype``).
+
+    Keys in ``optional`` may be absent; keys in ``filled`` may be absent and then take that value.
+    """
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a dict of tensors, got {type(value).__name__}")
+    filled = {k: v for k, v in (filled or {}).items() if k in layout and k not in value}
+    value = {**value, **filled}
+    missing = sorted(set(layout) - set(value) - set(optional))
+    unexpected = sorted(set(value) - set(layout), key=str)
+    if missing:
+        raise ValueError(f"{where} lacks {missing} (this optimizer keeps {sorted(layout)} there)")
+    if unexpected:
+        raise ValueError(f"{where} has unexpected entries {unexpected} (this optimizer keeps {sorted(layout)} there)")
+    out: dict[str, Any] = {}
+    for key, spec in layout.items():
+        if key not in value:
+            continue
+        name = f"{where}[{key!r}]"
+        if isinstance(spec, Mapping):
+            if value[key]:  # an empty nested layer state is a layer that has not been updated yet
+                out[key] = _check_entries(value[key], spec, n, name, dtype, device)
+            continue
+        out[key] = _checked_tensor(value[key], spec, n, name, dtype, device)
+        if key in POSITIVE and not bool((out[key] > 0).all()):
+            raise ValueError(f"{name} = {out[key].tolist()} must be positive")
+    return out
+
+
+def _checked_tensor(t: Any, spec: TensorSpec, n: int, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    target = {"f": dtype, "i": torch.int64, "b": torch.bool}[spec.kind]
+    if isinstance(t, bool) or (isinstance(t, (int, float)) and spec.kind != "b"):
+        if spec.shape != ():
+            raise ValueError(f"{name} is the number {t!r}; a tensor of shape {spec.expected(n)} belongs there")
+        if spec.kind == "i" and not float(t).is_integer():
+            raise ValueError(f"{name} = {t!r} must be a whole number")
+        t = torch.tensor(t, dtype=target)
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} is not a tensor ({type(t).__name__})")
+    if tuple(t.shape) != spec.expected(n):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not fit this optimizer: it needs "
+                         f"{spec.expected(n)}")
+    kind = _kind(t)
+    if kind != spec.kind and not (spec.kind == "f" and kind == "i") and not (spec.kind == "i" and kind == "b"):
+        words = {"f": "floating-point", "i": "integer", "b": "boolean"}
+        raise ValueError(f"{name} is {words[kind]} ({t.dtype}); a {words[spec.kind]} tensor belongs there")
+    if t.is_complex() or t.is_sparse:
+        raise ValueError(f"{name} must be a dense real tensor")
+    if kind == "f" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} is not finite; a checkpoint with NaN or inf filter state would write them "
+                         "into the weights at the next step")
+    return t.to(device=device, dtype=target, copy=True)
+
+
+def _group_dtype_device(params: list[Tensor]) -> tuple[torch.dtype, torch.device]:
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, state_dtype(p.dtype))
+    return dtype, params[0].device if params else torch.device("cpu")
+
+
+def _checked_groups(opt: KalmanOptimizer, saved_groups: Any) -> list[dict[str, Any]]:
+    if not isinstance(saved_groups, (list, tuple)):
+        raise ValueError(f"'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"the state has {len(saved_groups)} parameter group(s), this optimizer "
+                         f"{len(opt.param_groups)}")
+    new_groups = []
+    for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"param_groups[{index}] must be a dict with a 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"group {index}: the state has {len(saved['params'])} parameters, "
+                             f"this optimizer {len(group['params'])}")
+        missing = set(opt.specs) - set(saved)
+        if missing:
+            raise ValueError(f"group {index}: the state was saved by another composition (it lacks the "
+                             f"hyper-parameters {sorted(missing)}); this optimizer runs {opt.filter.name!r}")
+        # other keys (a scheduler's initial_lr, a user's label) travel with the group, as in torch
+        merged = {k: v for k, v in saved.items() if k != "params"}
+        for name in GROUP_OPTIONS:  # an older checkpoint: the options it lacks take this optimizer's defaults
+            merged.setdefault(name, opt.defaults[name])
+        try:
+            merged.update(checked_group_values(opt, merged))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"group {index}: {exc}") from None
+        merged["params"] = group["params"]
+        if "param_names" in merged:
+            names = merged["param_names"]
+            if not isinstance(names, (list, tuple)) or len(names) != len(group["params"]) \
+                    or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"group {index}: 'param_names' must be a list of {len(group['params'])} strings")
+        elif "param_names" in group:  # torch: names this optimizer has stay when the dict brings none
+            merged["param_names"] = group["param_names"]
+        new_groups.append(merged)
+    return new_groups
+
+
+def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
+    """Check ``state_dict`` against ``opt`` and return what loading it commits; ``ValueError`` if it does not fit.
+
+    Nothing of ``opt`` changes here; the returned tensors are copies on each parameter's device.
+    """
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
+    saved_filter = state_dict.get("filter")
+    if saved_filter is not None and saved_filter != opt._filter_signature():
+        raise ValueError(f"the state was saved by another filter ({saved_filter}); this optimizer runs "
+                         f"{opt.filter.name!r} ({opt._filter_signature()})")
+    new_groups = _checked_groups(opt, state_dict["param_groups"])
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        raise ValueError(f"'state' must be a dict, got {type(saved_state).__name__}")
+
+    layouts: dict[int, dict] = {}
+
+    def layout(index: int) -> dict:
+        if index not in layouts:
+            layouts[index] = state_layout(opt, new_groups[index])
+        return layouts[index]
+
+    owner: dict[Any, tuple[int, Tensor]] = {}
+    for index, (saved, group) in enumerate(zip(state_dict["param_groups"], opt.param_groups)):
+        for key, p in zip(saved["params"], group["params"]):
+            owner[key] = (index, p)
+    new_state: dict[Any, Any] = {}
+    for key, value in saved_state.items():
+        if key in owner:
+            index, p = owner[key]
+            if isinstance(value, Mapping) and not value:
+                continue  # no state yet for this parameter
+            if new_groups[index]["granularity"] == "global":
+                raise ValueError(f"state of parameter {key!r}: group {index} runs one global filter, which keeps "
+                                 "its state in the group, not per parameter")
+            new_state[p] = _check_entries(value, layout(index)["layer"], p.numel(),
+                                          f"state of parameter {key!r} (shape {tuple(p.shape)})",
+                                          state_dtype(p.dtype), p.device)
+        elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
+                and int(key[5:]) < len(opt.param_groups):
+            index = int(key[5:])
+            params = opt.param_groups[index]["params"]
+            dtype, device = _group_dtype_device(params)
+            group_layout = dict(layout(index)["group"])
+            nested = [k for k, v in group_layout.items() if isinstance(v, Mapping)]
+            if new_groups[index]["granularity"] != "global":
+                for k in nested:
+                    group_layout.pop(k)
+            new_state[key] = _check_entries(value, group_layout, sum(p.numel() for p in params),
+                                            f"state {key!r}", dtype, device, optional=tuple(nested),
+                                            filled=FILLED if isinstance(value, Mapping) else None)
+        else:
+            raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
+    first = new_state.get(opt._group_key(0), {})
+    predicted = bool(first["predicted"]) if "predicted" in first else False
+    return CheckedState(new_groups, new_state, predicted)
