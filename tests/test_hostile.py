@@ -331,7 +331,7 @@ def _xfail_if(failing: bool) -> list:
 
 
 def _first_step_nan_fails(preset, implementation) -> bool:
-    return implementation == "foreach" and preset in ("koala-m", "koala-v")
+    return False  # (fixed by the contract engines: the first predict is masked by the step's inputs)
 
 
 @pytest.mark.parametrize("preset,implementation", [
@@ -367,7 +367,7 @@ def test_a_step_without_any_gradient_changes_nothing_and_warns_once(preset, impl
 
 
 def _update_without_predict_fails(preset, implementation) -> bool:
-    return preset in ("koala-m", "koala-v")
+    return preset == "koala-m"
 
 
 @pytest.mark.parametrize("preset,implementation", [
@@ -390,7 +390,6 @@ def test_update_without_predict_equals_predict_then_update_or_raises(preset, imp
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.xfail(strict=True, reason=ENGINE + ": KeyError '_nonfinite_watch' under torch.compile")
 def test_torch_compile_of_step_works_or_raises_a_clear_error():
     model = _model(dtype=torch.float32)
     opt = kalmanopt.create("koala++", model.parameters())

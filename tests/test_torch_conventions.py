@@ -169,9 +169,7 @@ def test_param_names_of_the_wrong_length_are_refused():
 
 # ----------------------------------------------------------------------------- 5. state precision
 def _state_dtype_is_independent_of_the_engine_xfail(preset: str, implementation: str) -> list:
-    if implementation == "foreach" and preset in PRODUCT_PRESETS:
-        return [pytest.mark.xfail(strict=True, reason="engine rewrite: foreach keeps S in the group's precision")]
-    return []
+    return []  # (every engine keeps state in promote(dtype, float32) since the contract engines)
 
 
 @pytest.mark.parametrize("preset,implementation", [
@@ -195,9 +193,7 @@ def test_filter_state_is_kept_in_the_parameter_precision_at_least_float32(preset
 
 # ----------------------------------------------------------------------------- 6. no empty state entries
 @pytest.mark.parametrize("preset,implementation", [
-    pytest.param(p, i, marks=[pytest.mark.xfail(strict=True, reason="engine rewrite: koala-v keeps no "
-                                                "per-parameter state but creates empty entries")]
-                 if p == "koala-v" else []) for p, i in CASES])
+    pytest.param(p, i) for p, i in CASES])
 def test_no_empty_per_parameter_state_entries(preset, implementation):
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)

@@ -47,7 +47,6 @@ FP16_REDUCED_PRECISION = {"atol": 1e-5, "rtol": 1e-4}
 
 #: ported tests that fail today, with the reason: strict xfails, so a fix shows as XPASS
 EXPECTED_FAILURES = {
-    ("test_non_empty_state", "koala-v"): "engine rewrite: koala-v creates empty per-parameter state entries",
 }
 
 
