@@ -2,7 +2,7 @@
 
 Random walk: the state is θ, F = I, Q = q I. Momentum (KOALA-M): the state is (θ, u) with u a
 velocity, F = [[1, 1], [0, a]], and Q = diag(q_w, q_v) with q_w adapted online from how far the
-weights move from their running average (DESIGN.md §4, "2×2 block").
+weights move from their running average (:ref:`docs/derivation.md §3 <derivation-koala-m>`).
 """
 
 from __future__ import annotations

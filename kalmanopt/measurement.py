@@ -1,4 +1,4 @@
-"""The measurement model: what a minibatch tells the filter (DESIGN.md §3).
+"""The measurement model: what a minibatch tells the filter (:ref:`docs/derivation.md §1 <derivation-measurement>`).
 
 Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* = 0. Per layer the
 measurement Jacobian is the gradient with weight decay folded in, and the measured value is the

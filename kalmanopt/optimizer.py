@@ -47,7 +47,7 @@ class KalmanOptimizer(Optimizer):
                 θ_ℓ ← θ_ℓ − η_k L_ℓ K_ℓ
             posterior P_k = (I − K H) P̂_k  (as the surrogate represents it)
 
-    Two ways to drive it (DESIGN.md §5)::
+    Two ways to drive it (:ref:`docs/derivation.md §3 <derivation-two-apis>`)::
 
         losses = F.cross_entropy(model(x), y, reduction="none")
         opt.zero_grad(); losses.mean().backward(); opt.step(loss=losses)

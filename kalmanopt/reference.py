@@ -1,8 +1,8 @@
-"""The reference path: per layer, readable, each line the DESIGN.md equation it implements.
+"""The reference path: per layer, readable, each line the equation of :ref:`derivation` it implements.
 
 This is the teaching code and the oracle the fast paths are tested against. It synchronises
 with the host where a branch needs a value (the skip rule, the guard), which the fast paths
-avoid. The arithmetic itself lives in the parts; this module is the loop that drives them:
+avoid. The arithmetic itself lives in the parts; this module is the loop that drives them::
 
     predict:  x̂_k = F x_{k-1};  P̂_k = F P_{k-1} Fᵀ + Q
     update:   R_k from the measurement model, then per layer ℓ

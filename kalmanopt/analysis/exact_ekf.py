@@ -1,4 +1,4 @@
-"""The exact extended Kalman filter with the full covariance P, for small models (DESIGN.md §1).
+"""The exact extended Kalman filter with the full covariance P, for small models (derivation :eq:`eq-ekf`).
 
 With H_k = ∇L_k(θ_{k-1}) + wd θ (a row vector), L_k the measured loss and random-walk dynamics
 (F = I), one step is

@@ -1,4 +1,4 @@
-"""The interfaces of covariance surrogates and least-squares estimators (DESIGN.md §2, §4)."""
+"""The interfaces of covariance surrogates and least-squares estimators (:ref:`docs/design.md <design-contracts>`)."""
 
 from __future__ import annotations
 

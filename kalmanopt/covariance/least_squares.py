@@ -1,4 +1,4 @@
-"""Least-squares estimators of P_{k-2} from the constraints A P̃ = W (DESIGN.md §4).
+"""Least-squares estimators of P_{k-2} from the constraints A P̃ = W (:ref:`derivation §6 <derivation-least-squares>`).
 
 With A the stacked rows (H_{k-1}, ..., H_{k-m}) and W their products with P_{k-2}, and
 G = (A Aᵀ)⁻¹:

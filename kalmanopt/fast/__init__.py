@@ -1,6 +1,6 @@
 """The fast paths: ``implementation="foreach"`` (multi-tensor, any device) and ``"fused"`` (CUDA, Triton).
 
-Both follow DESIGN.md §4's two-pass structure and are tested equal to the reference path. Both
+Both follow the :ref:`two-pass <derivation-one-pass>` structure and are tested equal to the reference path. Both
 run :meth:`KalmanOptimizer.step` without a host-device synchronisation (see
 :mod:`kalmanopt.fast.step`). Triton is imported only when a fused step first runs, so this
 package imports without it.

@@ -1,6 +1,6 @@
 """The multi-tensor path (``implementation="foreach"``): any device, torch operations only.
 
-Per group and step: one pass of per-layer dot products (DESIGN.md §4), the per-layer
+Per group and step: one pass of per-layer dot products (:ref:`derivation §5 <derivation-one-pass>`), the per-layer
 coefficients for all layers at once (:mod:`kalmanopt.fast.support`), one element-wise pass of
 in-place updates. Branches that the reference path takes on the host (the skip rule, the guard,
 a non-finite step) are masks on the device: no host-device synchronisation on CUDA.

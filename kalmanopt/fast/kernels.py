@@ -3,7 +3,7 @@
 A parameter group is a list of *segments* (parameter tensors), each cut into *chunks* of
 ``CHUNK`` elements; one program handles one chunk in blocks of ``BLOCK``. Tensors are addressed
 as a base tensor plus a per-segment element offset (so the compiler knows the alignment and loads
-16 bytes at a time); a chunk that is full runs unmasked. Per step:
+16 bytes at a time); a chunk that is full runs unmasked. Per step::
 
     dots_kernel        per-chunk partial dot products          (the reduction pass)
     layer_sum_kernel   per-layer sums of the partials (deterministic, no atomics)

@@ -1,6 +1,6 @@
 """Which compositions the fast paths run, and the per-layer scalar arithmetic they share.
 
-The fast paths follow DESIGN.md §4's two-pass structure: one pass of per-layer dot products,
+The fast paths follow the :ref:`two-pass <derivation-one-pass>` structure: one pass of per-layer dot products,
 then, from those few numbers, per-layer coefficients, then one element-wise pass. This module
 holds the middle step (the coefficients, in torch, vectorised over layers) for the multi-tensor
 path; the fused path computes the same numbers in a Triton kernel (:mod:`kalmanopt.fast.kernels`).
