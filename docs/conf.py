@@ -15,10 +15,12 @@ which is what links the code to the derivation.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -110,3 +112,28 @@ if _mathjax is not None and _mathjax.is_file():
 
 # The architecture diagram of design.md, drawn by a script of this folder (matplotlib, SVG).
 architecture.draw(DOCS / "img" / "architecture.svg")
+
+
+# --- plain-text formulas in docstrings -----------------------------------------------------------
+_INTRO = re.compile(r"^(?P<indent>\s*)(?![:.]{1,2}\S)(?P<text>\S.*[^:]):$")
+
+
+def literal_formula_blocks(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+    """Show the code's indented plain-text formula blocks as they are written.
+
+    The docstrings write equations as a paragraph ending in ``:``, a blank line and an indented
+    block (``v_k = (α_k − λ_k) v_{k-1} + ...``), readable in a terminal. reST would make that
+    block a quotation and run its lines together; ending the paragraph with ``::`` instead makes
+    it a literal block, line for line. Runs after napoleon, so ``Args:`` and the like are gone.
+    """
+    for i in range(len(lines) - 2):
+        match = _INTRO.match(lines[i])
+        if not match or lines[i + 1].strip():
+            continue
+        following = next((line for line in lines[i + 2:] if line.strip()), "")
+        if len(following) - len(following.lstrip()) > len(match["indent"]):
+            lines[i] = lines[i] + ":"
+
+
+def setup(app: Any) -> None:
+    app.connect("autodoc-process-docstring", literal_formula_blocks)
