@@ -163,8 +163,9 @@ for name in ("diagnostics.png", "diagnostics-koala++-lr.png"):
 # %%
 # The first figure compares optimizers: where their ``S`` and gain scales sit, how their
 # coefficients behave, and the cumulative skipped layers. The second shows one run layer by
-# layer: here the low-rank surrogate's ``rows kept`` — how many of its ``memory - 1`` older
-# constraints survived the conditioning test — is the quantity ``koala++`` does not have.
+# layer: here the low-rank surrogate's ``rows kept`` — how many constraint rows (at most
+# ``memory``) its last step used after the conditioning test — is the quantity ``koala++`` does
+# not have.
 #
 # The numbers behind every figure are in ``metrics.jsonl`` (``kind = "diagnostics"``), one JSON
 # object per record, for your own analysis.
