@@ -1,6 +1,6 @@
 """The exact extended Kalman filter on problems small enough to hold P (n ≤ ~12), for the tests.
 
-The textbook equations of DESIGN.md §1 with F = I and Q = q I, in whatever dtype and device the
+The textbook equations of docs/derivation.md §1 with F = I and Q = q I, in whatever dtype and device the
 inputs have:
 
     predict   P̂_k = P_{k-1} + Q I

@@ -144,7 +144,7 @@ def test_hessian_refuses_a_model_too_large():
 
 # ---------------------------------------------------------------------- the exact EKF
 def _hand_ekf(X, y, w0, blocks, steps, *, sigma, q, lr, r, alpha_r, wd):
-    """The EKF of DESIGN.md §1 for f(x) = w·x, ℓ_i = ½ (w·x_i − y_i)², written out in numpy.
+    """The EKF of docs/derivation.md §1 for f(x) = w·x, ℓ_i = ½ (w·x_i − y_i)², written out in numpy.
 
     blocks: index lists of w, one filter each (the layers, or everything for a global filter).
     """

@@ -1,4 +1,4 @@
-"""Properties of the least-squares estimators (DESIGN.md §4): A P̃ = W at minimum Frobenius norm.
+"""Properties of the least-squares estimators (docs/derivation.md §6): A P̃ = W at minimum Frobenius norm.
 
 For rows A (m × n, full row rank) and products W, the vanilla estimator returns the
 minimum-norm P̃ with A P̃ = W, the symmetric one the minimum-norm symmetric P̃ (which exists when

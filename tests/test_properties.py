@@ -1,4 +1,4 @@
-"""Invariants of the optimizer as a whole, for every preset (DESIGN.md §3–§5).
+"""Invariants of the optimizer as a whole, for every preset (docs/design.md, docs/derivation.md).
 
 - the first KOALA++ step is the closed form of §4's first-update state, in every layer;
 - a skipped layer (no gradient, or ‖g‖ < 1e-9) keeps its state and parameters bit for bit;

@@ -6,7 +6,8 @@ at step k both see the same H_k = g_k + wd θ_{k-1} (the preset's weights and gr
 R_k. Every few steps it records, per filter (layer, or the whole model with granularity="global"),
 
 - the eigenvalues of the exact P_{k-1}, the covariance step k's gain is built from (before Q);
-- the eigenvalues of the surrogate's covariance at the same index:
+- the eigenvalues of the surrogate's covariance at the same index::
+
     koala-v:     p I, the shared scalar (``opt.state['group0']['P']`` before step k's predict);
     koala-diag:  diag(p_{k-1});
     koala++, koala++-ns, koala++-lr: the least-squares P̃ the estimator implies for P_{k-1}: the

@@ -33,9 +33,9 @@ def plot_spectra(result: EKFComparison | Mapping[str, Any], path: str | Path, *,
     exact P_{k-1} (solid) and of the surrogate's covariance (dashed, markers) at up to
     ``max_steps`` recorded steps. A log axis shows only positive eigenvalues, and those of a
     low-rank estimate are mostly rounding noise around zero: eigenvalues with
-    |λ| ≤ rank_tolerance · max |λ| count as zero and are not drawn; the legend gives, per step,
+    ``|λ|`` ≤ rank_tolerance · max ``|λ|`` count as zero and are not drawn; the legend gives, per step,
     how many of the surrogate's are positive and negative, and the negative ones are drawn as
-    crosses at |λ|, at their place in the descending order. On the right, cos ∠(v_k, H_k P_{k-1})
+    crosses at ``|λ|``, at their place in the descending order. On the right, cos ∠(v_k, H_k P_{k-1})
     over steps.
 
     Args:

@@ -1,4 +1,4 @@
-"""The KOALA family as compositions of parts, one short definition each (DESIGN.md §2).
+"""The KOALA family as compositions of parts, one short definition each (:ref:`docs/design.md <design-parts>`).
 
 Like ``optax.adamw = chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``, each
 preset names its measurement model, dynamics and covariance surrogate. Keyword names follow the

@@ -1,7 +1,7 @@
 """The experiment runner behind ``kalmanopt run``: train optimizers on a task, several seeds, compare.
 
     >>> from kalmanopt.runner import load_config, run_experiment
-    >>> config = load_config("configs/digits-grid.toml", quick=True)   # checked before training
+    >>> config = load_config("configs/digits-parts.toml", quick=True)   # checked before training
     >>> outcome = run_experiment(config, "runs/try")                   # doctest: +SKIP
 
 Modules: :mod:`~kalmanopt.runner.config` (the TOML format and its checks),
