@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 class Problems:
     """Collects :class:`ConfigError` messages so that a config's mistakes are all reported together.
 
+    Usage::
+
         problems = Problems()
         with problems.collect():
             check_one_thing()       # a ConfigError here is kept, and checking goes on

@@ -223,7 +223,7 @@ def plot_diagnostics(metrics: list[dict[str, Any]], records: list[dict[str, Any]
                      x_key: str = "step") -> Path | None:
     """The filters' internals compared across optimizers: per step, the median over layers.
 
-    Panels: S_k, the gain scale, |λ_k|, |α_k|, |w_k| (magnitudes on log axes; ▽ where the value
+    Panels: S_k, the gain scale, ``|λ_k|``, ``|α_k|``, ``|w_k|`` (magnitudes on log axes; ▽ where the value
     was negative), the angle between H_k and v_k (KOALA++ paper, Figure 4), the low-rank rows
     kept, and the cumulative count of skipped layers; each line is the mean over seeds with a
     ±1 std band, clipped to the quantity's valid range.
