@@ -173,9 +173,10 @@ def _run(args: argparse.Namespace) -> int:
                 outcome = run_experiment(config, out, progress=progress)
             except ConfigError as exc:
                 return _error(str(exc))
-            except KeyboardInterrupt as exc:  # before the grid started (the grid itself keeps what finished)
-                print(f"{'terminated (SIGTERM)' if isinstance(exc, _Terminated) else 'interrupted'} before any run "
-                      "started", file=sys.stderr)
+            except KeyboardInterrupt as exc:  # outside the grid's loop (which keeps what finished itself)
+                how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+                print(f"{how} outside training: every run that finished is kept in results.json; the same "
+                      "command resumes", file=sys.stderr)
                 return 143 if isinstance(exc, _Terminated) else 130
             terminated = outcome.interrupted and _Terminated.seen
     finally:
