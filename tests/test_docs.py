@@ -27,10 +27,10 @@ def _line(path: Path, number: int) -> str:
 
 
 def test_locate_finds_the_lines_of_methods_functions_constants_and_modules() -> None:
-    path, module, first, last = locate(ROOT, "kalmanopt.covariance.product.ProductSurrogate._recursion")
+    path, module, first, last = locate(ROOT, "kalmanopt.covariance.product.ProductSurrogate.coefficients")
     assert path == ROOT / "kalmanopt" / "covariance" / "product.py"
     assert module == "kalmanopt.covariance.product"
-    assert _line(path, first).lstrip().startswith("def _recursion(")
+    assert _line(path, first).lstrip().startswith("def coefficients(")
     assert last > first and _line(path, last + 1).strip() == ""  # the whole body, not more
 
     path, _, first, last = locate(ROOT, "kalmanopt.reference.SKIP_GRAD_NORM")
