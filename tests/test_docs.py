@@ -33,7 +33,7 @@ def test_locate_finds_the_lines_of_methods_functions_constants_and_modules() -> 
     assert _line(path, first).lstrip().startswith("def coefficients(")
     assert last > first and _line(path, last + 1).strip() == ""  # the whole body, not more
 
-    path, _, first, last = locate(ROOT, "kalmanopt.reference.SKIP_GRAD_NORM")
+    path, _, first, last = locate(ROOT, "kalmanopt.measurement.SKIP_GRAD_NORM")
     assert first == last and _line(path, first).startswith("SKIP_GRAD_NORM =")
 
     path, _, first, _ = locate(ROOT, "kalmanopt.registry.register_part")
