@@ -16,6 +16,7 @@ once the copy has landed (at once on the CPU, where reading costs nothing).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -88,8 +89,8 @@ def _contexts(opt: KalmanOptimizer) -> list[tuple[Any, GroupContext]]:
     out = []
     for index, group in enumerate(opt.param_groups):
         engine = resolve_engine(opt.filter, group)
-        ctx = GroupContext(opt.filter, group, opt._group_state(index), opt._layers(index),
-                           diagnostics=opt.track_diagnostics)
+        ctx = GroupContext(opt.filter, group, opt._group_state(index), functools.partial(opt._layers, index),
+                           diagnostics=opt.track_diagnostics, state=opt.state)
         out.append((engine, ctx))
     return out
 

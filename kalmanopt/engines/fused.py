@@ -19,6 +19,7 @@ Triton is imported only when a fused step first runs.
 from __future__ import annotations
 
 import importlib.util
+import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -82,6 +83,8 @@ def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
 
 
 _SLOTS: dict[tuple, tuple[Tensor, Tensor]] = {}
+#: whether an offset table (by id) has only multiples of 16 from a 16-byte aligned base
+_SLOT_ALIGNED: dict[int, bool] = {}
 
 
 def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -103,7 +106,9 @@ def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tens
     table = host.to(device, non_blocking=True)
     if len(_SLOTS) > 256:
         _SLOTS.clear()
+        _SLOT_ALIGNED.clear()
     _SLOTS[key] = (base, table)
+    _SLOT_ALIGNED[id(table)] = ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets)
     return base, table
 
 
@@ -116,8 +121,21 @@ class FusedEngine(TorchEngine):
     def __init__(self) -> None:
         super().__init__(host_branches=False)
         self._chunks: dict[tuple, _Chunks] = {}
+        self._steady_plans: dict[int, _SteadyPlan] = {}
+        self._verdicts: dict[tuple, str | None] = {}
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
+        params = group["params"]
+        key = (id(composition), id(params), len(params), tuple(str(p.device) for p in params[:1]))
+        if key in self._verdicts:
+            return self._verdicts[key]
+        verdict = self._unsupported(composition, group)
+        if len(self._verdicts) > 256:
+            self._verdicts.clear()
+        self._verdicts[key] = verdict
+        return verdict
+
+    def _unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         gap = contract_gap(composition)
         if gap is not None:
             return gap
@@ -134,33 +152,49 @@ class FusedEngine(TorchEngine):
 
     # ------------------------------------------------------------------ update
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
-        active = [layer for layer in ctx.layers if has_gradient(layer)]
-        if _eligible(active, with_grads=True) is not None:
-            work, red, scalars, numel = super().reduce_update(ctx)
-            work.extra["torch"] = True
-            return work, red, scalars, numel
         plan, _ = self._update_plan(ctx)
-        created = self._ensure_state(plan.table, active, ctx.group)
+        steady = self._steady(ctx, plan)
+        if steady is None:
+            active = [layer for layer in ctx.layers if has_gradient(layer)]
+            if _eligible(active, with_grads=True) is not None:
+                work, red, scalars, numel = super().reduce_update(ctx)
+                work.extra["torch"] = True
+                return work, red, scalars, numel
+            created = self._ensure_state(plan.table, active, ctx.group)
+            like = ctx.group_state["R"]
+            slots = self._slots(active, plan.table, with_grads=True)
+            steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([x.numel for x in active], like.device),
+                                 complete=len(active) == len(ctx.layers))
+            if steady.complete and ctx.state is not None:
+                self._steady_plans[id(ctx.group)] = steady
+            n_none = len(ctx.layers) - len(active)
+        else:
+            created = [False] * len(steady.layers)
+            n_none = 0
+        active, slots, chunks = steady.layers, steady.slots, steady.chunks
         like = ctx.group_state["R"]
         hp = _hp(ctx.group)
-        numels = [layer.numel for layer in active]
-        chunks = self._chunk_tables(numels, like.device)
-        slots = self._slots(active, plan.table, with_grads=True)
         red_names = [r.name for r in plan.reductions]
         kernels = _kernels(plan.pre, plan.reductions, plan.program, plan.outputs, slots.keys())
-        coef_names = kernels.reduce_coefs
-        table = _coef_table(coef_names, hp, {}, len(active), like)
+        table = _coef_table(kernels.reduce_coefs, hp, {}, len(active), like)
         partials = torch.empty(max(chunks.n_chunks, 1), max(len(red_names), 1), dtype=like.dtype, device=like.device)
         if chunks.n_chunks:
-            kernels.launch_reduce(chunks, slots, table, partials, like.dtype)
+            kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
         sums = torch.segment_reduce(partials[: chunks.n_chunks], "sum", lengths=chunks.counts[: len(active)],
                                     axis=0, unsafe=True, initial=0.0) if active else like.new_zeros(0, len(red_names))
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
         numel = chunks.numel[: len(active)]
-        work = _Work(ctx, [], None, hp, n_none=len(ctx.layers) - len(active))  # type: ignore[arg-type]
+        work = _Work(ctx, [], None, hp, n_none=n_none)  # type: ignore[arg-type]
         work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()))
         return work, red, scalars, numel
+
+    def _steady(self, ctx: GroupContext, plan: Any) -> _SteadyPlan | None:
+        """The cached plan of this group if it still fits this step (host checks only), refreshed."""
+        steady = self._steady_plans.get(id(ctx.group))
+        if steady is None or steady.plan is not plan or ctx.state is None:
+            return None
+        return steady if steady.fits(ctx) else None
 
     def apply_update(self, work: _Work, b: Batch) -> None:
         if work.extra.get("torch"):
@@ -239,6 +273,51 @@ class FusedEngine(TorchEngine):
         for e in table.vectors:
             slots[f"state.{e.name}"] = _slot([layer.state[e.name] for layer in layers], device)
         return slots
+
+
+class _SteadyPlan:
+    """A group's layers, slots and chunk tables, reused while the parameters, gradients and state stay put."""
+
+    def __init__(self, ctx: GroupContext, plan: Any, layers: list[Layer], slots: dict[str, tuple[Tensor, Tensor]],
+                 chunks: _Chunks, complete: bool) -> None:
+        self.plan, self.layers, self.slots, self.chunks, self.complete = plan, layers, slots, chunks, complete
+        self.params = ctx.group["params"]
+        self.n = len(self.params)
+        self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
+        self.refs = self._refs(ctx)
+        self.theta_ptrs = [p.data_ptr() for p in self.params]
+        self.grad_ptrs = [p.grad.data_ptr() for p in self.params]
+
+    def _refs(self, ctx: GroupContext) -> list[Any]:
+        state = ctx.state
+        return [state.get(p, {}).get(k) for p in self.params for k in self.keys]  # type: ignore[union-attr]
+
+    def fits(self, ctx: GroupContext) -> bool:
+        """Whether the plan still covers this step; rebinds moved gradients (host work only)."""
+        params = ctx.group["params"]
+        if params is not self.params or len(params) != self.n or ctx.group["granularity"] != "layer":
+            return False
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            return False
+        refs = self._refs(ctx)
+        if len(refs) != len(self.refs) or not all(map(operator.is_, refs, self.refs)):
+            return False
+        if [p.data_ptr() for p in params] != self.theta_ptrs:
+            return False
+        ptrs = [g.data_ptr() for g in grads]
+        if ptrs != self.grad_ptrs:
+            dtype = params[0].dtype
+            if not all(g.is_contiguous() and g.dtype == dtype for g in grads):
+                return False
+            self.slots["g"] = _slot(grads, grads[0].device)
+            self.grad_ptrs = ptrs
+        return True
+
+
+def _aligned(slots: dict[str, tuple[Tensor, Tensor]]) -> bool:
+    """Whether every slot's base is 16-byte aligned and every offset a multiple of 16 elements."""
+    return all(_SLOT_ALIGNED.get(id(table), False) for _, table in slots.values())
 
 
 def _hp(group: dict[str, Any]) -> dict[str, float]:

@@ -13,7 +13,7 @@ with the host. (``host_branches=True``, the reference engine, reads it everywher
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -49,15 +49,33 @@ def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
             if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-@dataclass
 class GroupContext:
-    """One parameter group as the driver hands it to an engine."""
+    """One parameter group as the driver hands it to an engine.
 
-    composition: Composition
-    group: dict[str, Any]
-    group_state: dict
-    layers: Sequence[Layer]
-    diagnostics: bool = False
+    Args:
+        composition: the parts.
+        group: the ``param_group``.
+        group_state: the group's shared state.
+        layers: the group's layers, or a function that builds them (built on first use: an engine's
+            steady state may never need them).
+        diagnostics: whether per-layer diagnostics are recorded.
+        state: the optimizer's per-parameter state mapping (read by engines that cache per-step plans).
+    """
+
+    def __init__(self, composition: Composition, group: dict[str, Any], group_state: dict,
+                 layers: Sequence[Layer] | Callable[[], Sequence[Layer]], diagnostics: bool = False,
+                 state: Mapping[Any, Any] | None = None) -> None:
+        self.composition, self.group, self.group_state = composition, group, group_state
+        self.diagnostics = diagnostics
+        self.state = state
+        self._layers = layers
+
+    @property
+    def layers(self) -> Sequence[Layer]:
+        """The group's layers (built on first use)."""
+        if callable(self._layers):
+            self._layers = self._layers()
+        return self._layers
 
 
 class FlatLayer:

@@ -80,13 +80,36 @@ class _Writer:
 
 _HEADER = '''import triton
 import triton.language as tl
+
+
+@triton.jit
+def _aligned(offset, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        return tl.multiple_of(offset, 16)
+    else:
+        return offset
 '''
+
+
+def _loop_head(masked: bool, indent: str) -> list[str]:
+    """A full chunk runs unmasked with a constant trip count; the last, partial chunk masked."""
+    if not masked:
+        return [f"{indent}if end - start == CHUNK:", f"{indent}    for k in range(0, CHUNK // BLOCK):",
+                f"{indent}        idx = start + k * BLOCK + tl.arange(0, BLOCK)"]
+    return [f"{indent}else:", f"{indent}    for i in range(start, end, BLOCK):",
+            f"{indent}        idx = i + tl.arange(0, BLOCK)", f"{indent}        m = idx < end"]
+
+
+def _loads(keys: Sequence[str], masked: bool, indent: str) -> list[str]:
+    mask = ", mask=m, other=0.0" if masked else ""
+    return [f"{indent}v_{_safe(k)} = tl.load(p_{_safe(k)} + idx{mask}).to(S_DT)" for k in keys]
 
 
 def _prologue(kernel: str, slot_args: list[str], extra: str, reverse: bool) -> list[str]:
     args = ", ".join(["chunk_layer", "chunk_start", "layer_numel"] + ([] if kernel == "reduce" else ["skip"])
                      + slot_args + ["coef", extra, "n_chunks", "NC: tl.constexpr", "NR: tl.constexpr",
-                                    "S_DT: tl.constexpr", "CHUNK: tl.constexpr", "BLOCK: tl.constexpr"])
+                                    "S_DT: tl.constexpr", "CHUNK: tl.constexpr", "BLOCK: tl.constexpr",
+                                    "ALIGNED: tl.constexpr"])
     lines = ["@triton.jit", f"def {kernel}_kernel({args}):"]
     lines.append("    pid = n_chunks - 1 - tl.program_id(0)" if reverse else "    pid = tl.program_id(0)")
     lines.append("    layer = tl.load(chunk_layer + pid)")
@@ -100,18 +123,19 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
     # ---------------------------------------------------------------- reduce
     w = _Writer(slots)
     body = [w.assign(a) for a in pre]
-    accs = [f"acc{i} += tl.where(m, {w.expr(r.expr)}, 0.0)" for i, r in enumerate(reductions)]
+    terms = [w.expr(r.expr) for r in reductions]
     reduce_slots = list(w.read_slots)
     reduce_coefs = list(w.coefs)
     if reductions:
         lines = _prologue("reduce", [f"b_{_safe(k)}, o_{_safe(k)}" for k in reduce_slots], "partials", False)
         lines += _chunk_bounds(reduce_slots, reduce_coefs, "    ")
         lines += [f"    acc{i} = tl.zeros([BLOCK], dtype=S_DT)" for i in range(len(reductions))]
-        lines += ["    for i in range(start, end, BLOCK):", "        idx = i + tl.arange(0, BLOCK)",
-                  "        m = idx < end"]
-        lines += [f"        v_{_safe(k)} = tl.load(p_{_safe(k)} + idx, mask=m, other=0.0).to(S_DT)"
-                  for k in reduce_slots]
-        lines += ["        " + line for line in body + accs]
+        indent = " " * 12
+        for masked in (False, True):
+            lines += _loop_head(masked, "    ")
+            lines += _loads(reduce_slots, masked, indent)
+            lines += [indent + line for line in body]
+            lines += [f"{indent}acc{i} += " + (f"tl.where(m, {t}, 0.0)" if masked else t) for i, t in enumerate(terms)]
         lines += [f"    tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))" for i in range(len(reductions))]
         out.append("\n".join(lines) + "\n")
     # ---------------------------------------------------------------- apply
@@ -124,13 +148,13 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
         lines = _prologue("apply", [f"b_{_safe(k)}, o_{_safe(k)}" for k in apply_slots], "unused", True)
         lines += ["    if tl.load(skip + layer) == 0:"]
         lines += _chunk_bounds(apply_slots, apply_coefs, "        ")
-        lines += ["        for i in range(start, end, BLOCK):", "            idx = i + tl.arange(0, BLOCK)",
-                  "            m = idx < end"]
-        lines += [f"            v_{_safe(k)} = tl.load(p_{_safe(k)} + idx, mask=m, other=0.0).to(S_DT)"
-                  for k in w.read_slots]
-        lines += ["            " + line for line in body]
-        lines += [f"            tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty), mask=m)"
-                  for k in written]
+        for masked in (False, True):
+            lines += _loop_head(masked, "        ")
+            lines += _loads(w.read_slots, masked, " " * 16)
+            lines += [" " * 16 + line for line in body]
+            mask = ", mask=m" if masked else ""
+            lines += [" " * 16 + f"tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty){mask})"
+                      for k in written]
         out.append("\n".join(lines) + "\n")
     return "\n\n".join(out), reduce_coefs, reduce_slots, apply_coefs, apply_slots
 
@@ -140,9 +164,11 @@ def _safe(key: str) -> str:
 
 
 def _chunk_bounds(slots: Sequence[str], coefs: Sequence[str], indent: str) -> list[str]:
-    lines = [f"{indent}start = tl.load(chunk_start + pid)", f"{indent}n = tl.load(layer_numel + layer)",
-             f"{indent}end = tl.minimum(start + CHUNK, n)"]
-    lines += [f"{indent}p_{_safe(k)} = b_{_safe(k)} + tl.load(o_{_safe(k)} + layer)" for k in slots]
+    lines = [f"{indent}start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK)",
+             f"{indent}n = tl.load(layer_numel + layer)", f"{indent}end = tl.minimum(start + CHUNK, n)"]
+    # every segment's offset is a multiple of 16 elements when ALIGNED (the engine checks): 16-byte accesses
+    lines += [f"{indent}p_{_safe(k)} = b_{_safe(k)} + _aligned(tl.load(o_{_safe(k)} + layer), ALIGNED)"
+              for k in slots]
     lines += [f"{indent}c{i} = tl.load(coef + layer * NC + {i}).to(S_DT)" for i in range(len(coefs))]
     return lines
 
@@ -159,7 +185,7 @@ class Kernels:
         self.has_apply = hasattr(module, "apply_kernel")
 
     def launch_reduce(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, partials: Tensor,
-                      dtype: torch.dtype) -> None:
+                      dtype: torch.dtype, aligned: bool = False) -> None:
         from kalmanopt.engines.fused import CONFIG
 
         args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel]
@@ -168,10 +194,10 @@ class Kernels:
         args += [table, partials, chunks.n_chunks]
         self.module.reduce_kernel[(chunks.n_chunks,)](
             *args, NC=table.shape[1], NR=partials.shape[1], S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
-            BLOCK=int(CONFIG["block"]), num_warps=int(CONFIG["warps"]))
+            BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
 
     def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, aligned: bool = False) -> None:
         from kalmanopt.engines.fused import CONFIG
 
         args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip]
@@ -180,7 +206,7 @@ class Kernels:
         args += [table, table, chunks.n_chunks]
         self.module.apply_kernel[(chunks.n_chunks,)](
             *args, NC=table.shape[1], NR=1, S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
-            BLOCK=int(CONFIG["block"]), num_warps=int(CONFIG["warps"]))
+            BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:
