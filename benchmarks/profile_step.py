@@ -19,7 +19,7 @@ from step_time import PARAMETER_SETS, kalman_builder, make_params  # noqa: E402
 
 def main() -> None:
     preset, set_name = sys.argv[1], sys.argv[2]
-    implementation = sys.argv[3] if len(sys.argv) > 3 else "fused"
+    implementation = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") else "fused"
     params = make_params(PARAMETER_SETS[set_name](), torch.device("cuda"))
     _, step = kalman_builder(preset, implementation)(params)
     for _ in range(5):
@@ -36,7 +36,18 @@ def main() -> None:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    if "--host" in sys.argv:  # where the host time goes (Python functions)
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

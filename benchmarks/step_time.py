@@ -147,6 +147,33 @@ def kalman_builder(preset: str, implementation: str, **kw) -> Callable:
     return build
 
 
+class OutsideProduct(kalmanopt.ProductSurrogate):
+    """An unchanged subclass of the product surrogate, defined outside the package."""
+
+
+class OutsideDiagonal(kalmanopt.DiagonalSurrogate):
+    """A part with a coefficient formula of its own, defined outside the package: the diagonal surrogate
+    whose innovation variance is inflated by a factor (1 + c), S = (1 + c)(Σ p̂ H²) + R."""
+
+    def coefficients(self, b) -> None:
+        super().coefficients(b)
+        inflated = 1.25 * (b.S - b.R) + b.R
+        b.S = inflated
+        b.coef["S"] = inflated
+        b.gain = [1.0 / inflated]
+
+
+def outside_builder(surrogate: kalmanopt.CovarianceSurrogate, implementation: str) -> Callable:
+    """A composition of a part defined outside the package (see the classes above)."""
+    def build(params):
+        composition = kalmanopt.Composition(kalmanopt.LossMeasurement(), kalmanopt.RandomWalk(), surrogate,
+                                            name=type(surrogate).__name__)
+        opt = kalmanopt.KalmanOptimizer(params, composition, implementation=implementation)
+        losses = torch.rand(64, device=params[0].device) + 0.5
+        return opt, lambda: opt.step(loss=losses)
+    return build
+
+
 def graph_builder(build: Callable) -> Callable:
     """The same step captured in a CUDA graph (warm-up on a side stream, then replays): no host cost."""
     def build_graph(params):
@@ -255,6 +282,9 @@ def gpu_tables(args) -> str:
         candidates.append(("AdamW fused, CUDA graph",
                            graph_builder(torch_builder(torch.optim.AdamW, lr=1e-3, fused=True, capturable=True))))
         candidates.append(("koala++ fused, CUDA graph", graph_builder(kalman_builder("koala++", "fused"))))
+        candidates.append(("subclass of ProductSurrogate, fused", outside_builder(OutsideProduct(), "fused")))
+    if "koala-diag" in args.presets and "fused" in args.implementations:
+        candidates.append(("outside part (own S formula), fused", outside_builder(OutsideDiagonal(), "fused")))
     header = "| parameter set | tensors | params (M) | optimizer | step (ms) | × AdamW fused | % of 7-access floor " \
              "| % of 11-access floor | peak (MiB) |"
     lines += [header, "|" + "---|" * 9]

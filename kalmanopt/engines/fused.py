@@ -64,6 +64,9 @@ class _Chunks:
         self.chunk_start = to_device(chunk_start, torch.int64)
         self.numel = to_device(list(numels), torch.int64)
         self.counts = to_device(counts, torch.int64)
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        self.layer_first = to_device(firsts, torch.int64)
+        self.layer_last = to_device([f + c for f, c in zip(firsts, counts)], torch.int64)
 
 
 def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
@@ -177,11 +180,10 @@ class FusedEngine(TorchEngine):
         red_names = [r.name for r in plan.reductions]
         kernels = _kernels(plan.pre, plan.reductions, plan.program, plan.outputs, slots.keys())
         table = _coef_table(kernels.reduce_coefs, hp, {}, len(active), like)
-        partials = torch.empty(max(chunks.n_chunks, 1), max(len(red_names), 1), dtype=like.dtype, device=like.device)
+        partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(len(red_names)), dtype=like.dtype, device=like.device)
         if chunks.n_chunks:
             kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
-        sums = torch.segment_reduce(partials[: chunks.n_chunks], "sum", lengths=chunks.counts[: len(active)],
-                                    axis=0, unsafe=True, initial=0.0) if active else like.new_zeros(0, len(red_names))
+        sums = kernels.layer_sums(chunks, partials, len(active))
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
         numel = chunks.numel[: len(active)]
@@ -207,7 +209,7 @@ class FusedEngine(TorchEngine):
         table = _coef_table(kernels.apply_coefs, work.hp, b.coef, len(layers), like)
         skip = b.skip.to(torch.int32)
         if chunks.n_chunks and kernels.has_apply:
-            kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype)
+            kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype, _aligned(work.extra["slots"]))
         for name, new in b.new_layer.items():
             values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
             _scatter_scalars(layers, name, values)
@@ -218,7 +220,7 @@ class FusedEngine(TorchEngine):
     # ------------------------------------------------------------------ predict
     def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:
         plan, _ = self._predict_plan(ctx)
-        layers = [layer for layer in ctx.layers if layer.numel > 0]
+        layers = [layer for layer in ctx.layers if layer.numel > 0] if plan.moves else []
         if not plan.moves or _eligible(layers, with_grads=False) is not None:
             work, red, numel = super().reduce_predict(ctx)
             work.extra["torch"] = True
@@ -231,12 +233,11 @@ class FusedEngine(TorchEngine):
         slots = self._slots(layers, plan.table, with_grads=False)
         kernels = _kernels((), plan.reductions, plan.program, plan.outputs, slots.keys())
         red_names = [r.name for r in plan.reductions]
-        partials = torch.empty(max(chunks.n_chunks, 1), max(len(red_names), 1), dtype=like.dtype, device=like.device)
+        partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(len(red_names)), dtype=like.dtype, device=like.device)
         if red_names and chunks.n_chunks:
             table = _coef_table(kernels.reduce_coefs, hp, {}, len(layers), like)
-            kernels.launch_reduce(chunks, slots, table, partials, like.dtype)
-        sums = torch.segment_reduce(partials[: chunks.n_chunks], "sum", lengths=chunks.counts[: len(layers)],
-                                    axis=0, unsafe=True, initial=0.0)
+            kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
+        sums = kernels.layer_sums(chunks, partials, len(layers)) if red_names else partials[:0]
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         numel = chunks.numel[: len(layers)]
         work = _Work(ctx, [], None, hp)  # type: ignore[arg-type]
@@ -250,7 +251,8 @@ class FusedEngine(TorchEngine):
         like = b.like
         table = _coef_table(kernels.apply_coefs, work.hp, b.coef, len(work.extra["layers"]), like)
         if chunks.n_chunks and kernels.has_apply:
-            kernels.launch_apply(chunks, work.extra["slots"], table, b.skip.to(torch.int32), like.dtype)
+            kernels.launch_apply(chunks, work.extra["slots"], table, b.skip.to(torch.int32), like.dtype,
+                                 _aligned(work.extra["slots"]))
         self._commit_group(work.ctx.group_state, b)
 
     # ------------------------------------------------------------------ helpers
@@ -286,11 +288,11 @@ class _SteadyPlan:
         self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
         self.refs = self._refs(ctx)
         self.theta_ptrs = [p.data_ptr() for p in self.params]
-        self.grad_ptrs = [p.grad.data_ptr() for p in self.params]
+        self.grad_ptrs = [p.grad.data_ptr() if p.grad is not None else 0 for p in self.params]
 
     def _refs(self, ctx: GroupContext) -> list[Any]:
-        state = ctx.state
-        return [state.get(p, {}).get(k) for p in self.params for k in self.keys]  # type: ignore[union-attr]
+        self.dicts = list(map(ctx.state.get, self.params))  # type: ignore[union-attr]
+        return [d.get(k) if d is not None else None for d in self.dicts for k in self.keys]
 
     def fits(self, ctx: GroupContext) -> bool:
         """Whether the plan still covers this step; rebinds moved gradients (host work only)."""
@@ -300,8 +302,10 @@ class _SteadyPlan:
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             return False
-        refs = self._refs(ctx)
-        if len(refs) != len(self.refs) or not all(map(operator.is_, refs, self.refs)):
+        dicts = list(map(ctx.state.get, params))  # type: ignore[union-attr]
+        if not all(map(operator.is_, dicts, self.dicts)):
+            return False
+        if not all(map(operator.is_, (d.get(k) for d in dicts for k in self.keys), self.refs)):
             return False
         if [p.data_ptr() for p in params] != self.theta_ptrs:
             return False
@@ -318,6 +322,11 @@ class _SteadyPlan:
 def _aligned(slots: dict[str, tuple[Tensor, Tensor]]) -> bool:
     """Whether every slot's base is 16-byte aligned and every offset a multiple of 16 elements."""
     return all(_SLOT_ALIGNED.get(id(table), False) for _, table in slots.values())
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two ≥ max(n, 1) (the layer-sum kernel's column block)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _hp(group: dict[str, Any]) -> dict[str, float]:

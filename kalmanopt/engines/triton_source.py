@@ -83,6 +83,20 @@ import triton.language as tl
 
 
 @triton.jit
+def layer_sum_kernel(partials, layer_first, layer_last, out, NR: tl.constexpr, ROWS: tl.constexpr):
+    """out[layer, :] = the sum of the partial rows of the layer's chunks (in order: deterministic)."""
+    layer = tl.program_id(0)
+    first = tl.load(layer_first + layer)
+    last = tl.load(layer_last + layer)
+    cols = tl.arange(0, NR)
+    acc = tl.zeros([ROWS, NR], dtype=partials.dtype.element_ty)
+    for r in range(first, last, ROWS):
+        rows = r + tl.arange(0, ROWS)
+        acc += tl.load(partials + rows[:, None] * NR + cols[None, :], mask=(rows < last)[:, None], other=0.0)
+    tl.store(out + layer * NR + cols, tl.sum(acc, 0))
+
+
+@triton.jit
 def _aligned(offset, ALIGNED: tl.constexpr):
     if ALIGNED:
         return tl.multiple_of(offset, 16)
@@ -195,6 +209,14 @@ class Kernels:
         self.module.reduce_kernel[(chunks.n_chunks,)](
             *args, NC=table.shape[1], NR=partials.shape[1], S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
             BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
+
+    def layer_sums(self, chunks: Any, partials: Tensor, n_layers: int) -> Tensor:
+        """Per-layer sums ``[layers, reductions]`` of the reduce kernel's per-chunk partials."""
+        out = torch.empty(n_layers, partials.shape[1], dtype=partials.dtype, device=partials.device)
+        if n_layers:
+            self.module.layer_sum_kernel[(n_layers,)](partials, chunks.layer_first, chunks.layer_last, out,
+                                                      NR=partials.shape[1], ROWS=64)
+        return out
 
     def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
                      dtype: torch.dtype, aligned: bool = False) -> None:
