@@ -66,6 +66,7 @@ class Batch:
         ok: whether the step's inputs are finite (0-d bool); a step that is not ok changes nothing.
         skip: layers that do not update (OR into it).
         diagnostics: whether per-layer diagnostics are wanted.
+        lr: η_k as a 0-d tensor (a replayed CUDA graph reads it there), or None for ``hp["lr"]``.
 
     Outputs the parts fill:
 
@@ -100,6 +101,7 @@ class Batch:
     counters: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Tensor] = field(default_factory=dict)
     code: Tensor | None = None
+    lr: Tensor | None = None
 
     @property
     def like(self) -> Tensor:
@@ -215,7 +217,7 @@ def run_update_coefficients(composition: Composition, b: Batch) -> Batch:
     composition.surrogate.coefficients(b)
     # the step along the gain: η_k L_ℓ K_i; with the guard the innovation is max(L_ℓ − L*, 0)
     innovation = b.L.clamp_min(0.0) if b.hp.get("guard", True) else b.L
-    scale = float(b.hp["lr"]) * innovation
+    scale = (b.lr if b.lr is not None else float(b.hp["lr"])) * innovation
     zero = torch.zeros_like(scale)
     for i, k in enumerate(b.gain):
         b.coef[STEP_COEFFICIENT.format(i)] = torch.where(b.skip, zero, scale * k)

@@ -169,9 +169,11 @@ class MeasurementModel(Part, ABC):
         n = next(iter(red.values())).numel() if red else 0
         if not red:
             red = {"hh": loss.new_zeros(0)}
-        return Batch(hp=hp, red=red, layer={}, group=group_state, numel=torch.ones(n, dtype=torch.int64),
-                     loss=loss, statistic=statistic, ok=torch.ones((), dtype=torch.bool),
-                     skip=torch.zeros(n, dtype=torch.bool))
+        device = loss.device
+        return Batch(hp=hp, red=red, layer={}, group=group_state,
+                     numel=torch.ones(n, dtype=torch.int64, device=device), loss=loss, statistic=statistic,
+                     ok=torch.ones((), dtype=torch.bool, device=device), skip=torch.zeros(n, dtype=torch.bool,
+                                                                                      device=device))
 
 
 class LossMeasurement(MeasurementModel):

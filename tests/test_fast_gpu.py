@@ -242,3 +242,37 @@ def test_fused_non_contiguous_parameters(preset):
         results.append(torch.cat([p.detach().reshape(-1) for p in params]))
         assert not params[0].is_contiguous()
     assert relative_error(results[1], results[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(preset):
+    """The fused engine replays a captured step once steady (kalmanopt.engines.graphs); η changing every
+    step, gradient buffers that move, a hyper-parameter change and a non-finite loss must not make it
+    differ from the reference engine."""
+    from kalmanopt.engines import graphs
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5)).to(CUDA).double()
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [kalmanopt.create(preset, m.parameters(), implementation=impl, weight_decay=1e-3)
+            for m, impl in zip(models, ("reference", "fused"))]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + 0.1 * k)) for o in opts]
+    x, y = torch.randn(32, 24, device=CUDA, dtype=torch.float64), torch.randint(0, 5, (32,), device=CUDA)
+    for k in range(14):
+        for model, opt, sched in zip(models, opts, scheds):
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad(set_to_none=k in (7, 8))  # new gradient buffers at steps 7 and 8
+            losses.mean().backward()
+            if k == 10:
+                losses = losses * float("nan")  # a skipped step, on the device
+            if k == 9:
+                opt.param_groups[0]["weight_decay"] = 2e-3  # a baked-in value changes: captured again
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(loss=losses)
+            sched.step()
+    assert graphs._GRAPHS.get(opts[1]) is not None and graphs._GRAPHS[opts[1]].graph is not None
+    for a, b in zip(models[1].parameters(), models[0].parameters()):
+        assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= 1e-10
+    assert opts[1].diagnostics()["counters"] == opts[0].diagnostics()["counters"]

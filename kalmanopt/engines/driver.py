@@ -153,10 +153,12 @@ def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
     opt._predicted = True
 
 
-def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None) -> Tensor:
+def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None,
+               lr: Tensor | None = None) -> Tensor:
     """The update phase of every group; returns the step's code (see :mod:`kalmanopt.contract`).
 
-    ``code``: bits already known to skip the step (the first step's input check), or None.
+    ``code``: bits already known to skip the step (the first step's input check), or None. ``lr``: η_k as
+    a 0-d device tensor for a one-group optimizer (what a replayed CUDA graph reads), or None.
     """
     contexts = _contexts(opt)
     device = _device(opt)
@@ -183,7 +185,7 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
         b = Batch(hp=ctx.group, red=red, layer=layer, group=ctx.group_state, numel=numel,
                   loss=loss.to(like).reshape(()), statistic=stat,
                   ok=ok.to(like.device), skip=torch.zeros(int(numel.numel()), dtype=torch.bool, device=like.device),
-                  diagnostics=ctx.diagnostics)
+                  diagnostics=ctx.diagnostics, lr=lr)
         if ctx.group.get("r", 0.0) is None and statistic is None:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
         engine.update_coefficients(ctx.composition, b)
@@ -208,6 +210,10 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
     """
     _strict_check(opt, loss, statistic)
     _report_landed(opt)
+    from kalmanopt.engines import graphs
+
+    if graphs.graphed_step(opt, loss, statistic):
+        return
     device = _device(opt)
     code = None
     if not opt._predicted:

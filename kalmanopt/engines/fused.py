@@ -191,6 +191,15 @@ class FusedEngine(TorchEngine):
         work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()))
         return work, red, scalars, numel
 
+    def graph_token(self, ctx: GroupContext) -> tuple | None:
+        """What a captured step depends on (the steady plan and the buffers' addresses), or None if the
+        group has no steady plan that fits this step (see :mod:`kalmanopt.engines.graphs`)."""
+        plan, _ = self._update_plan(ctx)
+        steady = self._steady(ctx, plan)
+        if steady is None:
+            return None
+        return id(steady), tuple(steady.grad_ptrs), tuple(steady.theta_ptrs)
+
     def _steady(self, ctx: GroupContext, plan: Any) -> _SteadyPlan | None:
         """The cached plan of this group if it still fits this step (host checks only), refreshed."""
         steady = self._steady_plans.get(id(ctx.group))
@@ -220,6 +229,8 @@ class FusedEngine(TorchEngine):
     # ------------------------------------------------------------------ predict
     def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:
         plan, _ = self._predict_plan(ctx)
+        if plan.moves:  # every layer gets its state, as on the other engines (an empty one included)
+            self._ensure_state(plan.table, list(ctx.layers), ctx.group)
         layers = [layer for layer in ctx.layers if layer.numel > 0] if plan.moves else []
         if not plan.moves or _eligible(layers, with_grads=False) is not None:
             work, red, numel = super().reduce_predict(ctx)

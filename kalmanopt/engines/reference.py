@@ -150,7 +150,8 @@ def _one_layer_batch(surrogate: CovarianceSurrogate, ctx: UpdateContext, layer_s
     like = R.reshape(()).to(H)
     red = {r.name: v.reshape(1).to(like) for r, v in zip(reductions, reduce_layer(reductions, env, {}, like))}
     layer = {e.name: layer_state[e.name].reshape(1).to(like) for e in table.scalars}
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer=layer, group=ctx.group_state, numel=torch.tensor([H.numel()]),
+    b = Batch(hp=_with_q(hp, ctx), red=red, layer=layer, group=ctx.group_state,
+              numel=torch.full((1,), H.numel(), dtype=torch.int64, device=H.device),
               loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=H.device),
               skip=torch.zeros(1, dtype=torch.bool, device=H.device))
     b.R = like
@@ -212,8 +213,10 @@ def contract_end_update(surrogate: CovarianceSurrogate, ctx: UpdateContext, grou
     R = red.pop("_R")[0]
     like = red["hh"][0]
     n = red["hh"].numel()
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer={}, group=group_state, numel=torch.ones(n, dtype=torch.int64),
-              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool), skip=torch.zeros(n, dtype=torch.bool))
+    device = like.device
+    b = Batch(hp=_with_q(hp, ctx), red=red, layer={}, group=group_state,
+              numel=torch.ones(n, dtype=torch.int64, device=device), loss=like, statistic=None,
+              ok=torch.ones((), dtype=torch.bool, device=device), skip=torch.zeros(n, dtype=torch.bool, device=device))
     b.R = R
     surrogate.coefficients(b)
     for name, value in b.new_group.items():
@@ -224,8 +227,9 @@ def predict_group_in_place(surrogate: CovarianceSurrogate, group_state: dict, F:
                            hp: Mapping[str, Any]) -> None:
     """A contract surrogate's P̂ = F P Fᵀ + Q, written into ``group_state``."""
     like = F.new_zeros(())
-    b = Batch(hp=hp, red={}, layer={}, group=group_state, numel=torch.zeros(0, dtype=torch.int64), loss=like,
-              statistic=None, ok=torch.ones((), dtype=torch.bool), skip=torch.zeros(0, dtype=torch.bool))
+    b = Batch(hp=hp, red={}, layer={}, group=group_state, numel=torch.zeros(0, dtype=torch.int64, device=F.device),
+              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=F.device),
+              skip=torch.zeros(0, dtype=torch.bool, device=F.device))
     surrogate.predict_group(b, F, Q)
     for name, value in b.new_group.items():
         group_state[name].copy_(value)
