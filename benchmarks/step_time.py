@@ -147,6 +147,20 @@ def kalman_builder(preset: str, implementation: str, **kw) -> Callable:
     return build
 
 
+def two_phase_builder(preset: str, implementation: str, **kw) -> Callable:
+    """The authors' loop: predict(), then update(mean, statistic)."""
+    def build(params):
+        opt = kalmanopt.create(preset, params, implementation=implementation, **kw)
+        losses = torch.rand(64, device=params[0].device) + 0.5
+        mean, statistic = losses.mean(), (losses * losses).mean()
+
+        def step():
+            opt.predict()
+            opt.update(mean, statistic)
+        return opt, step
+    return build
+
+
 class OutsideProduct(kalmanopt.ProductSurrogate):
     """An unchanged subclass of the product surrogate, defined outside the package."""
 
@@ -342,6 +356,11 @@ def cpu_table(args) -> str:
     for preset in args.presets:
         for impl in ("foreach", "reference"):
             candidates.append((f"{preset} {impl}", kalman_builder(preset, impl)))
+    for preset in args.presets:  # the issue's setting: weight decay 5e-4, both ways of driving the optimizer
+        candidates.append((f"{preset} foreach, wd 5e-4, step(loss=)", kalman_builder(preset, "foreach",
+                                                                                    weight_decay=5e-4)))
+        candidates.append((f"{preset} foreach, wd 5e-4, predict/update", two_phase_builder(preset, "foreach",
+                                                                                         weight_decay=5e-4)))
     steps = []
     for label, build in candidates:
         params = make_params(shapes, device)

@@ -359,6 +359,10 @@ def reduce_layer(reductions: Sequence[Reduction], env: Mapping[str, Tensor], coe
         e = r.expr
         if isinstance(e, BinOp) and e.op == "*" and isinstance(e.a, Vec) and isinstance(e.b, Vec):
             out.append(torch.dot(env[e.a.key], env[e.b.key]))  # a dot product, without a temporary
+        elif isinstance(e, BinOp) and e.op == "*" and isinstance(e.a, Vec) and e.b == Const(0.0):
+            # Σ x·0: NaN exactly where x holds a NaN or ±inf; min and max carry those, in one vectorised pass
+            x = env[e.a.key]
+            out.append(torch.stack(torch.aminmax(x)).mul(0.0).sum() if x.numel() else like.new_zeros(()))
         else:
             value = _vector(e, env, coefs)
             out.append(value.sum() if isinstance(value, Tensor) and value.dim() else like.new_tensor(0.0))

@@ -149,6 +149,7 @@ def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
                   statistic=None, ok=mask, skip=(~mask).expand(n))
         engine.predict_coefficients(ctx.composition, b)
         engine.apply_predict(work, b)
+        _drop_empty_global(ctx.group_state)
         ctx.group_state["predicted"].copy_(torch.where(mask, True, ctx.group_state["predicted"]))
     opt._predicted = True
 
@@ -192,6 +193,7 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
         batches.append(b)
     for (engine, ctx), (work, _, _, _), b in zip(contexts, works, batches):
         engine.apply_update(work, b)
+        _drop_empty_global(ctx.group_state)
         state = ctx.group_state
         state["steps"].add_(b.ok.to(torch.int64))
         state["nonfinite_steps"].add_((~b.ok).to(torch.int64))
@@ -200,6 +202,12 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
     if opt.track_diagnostics:
         _record(opt, works, batches)
     return step_code
+
+
+def _drop_empty_global(group_state: dict) -> None:
+    """A global layer that holds no state yet (its first update was skipped) leaves no entry."""
+    if "global" in group_state and not group_state["global"]:
+        del group_state["global"]
 
 
 def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
