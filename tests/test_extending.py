@@ -132,3 +132,46 @@ def test_the_plugin_package_of_the_page_installs_and_runs_on_the_fast_engine(tmp
     result = _run(code, work, [site])
     _check(result)
     assert "my_kalman" in result.stdout and "runner fragment ok" in result.stdout
+
+
+_FUSED_CHECK = '''
+from kalmanopt.engines import available_implementations, resolve_engine
+
+
+def run(implementation, steps=6):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)).cuda()
+    opt = kalmanopt.KalmanOptimizer(net.parameters(), kalmanopt.compose(surrogate="forgetting-diagonal"),
+                                    implementation=implementation, sigma=0.1, q=0.01, beta=0.9, lr=0.5)
+    engine = resolve_engine(opt.filter, opt.param_groups[0]).name
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(12, 6, generator=gen).cuda(), torch.randn(12, 4, generator=gen).cuda()
+        losses = (net(x) - y).pow(2).mean(1)
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses)
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu(), engine
+
+
+group = kalmanopt.KalmanOptimizer(torch.nn.Linear(2, 2).cuda().parameters(),
+                                  kalmanopt.compose(surrogate="forgetting-diagonal")).param_groups[0]
+assert available_implementations(kalmanopt.compose(surrogate="forgetting-diagonal"), group)["fused"] is None
+reference, _ = run("reference")
+for implementation in ("fused", None, "foreach"):
+    theta, engine = run(implementation)
+    assert engine == (implementation or "fused"), (implementation, engine)
+    error = float((theta - reference).abs().max() / reference.abs().max())
+    print(f"{engine}: relative difference to the reference engine {error:.2e}")
+    assert error <= 1e-5, (engine, error)
+'''
+
+
+@pytest.mark.gpu
+def test_the_pages_part_runs_on_the_fused_engine_equal_to_its_reference(tmp_path: Path) -> None:
+    """On CUDA the page's surrogate runs as generated Triton kernels, unchanged (float32, 1e-5 relative)."""
+    part = next(b for b in PAGE_BLOCKS if b.lang == "python" and b.caption is None and not b.fresh)
+    assert "class ForgettingDiagonal" in part.code
+    result = _run(part.code + _FUSED_CHECK, tmp_path, [])
+    _check(result)
+    assert "fused: relative difference" in result.stdout
