@@ -11,8 +11,9 @@ Usage (after building the site into docs/_build/html)::
    ``id`` (or ``name``) on the target page. External links (``http:``, ``mailto:``, ...) are not
    followed: the check runs offline.
 2. **Rendering** (headless Chromium, when one is installed): the home page, the first tutorial,
-   the API reference and the derivation are opened; each must have its title heading and its
-   main text once the page's scripts have run, no uncaught JavaScript error, and — on the pages
+   the API reference, the derivation, the design and the extending page are opened; each must
+   have its title heading and its main text once the page's scripts have run, no uncaught
+   JavaScript error, and — on the pages
    with equations — MathJax must have typeset them (``mjx-container`` elements, none of them a
    MathJax error). Without a browser this part prints a line saying it was skipped.
 
@@ -48,12 +49,15 @@ class PageCheck:
     math: bool = False  # whether MathJax must have typeset equations on it
 
 
-#: the pages the browser opens: the home page, one tutorial, the API page, the derivation
+#: the pages the browser opens: the home page, one tutorial, the API page, the derivation, the design
+#: (its diagram and the part contract) and the extending page (its executed example)
 PAGES = (
     PageCheck("index.html", "kalmanopt"),
     PageCheck("auto_tutorials/plot_01_training_as_state_estimation.html", "Training as state estimation", math=True),
     PageCheck("api.html", "API reference"),
     PageCheck("derivation.html", "From the extended Kalman filter to each preset", math=True),
+    PageCheck("design.html", "Design: parts, compositions", math=True),
+    PageCheck("extending.html", "Extending kalmanopt: a new fast part", math=True),
 )
 
 

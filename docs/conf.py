@@ -135,5 +135,30 @@ def literal_formula_blocks(app: Any, what: str, name: str, obj: Any, options: An
             lines[i] = lines[i] + ":"
 
 
+def source_of_reexports(app: Any, modname: str, fullname: str) -> str | None:
+    """viewcode: link a re-exported name's source from the page of the module that defines it only.
+
+    ``kalmanopt.optimizer`` re-exports ``NonFiniteError`` of ``kalmanopt.engines.driver`` and both
+    pages document it. viewcode would give the definition's source page one back-link, named after
+    the first module it met but pointing at the page it met last (an anchor that does not exist).
+    Where the defining module documents the name itself (its ``__all__``), the re-exporting page
+    gets no source link; every other name follows the import as usual (``None``).
+    """
+    import importlib
+
+    try:
+        obj: Any = importlib.import_module(modname)
+        for part in fullname.split("."):
+            obj = getattr(obj, part)
+        home = importlib.import_module(obj.__module__)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    top = fullname.split(".")[0]
+    if home.__name__ != modname and top in getattr(home, "__all__", ()):
+        return modname  # (a module without the name's source: no link from this page)
+    return None
+
+
 def setup(app: Any) -> None:
     app.connect("autodoc-process-docstring", literal_formula_blocks)
+    app.connect("viewcode-follow-imported", source_of_reexports)

@@ -26,20 +26,24 @@ BOXES = [
      "ExactEKF, Hessians,\nper-sample gradients,\na preset beside the EKF", "#e8eef7"),
     ("registry", 2, 35, 28, 9, "registry",
      "parts and presets by name;\nplugins: entry points\n'kalmanopt.plugins'", "#fdf3e1"),
-    ("optimizer", 38, 33, 30, 12, "KalmanOptimizer",
-     "a torch.optim.Optimizer:\nparam groups, checks of every\nhyper-parameter, non-finite skips,\n"
-     "state_dict, diagnostics()", "#fde2e2"),
-    ("composition", 2, 13, 28, 15, "Composition (a preset)",
-     "measurement: MeasurementModel\ndynamics:    Dynamics (F, Q)\nsurrogate:   CovarianceSurrogate\n"
-     " estimator:  LeastSquaresEstimator\n             (product surrogates)", "#e6f4e6"),
-    ("engines", 38, 13, 30, 14, "implementations (engines)",
-     "reference: per layer, calls parts\nforeach:   multi-tensor torch ops\nfused:     Triton kernels (CUDA)\n"
-     "None:      the fastest that runs\n           the composition", "#efe6f7"),
-    ("state", 75, 13, 23, 15, "optimizer.state",
-     "per layer (parameter):\n v, H, S (product),\n rows, products (lowrank),\n p (diagonal), u, w̄\n"
+    ("optimizer", 38, 34, 30, 11, "KalmanOptimizer",
+     "a torch.optim.Optimizer:\nparam groups, checks of every\nhyper-parameter, state_dict,\ndiagnostics()",
+     "#fde2e2"),
+    ("driver", 75, 34, 23, 11, "step driver",
+     "engines.driver: phases,\nstep code (non-finite\nskips), counters,\nwarnings", "#fde2e2"),
+    ("composition", 2, 12, 28, 16, "Composition (a preset)",
+     "measurement + dynamics\n+ surrogate (+ estimator)\n\nits plans join the parts'\n"
+     "reductions, programs and\nbatched coefficients", "#e6f4e6"),
+    ("engines", 38, 12, 30, 16, "engines (no branch on a part)",
+     "reference: per layer, host branches;\n           gain() prototypes\nforeach:   multi-tensor torch ops\n"
+     "fused:     Triton kernels generated\n           from the declarations\n"
+     "None:      the fastest that runs it", "#efe6f7"),
+    ("state", 75, 12, 23, 16, "optimizer.state",
+     "per layer (parameter):\n v, H, S (product),\n p (diagonal), u, w̄,\n rows, products (lowrank)\n"
      "per group 'groupN':\n R, P (scalar, block),\n q_w, counters, steps", "#f2f2f2"),
-    ("parts", 2, 1, 96, 7, "parts: kalmanopt.measurement, kalmanopt.dynamics, kalmanopt.covariance",
-     "measurement: loss;  dynamics: random_walk, momentum;  "
+    ("parts", 2, 0, 96, 8, "parts declare the two-pass contract (kalmanopt.contract, .program, .state)",
+     "state_table · reductions · coefficients(Batch) for all layers at once · element-wise program · "
+     "direction / correction\nmeasurement: loss;  dynamics: random_walk, momentum;  "
      "surrogate: scalar, block, diagonal, product, lowrank;  estimator: vanilla, symmetric",
      "#e6f4e6"),
 ]
@@ -52,8 +56,9 @@ ARROWS = [
     ("user", "registry", "by name"),
     ("registry", "composition", "build()"),
     ("composition", "optimizer", "filter="),
-    ("optimizer", "engines", "per group"),
-    ("engines", "composition", "calls"),
+    ("optimizer", "driver", "step()"),
+    ("driver", "engines", "phases, per group"),
+    ("engines", "composition", "executes"),
     ("engines", "state", "reads, writes"),
     ("composition", "parts", "instances of"),
 ]
