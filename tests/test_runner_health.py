@@ -58,7 +58,7 @@ def test_summary_ranks_unhealthy_rows_last_and_marks_them():
     assert "99.00 ± 0" in rows[2] and "95.00 ± 0" in rows[0]
     assert "90.00 |" in rows[1] and "±" not in rows[1]  # one seed: no "± 0"
     assert "## Unhealthy runs" in text and "`broken` seed 1: **degenerate**: skipped_layers 50" in text
-    assert "2 epochs (90 steps per run)" in text and "every 10 steps on the reference path" in text
+    assert "2 epochs (90 steps per run)" in text and "every 10 steps (on the same engine)" in text
 
 
 # ---------------------------------------------------------------------------------------- a real grid

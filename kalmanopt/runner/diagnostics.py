@@ -1,10 +1,10 @@
 """Recording a Kalman optimizer's per-layer internals every few steps, off the timed path.
 
-Recording needs ``track_diagnostics``, which today runs the update on the reference path. So
-the runner records only at chosen steps (``diagnostics_every``): :class:`DiagnosticsRecorder`
-switches ``optimizer.track_diagnostics`` on for those steps alone and the training loop leaves
-them out of its ``ms / step``; every other step runs on the engine the optimizer resolved to
-(``fused`` or ``foreach`` where they apply), which is what the time columns measure.
+Recording needs ``track_diagnostics``: the engine in use then keeps the step's per-layer tensors
+(S, the gain scale, λ, α, w, cos ∠(H, v)) and the step is not replayed from a CUDA graph, which
+costs host time. So the runner records only at chosen steps (``diagnostics_every``):
+:class:`DiagnosticsRecorder` switches ``optimizer.track_diagnostics`` on for those steps alone and
+the training loop leaves them out of its ``ms / step``, which therefore measures the steps users run.
 
 The interface is three calls (:meth:`~DiagnosticsRecorder.due`, :meth:`~DiagnosticsRecorder.start`,
 :meth:`~DiagnosticsRecorder.finish`), so an engine that records its own diagnostics can replace

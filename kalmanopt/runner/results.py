@@ -250,8 +250,8 @@ def summary_table(records: list[dict[str, Any]], title: str = "", config: dict[s
     if "seconds_per_step" in figures:
         timing = "ms / step: the training steps on the engine named (validation and logging excluded)"
         if every and config.get("diagnostics", True) and counters:
-            timing += (f"; Kalman diagnostics were recorded every {every} steps on the reference path, and "
-                       "those steps are excluded")
+            timing += (f"; Kalman diagnostics were recorded every {every} steps (on the same engine), "
+                       "and those steps are excluded")
         notes.append(timing + ".")
     if counters:
         notes.append("Counters: mean per run over the whole run.")
