@@ -12,6 +12,7 @@ KOALA++ are presets.
 
 from kalmanopt import filters as filters  # registers the built-in parts and presets
 from kalmanopt.api import create, preset_keywords
+from kalmanopt.composition import Composition
 from kalmanopt.covariance import (
     BlockSurrogate,
     CovarianceSurrogate,
@@ -26,7 +27,6 @@ from kalmanopt.covariance import (
     VanillaLeastSquares,
 )
 from kalmanopt.dynamics import Dynamics, Momentum, RandomWalk
-from kalmanopt.filters.composition import Composition
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.measurement import LossMeasurement, MeasurementModel, loss_statistic
 from kalmanopt.optimizer import KalmanOptimizer, NonFiniteError

@@ -32,7 +32,7 @@ from kalmanopt.program import Assign, Reduction, State, Vec
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.filters.composition import Composition
+    from kalmanopt.composition import Composition
 
 __all__ = ["Batch", "UpdatePlan", "PredictPlan", "update_plan", "predict_plan", "contract_gap",
            "run_update_coefficients", "run_predict_coefficients", "NONFINITE", "STEP_COEFFICIENT",

@@ -10,10 +10,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from kalmanopt.checkpoint import checked_state
+from kalmanopt.composition import Composition
 from kalmanopt.contract import contract_gap, state_table
 from kalmanopt.engines import driver, resolve_engine
 from kalmanopt.engines.driver import NonFiniteError
-from kalmanopt.filters.composition import Composition
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
 from kalmanopt.measurement import as_loss_tensor, split_losses, statistics_dtype

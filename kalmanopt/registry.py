@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Iterable, TypeVar
 
-from kalmanopt.filters.composition import Composition
+from kalmanopt.composition import Composition
 
 __all__ = [
     "PART_KINDS", "Preset", "register_part", "get_part", "parts", "register_preset", "get_preset",

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from kalmanopt.filters.composition import LEARNING_RATE
+from kalmanopt.composition import LEARNING_RATE
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.measurement import LOSS_STATISTICS, SKIP_GRAD_NORM, LossMeasurement, split_losses
 from kalmanopt.optimizer import step_loss

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.filters.composition import Composition
+    from kalmanopt.composition import Composition
 
 __all__ = ["IMPLEMENTATIONS", "Engine", "register_engine", "resolve_engine", "available_implementations"]
 

@@ -31,7 +31,7 @@ from kalmanopt.layers import Layer
 from kalmanopt.program import Assign, Reduction
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.filters.composition import Composition
+    from kalmanopt.composition import Composition
 
 __all__ = ["FusedEngine", "CONFIG", "triton_available"]
 

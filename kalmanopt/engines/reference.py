@@ -28,7 +28,7 @@ from kalmanopt.program import Assign, Reduction, Vec, compile_program, reduce_la
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.filters.composition import Composition
+    from kalmanopt.composition import Composition
 
 __all__ = ["ReferenceEngine", "contract_gain", "contract_end_update", "predict_group_in_place"]
 

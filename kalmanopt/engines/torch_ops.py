@@ -33,7 +33,7 @@ from kalmanopt.program import CompiledProgram, compile_program, reduce_layer
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.filters.composition import Composition
+    from kalmanopt.composition import Composition
 
 __all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "hp_coefficients", "has_gradient"]
 

@@ -1,6 +1,5 @@
-"""Compositions of parts: the KOALA presets and the :class:`Composition` type."""
+"""The KOALA presets: compositions of parts, one short definition each (the type is :class:`kalmanopt.composition.Composition`)."""
 
-from kalmanopt.filters.composition import Composition
 from kalmanopt.filters.koala import koala_diag, koala_m, koala_pp, koala_pp_lr, koala_pp_ns, koala_v
 
-__all__ = ["Composition", "koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_pp_lr"]
+__all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_pp_lr"]

@@ -7,6 +7,7 @@ authors' released code, so their scripts port by changing one import.
 
 from __future__ import annotations
 
+from kalmanopt.composition import Composition
 from kalmanopt.covariance.block import BlockSurrogate
 from kalmanopt.covariance.diagonal import DiagonalSurrogate
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares, VanillaLeastSquares
@@ -14,7 +15,6 @@ from kalmanopt.covariance.lowrank import LowRankSurrogate
 from kalmanopt.covariance.product import ProductSurrogate
 from kalmanopt.covariance.scalar import ScalarSurrogate
 from kalmanopt.dynamics import Momentum, RandomWalk
-from kalmanopt.filters.composition import Composition
 from kalmanopt.measurement import LossMeasurement
 from kalmanopt.registry import register_part, register_preset
 
