@@ -18,18 +18,20 @@ tensor) or globally (one P over the whole group), as ``granularity`` says.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from kalmanopt.composition import LEARNING_RATE
+from kalmanopt.composition import Composition
+from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
+from kalmanopt.dynamics import RandomWalk
 from kalmanopt.hyperparams import HyperParameter, Range
-from kalmanopt.measurement import LOSS_STATISTICS, SKIP_GRAD_NORM, LossMeasurement, split_losses
-from kalmanopt.optimizer import step_loss
+from kalmanopt.measurement import LossMeasurement
+from kalmanopt.optimizer import KalmanOptimizer
 
-__all__ = ["ExactUpdate", "exact_ekf_update", "ExactEKF", "GRANULARITIES", "MAX_FILTER_PARAMETERS"]
+__all__ = ["ExactUpdate", "exact_ekf_update", "ExactEKF", "FullCovarianceSurrogate", "GRANULARITIES",
+           "MAX_FILTER_PARAMETERS"]
 
 #: how parameters are grouped into filters (as in KalmanOptimizer)
 GRANULARITIES = ("layer", "global")
@@ -38,7 +40,6 @@ GRANULARITIES = ("layer", "global")
 MAX_FILTER_PARAMETERS = 5000
 
 _SIGMA = HyperParameter("sigma", 0.1, Range(0.0, low_open=True), "initial covariance P_0 = sigma I")
-_Q = HyperParameter("q", 0.1, Range(0.0), "process noise Q added to the covariance each step")
 
 
 class ExactUpdate(NamedTuple):
@@ -87,11 +88,41 @@ def exact_ekf_update(P: Tensor, H: Tensor, R: Tensor | float, q: float) -> Exact
     return ExactUpdate(P=P_post, direction=PH, S=S)
 
 
-class ExactEKF(Optimizer):
+class FullCovarianceSurrogate(CovarianceSurrogate):
+    """The exact EKF's covariance: the full P of each layer (n × n), for small models only.
+
+    Written per layer (:meth:`gain`), so it runs on the reference engine: a teaching oracle, not a
+    fast part. P lives in ``dtype`` (float64 by default: this is a reference) whatever the parameters'.
+    """
+
+    state_dim = 1
+    hyperparameters = (_SIGMA,)
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.dtype = dtype
+
+    def options(self) -> dict[str, object]:
+        return {"dtype": self.dtype}
+
+    def gain(self, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor, R: Tensor,
+             hp: Mapping[str, Any]) -> Gain:
+        if "P" not in layer_state:
+            # P_0 = sigma I
+            layer_state["P"] = float(hp["sigma"]) * torch.eye(H.numel(), dtype=self.dtype, device=H.device)
+        # P̂, S, K = P̂Hᵀ/S and the posterior P = (I − K H) P̂
+        update = exact_ekf_update(layer_state["P"], H, R.to(self.dtype), float(ctx.Q[0]))
+        layer_state["P"] = update.P
+        S = update.S.to(H.dtype)
+        return Gain(direction=update.direction.to(H.dtype), coefficients=(1.0 / S).reshape(1), S=S)
+
+
+class ExactEKF(KalmanOptimizer):
     r"""The exact EKF over the weights, full P per filter: the oracle for the surrogates.
 
-    Same measurement model and the same two ways to drive it as :class:`kalmanopt.KalmanOptimizer`
-    with random-walk dynamics::
+    A :class:`~kalmanopt.KalmanOptimizer` running the composition loss measurement + random walk +
+    :class:`FullCovarianceSurrogate`, on the reference engine, with the same two ways to drive it::
 
         for k = 1, 2, ...
             R_k = r, or α_r R_{k-1} + (1 − α_r) s_k      (s_k the loss statistic, R_0 = 1)
@@ -99,6 +130,9 @@ class ExactEKF(Optimizer):
                 H_ℓ = g_ℓ + wd θ_ℓ,   L_ℓ = L_k + ½ wd ‖θ_ℓ‖²
                 P̂_ℓ = P_ℓ + q I;   S_ℓ = H_ℓ P̂_ℓ H_ℓᵀ + R_k;   K_ℓ = P̂_ℓ H_ℓᵀ / S_ℓ
                 θ_ℓ ← θ_ℓ − η L_ℓ K_ℓ;   P_ℓ ← (I − K_ℓ H_ℓ) P̂_ℓ
+
+    A non-finite loss or gradient raises (``strict=True``) and changes nothing; the innovation is
+    not clamped (``guard=False``), as the textbook filter.
 
     Args:
         params: parameters or parameter groups.
@@ -124,38 +158,28 @@ class ExactEKF(Optimizer):
                  lr: float = 1.0, r: float | None = None, alpha_r: float = 0.9, weight_decay: float = 0.0,
                  granularity: str = "layer", loss_statistic: str = "second_moment",
                  dtype: torch.dtype = torch.float64, max_parameters: int = MAX_FILTER_PARAMETERS) -> None:
-        if loss_statistic not in LOSS_STATISTICS:
-            raise ValueError(f"unknown loss_statistic {loss_statistic!r}; valid choices: {', '.join(LOSS_STATISTICS)}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        self.measurement = LossMeasurement()
-        self.specs = {spec.name: spec for spec in (*self.measurement.hyperparameters, _SIGMA, _Q, LEARNING_RATE)}
-        self.loss_statistic = loss_statistic
-        self.dtype = dtype
         self.max_parameters = int(max_parameters)
-        defaults = dict(sigma=sigma, q=q, lr=lr, r=r, alpha_r=alpha_r, weight_decay=weight_decay,
-                        granularity=granularity)
-        super().__init__(params, defaults)
+        composition = Composition(LossMeasurement(), RandomWalk(), FullCovarianceSurrogate(dtype), name="exact-ekf")
+        super().__init__(params, composition, loss_statistic=loss_statistic, strict=True, sigma=sigma, q=q, lr=lr,
+                         r=r, alpha_r=alpha_r, weight_decay=weight_decay, granularity=granularity,
+                         implementation="reference", guard=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of P."""
+        return self.filter.surrogate.dtype
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its values and filter sizes are checked before it is added."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            for name, spec in self.specs.items():
-                spec.check(group[name])
-            if group["granularity"] not in GRANULARITIES:
-                raise ValueError(f"unknown granularity {group['granularity']!r}; valid choices: "
-                                 f"{', '.join(GRANULARITIES)}")
-            for name, params in self._filters(len(self.param_groups) - 1):
-                n = sum(p.numel() for p in params)
-                if n > self.max_parameters:
-                    raise ValueError(f"filter {name} has {n} parameters, above max_parameters="
-                                     f"{self.max_parameters} (P would be {n} × {n}); use a smaller model, "
-                                     "granularity='layer', or raise max_parameters")
-        except Exception:
-            self.param_groups.pop()
-            raise
+        index = len(self.param_groups) - 1
+        for name, params in self._filters(index):
+            n = sum(p.numel() for p in params)
+            if n > self.max_parameters:
+                self.param_groups.pop()
+                raise ValueError(f"filter {name} has {n} parameters, above max_parameters="
+                                 f"{self.max_parameters} (P would be {n} × {n}); use a smaller model, "
+                                 "granularity='layer', or raise max_parameters")
 
     def _filters(self, index: int) -> list[tuple[str, list[Tensor]]]:
         """The filters of group ``index``: (name, parameters), per tensor or one for the group."""
@@ -164,80 +188,15 @@ class ExactEKF(Optimizer):
             return [(f"group{index}/global", list(params))] if params else []
         return [(f"group{index}/param{i}", [p]) for i, p in enumerate(params)]
 
-    def _filter_state(self, index: int, name: str, params: list[Tensor]) -> dict:
-        """The state of one filter (P), created on first use: P_0 = sigma I."""
-        group_state = self._group_state(index)
-        if self.param_groups[index]["granularity"] == "global":
-            state = group_state.setdefault("global", {})
-        else:
-            state = self.state[params[0]]
-        if "P" not in state:
-            n = sum(p.numel() for p in params)
-            sigma = self.param_groups[index]["sigma"]
-            state["P"] = sigma * torch.eye(n, dtype=self.dtype, device=params[0].device)
-        return state
-
-    def _group_state(self, index: int) -> dict:
-        state = self.state[f"group{index}"]
-        if not state:
-            params = self.param_groups[index]["params"]
-            device = params[0].device if params else torch.device("cpu")
-            self.measurement.init_state(state, self.param_groups[index], self.dtype, device)
-        return state
-
     def covariances(self) -> dict[str, Tensor]:
-        """The current P of every filter, by name (``"group0/param1"`` or ``"group0/global"``)."""
+        """The current P of every filter, by name (``"group0/param1"`` or ``"group0/global"``); P_0 = sigma I
+        for a filter that has not been updated yet."""
         out = {}
-        for index in range(len(self.param_groups)):
-            for name, params in self._filters(index):
-                out[name] = self._filter_state(index, name, params)["P"]
-        return out
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
-        """One EKF step for the gradients in ``.grad``.
-
-        Args:
-            closure: re-evaluates the model and returns the per-sample or mean loss (it should
-                call ``backward``); optional when ``loss`` is given.
-            loss: the per-sample losses (the statistic for R comes from them) or their mean.
-
-        Raises:
-            FloatingPointError: a non-finite loss or gradient (nothing is changed).
-        """
-        loss = step_loss(closure, loss, type(self).__name__)
-        losses = torch.as_tensor(loss).detach()
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not bool(torch.isfinite(losses).all()) or not all(bool(torch.isfinite(g).all()) for g in grads):
-            raise FloatingPointError("non-finite loss or gradient: the ExactEKF step was not applied")
-        mean, statistic = split_losses(losses, self.loss_statistic,
-                                       any(group["r"] is None for group in self.param_groups))
         for index, group in enumerate(self.param_groups):
-            self._update_group(index, group, mean, statistic)
-        return loss
-
-    def _update_group(self, index: int, group: dict[str, Any], loss: Tensor, statistic: Tensor | None) -> None:
-        group_state = self._group_state(index)
-        # R_k: fixed, or α_r R_{k-1} + (1 − α_r) s_k, once per step before any filter
-        R = self.measurement.noise(group_state, statistic, group)
-        for name, params in self._filters(index):
-            if all(p.grad is None for p in params):
-                continue
-            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.dtype)
-                           for p in params])
-            # a filter with ‖g_ℓ‖₂ < 1e-9 is skipped, as in the presets
-            if bool(torch.linalg.vector_norm(g) < SKIP_GRAD_NORM):
-                continue
-            state = self._filter_state(index, name, params)
-            theta = torch.cat([p.detach().reshape(-1).to(self.dtype) for p in params])
-            # H_ℓ = g_ℓ + wd θ_ℓ;  L_ℓ = L_k + ½ wd ‖θ_ℓ‖²
-            H, L = self.measurement.measure(theta, g, loss.to(self.dtype), group)
-            # P̂, S, K = P̂Hᵀ/S and the posterior P = (I − K H) P̂
-            update = exact_ekf_update(state["P"], H, R.to(self.dtype), group["q"])
-            state["P"] = update.P
-            # θ_ℓ ← θ_ℓ − η L_ℓ K_ℓ
-            theta = theta - group["lr"] * L * update.direction / update.S
-            offset = 0
-            for p in params:
-                p.copy_(theta[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for layer in self._layers(index):
+                P = layer.state.get("P")
+                if P is None:
+                    P = float(group["sigma"]) * torch.eye(layer.numel, dtype=self.dtype,
+                                                          device=layer.params[0].device)
+                out[layer.name] = P
+        return out
