@@ -78,11 +78,43 @@ def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
         if len(layer.params) != 1:
             return "a global layer of several tensors"
         p = layer.params[0]
-        if not p.is_contiguous() or p.dtype != dtype:
-            return "a non-contiguous parameter or mixed dtypes"
-        if with_grads and (p.grad is None or not p.grad.is_contiguous() or p.grad.dtype != p.dtype):
-            return "a missing, non-contiguous or differently typed gradient"
+        if p.dtype != dtype:
+            return "mixed parameter dtypes"
+        if with_grads and (p.grad is None or p.grad.dtype != p.dtype):
+            return "a missing or differently typed gradient"
     return None
+
+
+class _Staging:
+    """Contiguous copies of the parameters and gradients the kernels cannot address in place (a
+    channels_last convolution weight, a transposed view): kept from step to step, so their addresses
+    stay put (a captured step replays them), filled before the passes and θ written back after."""
+
+    def __init__(self, layers: Sequence[Layer], with_grads: bool) -> None:
+        self.theta: dict[int, Tensor] = {}
+        self.grad: dict[int, Tensor] = {}
+        for i, layer in enumerate(layers):
+            p = layer.params[0]
+            if not p.is_contiguous():
+                self.theta[i] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            if with_grads and (not p.grad.is_contiguous() or i in self.theta):
+                self.grad[i] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+    def thetas(self, layers: Sequence[Layer]) -> list[Tensor]:
+        return [self.theta.get(i, layer.params[0].detach()) for i, layer in enumerate(layers)]
+
+    def grads(self, layers: Sequence[Layer]) -> list[Tensor]:
+        return [self.grad.get(i, layer.params[0].grad) for i, layer in enumerate(layers)]
+
+    def fill(self, layers: Sequence[Layer]) -> None:
+        for i, buf in self.theta.items():
+            buf.copy_(layers[i].params[0].detach())
+        for i, buf in self.grad.items():
+            buf.copy_(layers[i].params[0].grad)
+
+    def write_back(self, layers: Sequence[Layer]) -> None:
+        for i, buf in self.theta.items():
+            layers[i].params[0].detach().copy_(buf)
 
 
 _SLOTS: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -126,6 +158,7 @@ class FusedEngine(TorchEngine):
         self._chunks: dict[tuple, _Chunks] = {}
         self._steady_plans: dict[int, _SteadyPlan] = {}
         self._verdicts: dict[tuple, str | None] = {}
+        self._predict_staging: dict[tuple, _Staging] = {}
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         params = group["params"]
@@ -165,9 +198,10 @@ class FusedEngine(TorchEngine):
                 return work, red, scalars, numel
             created = self._ensure_state(plan.table, active, ctx.group)
             like = ctx.group_state["R"]
-            slots = self._slots(active, plan.table, with_grads=True)
+            staging = _Staging(active, with_grads=True)
+            slots = self._slots(active, plan.table, staging, with_grads=True)
             steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([x.numel for x in active], like.device),
-                                 complete=len(active) == len(ctx.layers))
+                                 complete=len(active) == len(ctx.layers), staging=staging)
             if steady.complete and ctx.state is not None:
                 self._steady_plans[id(ctx.group)] = steady
             n_none = len(ctx.layers) - len(active)
@@ -175,6 +209,7 @@ class FusedEngine(TorchEngine):
             created = [False] * len(steady.layers)
             n_none = 0
         active, slots, chunks = steady.layers, steady.slots, steady.chunks
+        steady.staging.fill(active)
         like = ctx.group_state["R"]
         hp = _hp(ctx.group)
         red_names = [r.name for r in plan.reductions]
@@ -188,7 +223,8 @@ class FusedEngine(TorchEngine):
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
         numel = chunks.numel[: len(active)]
         work = _Work(ctx, [], None, hp, n_none=n_none)  # type: ignore[arg-type]
-        work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()))
+        work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()),
+                          staging=steady.staging)
         return work, red, scalars, numel
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
@@ -219,6 +255,7 @@ class FusedEngine(TorchEngine):
         skip = b.skip.to(torch.int32)
         if chunks.n_chunks and kernels.has_apply:
             kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype, _aligned(work.extra["slots"]))
+        work.extra["staging"].write_back(layers)
         for name, new in b.new_layer.items():
             values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
             _scatter_scalars(layers, name, values)
@@ -241,7 +278,14 @@ class FusedEngine(TorchEngine):
         hp = _hp(ctx.group)
         numels = [layer.numel for layer in layers]
         chunks = self._chunk_tables(numels, like.device)
-        slots = self._slots(layers, plan.table, with_grads=False)
+        key = (id(ctx.group), tuple(id(layer.params[0]) for layer in layers))
+        staging = self._predict_staging.get(key)
+        if staging is None:  # (kept: a replayed step reads the same buffers)
+            if len(self._predict_staging) > 64:
+                self._predict_staging.clear()
+            staging = self._predict_staging[key] = _Staging(layers, with_grads=False)
+        staging.fill(layers)
+        slots = self._slots(layers, plan.table, staging, with_grads=False)
         kernels = _kernels((), plan.reductions, plan.program, plan.outputs, slots.keys())
         red_names = [r.name for r in plan.reductions]
         partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(len(red_names)), dtype=like.dtype, device=like.device)
@@ -252,7 +296,7 @@ class FusedEngine(TorchEngine):
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         numel = chunks.numel[: len(layers)]
         work = _Work(ctx, [], None, hp)  # type: ignore[arg-type]
-        work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels)
+        work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels, staging=staging)
         return work, red, numel
 
     def apply_predict(self, work: _Work, b: Batch) -> None:
@@ -264,6 +308,7 @@ class FusedEngine(TorchEngine):
         if chunks.n_chunks and kernels.has_apply:
             kernels.launch_apply(chunks, work.extra["slots"], table, b.skip.to(torch.int32), like.dtype,
                                  _aligned(work.extra["slots"]))
+        work.extra["staging"].write_back(work.extra["layers"])
         self._commit_group(work.ctx.group_state, b)
 
     # ------------------------------------------------------------------ helpers
@@ -278,11 +323,12 @@ class FusedEngine(TorchEngine):
         return chunks
 
     @staticmethod
-    def _slots(layers: list[Layer], table: Any, with_grads: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    def _slots(layers: list[Layer], table: Any, staging: _Staging,
+               with_grads: bool) -> dict[str, tuple[Tensor, Tensor]]:
         device = layers[0].params[0].device
-        slots = {"theta": _slot([layer.params[0].detach() for layer in layers], device)}
+        slots = {"theta": _slot(staging.thetas(layers), device)}
         if with_grads:
-            slots["g"] = _slot([layer.params[0].grad for layer in layers], device)
+            slots["g"] = _slot(staging.grads(layers), device)
         for e in table.vectors:
             slots[f"state.{e.name}"] = _slot([layer.state[e.name] for layer in layers], device)
         return slots
@@ -292,8 +338,9 @@ class _SteadyPlan:
     """A group's layers, slots and chunk tables, reused while the parameters, gradients and state stay put."""
 
     def __init__(self, ctx: GroupContext, plan: Any, layers: list[Layer], slots: dict[str, tuple[Tensor, Tensor]],
-                 chunks: _Chunks, complete: bool) -> None:
+                 chunks: _Chunks, complete: bool, staging: _Staging) -> None:
         self.plan, self.layers, self.slots, self.chunks, self.complete = plan, layers, slots, chunks, complete
+        self.staging = staging
         self.params = ctx.group["params"]
         self.n = len(self.params)
         self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
@@ -323,9 +370,10 @@ class _SteadyPlan:
         ptrs = [g.data_ptr() for g in grads]
         if ptrs != self.grad_ptrs:
             dtype = params[0].dtype
-            if not all(g.is_contiguous() and g.dtype == dtype for g in grads):
+            staged = self.staging.grad
+            if not all(g.dtype == dtype and (i in staged or g.is_contiguous()) for i, g in enumerate(grads)):
                 return False
-            self.slots["g"] = _slot(grads, grads[0].device)
+            self.slots["g"] = _slot(self.staging.grads(self.layers), grads[0].device)
             self.grad_ptrs = ptrs
         return True
 
