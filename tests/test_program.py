@@ -1,0 +1,130 @@
+"""The element-wise programs every engine executes: the torch evaluation equals the plain formulas.
+
+The engines run each part's declared reductions and programs; these properties pin the executor
+(kalmanopt.program) against a naive, out-of-place evaluation, for every preset's declaration, over
+random vectors and random coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kalmanopt
+from kalmanopt.contract import predict_plan, update_plan
+from kalmanopt.program import (
+    Assign,
+    BinOp,
+    ClampMin,
+    Coef,
+    Const,
+    Reduction,
+    State,
+    Vec,
+    coefficients_read,
+    compile_program,
+    reduce_layer,
+    vectors_read,
+)
+
+DT = torch.float64
+CONTRACT_PRESETS = [p for p in kalmanopt.presets()
+                    if kalmanopt.contract.contract_gap(kalmanopt.get_preset(p).build()) is None]
+
+
+def _naive(e, env, coefs):
+    """Out-of-place evaluation of an expression, the plain way."""
+    if isinstance(e, Vec):
+        return env[e.key]
+    if isinstance(e, Coef):
+        return coefs[e.name]
+    if isinstance(e, Const):
+        return e.value
+    if isinstance(e, ClampMin):
+        value = _naive(e.a, env, coefs)
+        return value.clamp_min(e.low) if isinstance(value, torch.Tensor) else max(value, e.low)
+    if isinstance(e, BinOp):
+        a, b = _naive(e.a, env, coefs), _naive(e.b, env, coefs)
+        if e.op == "+":
+            return a + b
+        if e.op == "-":
+            return a - b
+        return a * b if e.op == "*" else a / b
+    raise TypeError(e)
+
+
+def _declarations(preset: str, wd: float):
+    composition = kalmanopt.get_preset(preset).build()
+    hp = {name: spec.default for name, spec in composition.hyperparameters().items()}
+    hp.update(weight_decay=wd, guard=True)
+    plan = update_plan(composition, hp)
+    return plan, predict_plan(composition, hp)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+@pytest.mark.parametrize("preset", CONTRACT_PRESETS)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40))
+def test_in_place_program_equals_the_plain_formulas_for_every_preset(preset, wd, seed, n):
+    plan, pred = _declarations(preset, wd)
+    gen = torch.Generator().manual_seed(seed)
+    for program, outputs, extra in ((plan.full_program, plan.outputs, plan.reductions),
+                                    (pred.program, pred.outputs, pred.reductions)):
+        exprs = [a.expr for a in program] + [r.expr for r in extra]
+        env = {v.key: torch.randn(n, generator=gen, dtype=DT) for v in vectors_read(exprs) if v.key != "H"}
+        env.setdefault("theta", torch.randn(n, generator=gen, dtype=DT))
+        env.setdefault("g", torch.randn(n, generator=gen, dtype=DT))
+        coefs = {name: float(torch.randn((), generator=gen, dtype=DT)) for name in coefficients_read(exprs)}
+        coefs["weight_decay"] = wd
+        # the plain way: sequential, out of place
+        want = {k: v.clone() for k, v in env.items()}
+        for a in program:
+            want[a.target.key] = _naive(a.expr, want, coefs)
+        got = {k: v.clone() for k, v in env.items()}
+        compile_program(program, outputs).run(got, coefs)
+        for key in outputs:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 30))
+def test_reductions_equal_the_plain_sums(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    env = {k: torch.randn(n, generator=gen, dtype=DT) for k in ("a", "b", "c")}
+    a, b, c = Vec("a"), Vec("b"), Vec("c")
+    reductions = (Reduction("ab", a * b), Reduction("abc", a * b * c), Reduction("d", (a - b) * (a - b)),
+                  Reduction("bad", a * 0.0), Reduction("clamped", (a * 2.0).clamp_min(0.0)))
+    got = reduce_layer(reductions, env, {}, torch.zeros((), dtype=DT))
+    x, y, z = env["a"], env["b"], env["c"]
+    want = [(x * y).sum(), (x * y * z).sum(), ((x - y) ** 2).sum(), (x * 0.0).sum(), (2 * x).clamp_min(0).sum()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_the_gradient_check_is_nan_exactly_when_an_entry_is_not_finite(bad):
+    x = torch.tensor([1e30, -2.0, 3.0], dtype=torch.float32)
+    check = (Reduction("bad", Vec("x") * 0.0),)
+    assert float(reduce_layer(check, {"x": x}, {}, x)[0]) == 0.0  # large but finite: no false alarm
+    x[1] = bad
+    assert math.isnan(float(reduce_layer(check, {"x": x}, {}, x)[0]))
+
+
+def test_an_aliased_right_hand_side_is_read_before_it_is_written():
+    x = torch.tensor([1.0, 2.0], dtype=DT)
+    env = {"state.x": x, "state.y": x}  # two names, one tensor
+    compile_program([Assign(State("x"), 2.0 * State("x") + 3.0 * State("y"))], ["state.x"]).run(env, {})
+    torch.testing.assert_close(x, torch.tensor([5.0, 10.0], dtype=DT))
+
+
+def test_bad_programs_are_refused_with_what_is_wrong():
+    with pytest.raises(ValueError, match="'g' is the gradient"):
+        Assign(Vec("g"), Vec("H"))
+    with pytest.raises(TypeError, match="combines expressions and numbers"):
+        Vec("a") * "2"
+    with pytest.raises(TypeError, match="target of an assignment"):
+        Assign("theta", Vec("g"))  # type: ignore[arg-type]
