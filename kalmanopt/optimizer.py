@@ -169,7 +169,7 @@ class KalmanOptimizer(Optimizer):
             for index, p in enumerate(group["params"]):
                 check_parameter(p, index)
             check_group_parameters(group["params"], len(self.param_groups) - 1, group["granularity"],
-                                   contract_gap(self.filter))
+                                   contract_gap(self.filter), self.process_group)
             self._validate_group(group)
             resolve_engine(self.filter, group)
         except Exception:

@@ -1,4 +1,6 @@
-"""Two CPU processes over gloo, for tests/test_distributed.py: ``python distributed_worker.py SCENARIO OUT``.
+"""Two CPU processes over gloo, for tests/test_distributed.py: ``python distributed_worker.py SCENARIOS OUT [BASE]``.
+
+``SCENARIOS``: comma-separated names of the ``scenario_*`` functions below (``equality,checkpoint``).
 
 Each rank trains on its half of a fixed global batch and writes what it saw to ``OUT/rank{r}.pt``;
 the test compares that with one process on the whole batch (:func:`reference_run`).
@@ -131,7 +133,7 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
 
 
-def scenario_equality(rank: int, out: dict) -> None:
+def scenario_equality(rank: int, out: dict, *_: str) -> None:
     for dtype in DTYPES:
         for mode in ("ddp", "fsdp"):
             for preset in PRESETS:
@@ -157,6 +159,49 @@ def scenario_equality(rank: int, out: dict) -> None:
     train(model, opt, torch.float64, range(STEPS), rank)
     out["opt-out"] = [full(p) for p in model.parameters()]
     out["errors"] = bad_input(rank)
+
+
+CHECKPOINT_PRESETS = ("koala++", "koala-m")
+
+
+def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
+    """FSDP: save after two steps on two ranks (``base/two/<preset>``) and go on; load what one process
+    saved (``base/one/<preset>``) and go on; a load into an optimizer on the wrong process group fails."""
+    from kalmanopt.engines.distributed import load_checkpoint, save_checkpoint
+
+    dtype = torch.float64
+    for preset in CHECKPOINT_PRESETS:
+        model = wrap(make_model(dtype), "fsdp")
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        train(model, opt, dtype, range(2), rank)
+        save_checkpoint(opt, f"{base}/two/{preset}", model.state_dict())
+        train(model, opt, dtype, range(2, STEPS), rank)
+        out[("saved", preset)] = [full(p) for p in model.parameters()]
+        torch.manual_seed(1)
+        model = wrap(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype),
+                     "fsdp")
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        state = model.state_dict()
+        load_checkpoint(opt, f"{base}/one/{preset}", state)
+        model.load_state_dict(state)
+        train(model, opt, dtype, range(2, STEPS), rank)
+        out[("loaded", preset)] = [full(p) for p in model.parameters()]
+    # the wrong process group: refused, naming the parameter, and nothing changes
+    subgroups = [dist.new_group([r]) for r in range(WORLD)]
+    model = wrap(make_model(dtype), "fsdp")
+    opt = kalmanopt.create("koala++", model.parameters(), **HP)
+    opt.process_group = subgroups[rank]
+    before = [full(p) for p in model.parameters()]
+    try:
+        load_checkpoint(opt, f"{base}/two/koala++", model.state_dict())
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    out["mismatch unchanged"] = (not opt.state and all(torch.equal(a, full(p)) for a, p in
+                                                       zip(before, model.parameters())))
+    try:
+        kalmanopt.create("koala++", model.parameters(), process_group=subgroups[rank])
+    except ValueError as e:
+        out["mismatch create"] = str(e)
 
 
 def bad_input(rank: int) -> dict:
@@ -190,13 +235,14 @@ def bad_input(rank: int) -> dict:
     return errors
 
 
-def main(rank: int, scenario: str, out_dir: str) -> None:
+def main(rank: int, scenario: str, out_dir: str, *args: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         out: dict = {}
-        globals()[f"scenario_{scenario}"](rank, out)
+        for name in scenario.split(","):
+            globals()[f"scenario_{name}"](rank, out, *args)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -208,4 +254,7 @@ if __name__ == "__main__":
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    mp.spawn(main, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)
+    # fork: the children inherit the imports (torch, FSDP, kalmanopt), which a spawn would repeat
+    import torch.distributed.fsdp  # noqa: F401
+
+    mp.start_processes(main, args=tuple(sys.argv[1:]), nprocs=WORLD, start_method="fork")
