@@ -204,6 +204,47 @@ def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
         out["mismatch create"] = str(e)
 
 
+RUNNER_CONFIG = """
+name = "dist"
+task = "digits"
+model = "mlp"
+seeds = [0]
+steps = 4
+batch_size = 32
+device = "cpu"
+threads = 1
+log_every = 2
+diagnostics = false
+distributed = "fsdp"
+
+[model_options]
+hidden = 8
+
+[[optimizers]]
+preset = "koala++"
+
+[[optimizers]]
+torch = "adamw"
+lr = 1e-2
+"""
+
+
+def scenario_runner(rank: int, out: dict, base: str) -> None:
+    """``distributed = "fsdp"`` in a runner config: rank 0 writes, and a second call resumes (trains nothing)."""
+    from kalmanopt.runner import run_experiment
+    from kalmanopt.runner.config import parse_config, parse_toml
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD))
+    folder = Path(base) / "grid"
+    outcomes = []
+    for _ in range(2):
+        config = parse_config(parse_toml(RUNNER_CONFIG))
+        config.check()
+        outcome = run_experiment(config, folder)
+        outcomes.append((outcome.trained, outcome.skipped, outcome.writer, str(outcome.out)))
+    out["runner"] = outcomes
+
+
 def bad_input(rank: int) -> dict:
     """The messages of the refused inputs (and whether anything changed)."""
     from torch.distributed.device_mesh import init_device_mesh

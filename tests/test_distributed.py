@@ -43,7 +43,7 @@ def launched(tmp_path_factory):
             opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
             w.train(model, opt, torch.float64, range(2), None)
             distributed.save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
-    return base, _launch("equality,checkpoint", base / "out", str(base))
+    return base, _launch("equality,checkpoint,runner", base / "out", str(base))
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,31 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_parameter(checkpoint
         warnings.simplefilter("ignore")
         distributed.load_checkpoint(opt, str(base / "one" / "koala++"))
     assert not opt.state
+
+
+def test_a_distributed_runner_grid_is_written_by_rank_0_and_resumes(launched):
+    base, ranks = launched
+    # (trained, skipped, wrote the folder, the folder) of two calls: the second resumes
+    folder = str(base / "grid")
+    assert ranks[0]["runner"] == [(2, 0, True, folder), (0, 2, True, folder)]
+    assert ranks[1]["runner"] == [(2, 0, False, folder), (0, 2, False, folder)]
+    from kalmanopt.runner.results import load_results
+
+    records = load_results(base / "grid")
+    assert sorted(r["optimizer"] for r in records) == ["adamw", "koala++"]
+    assert [r["steps"] for r in records] == [4, 4]
+
+
+def test_the_runner_refuses_distributed_without_torchrun(monkeypatch):
+    from kalmanopt.runner import ConfigError
+    from kalmanopt.runner.config import parse_config, parse_toml
+    from kalmanopt.runner.distributed import launch
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node"):
+        launch("ddp", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="distributed must be one of 'none', 'ddp', 'fsdp'"):
+        parse_config(parse_toml(w.RUNNER_CONFIG.replace('"fsdp"', '"zero3"'))).check()
 
 
 # ---------------------------------------------------------------------- one process
