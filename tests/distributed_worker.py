@@ -245,6 +245,16 @@ def scenario_runner(rank: int, out: dict, base: str) -> None:
     out["runner"] = outcomes
 
 
+def scenario_benchmark(rank: int, out: dict, *_: str) -> None:
+    """benchmarks/distributed_gpt.py with a tiny GPT on the CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import distributed_gpt as bench
+
+    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2"])
+    rows = bench.run_benchmark(args)
+    out["benchmark"] = ([r.__dict__ for r in rows], bench.table(rows, args, WORLD, "cpu"))
+
+
 def bad_input(rank: int) -> dict:
     """The messages of the refused inputs (and whether anything changed)."""
     from torch.distributed.device_mesh import init_device_mesh

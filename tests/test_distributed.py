@@ -7,6 +7,7 @@ in this test computes the same training on the whole global batch and compares.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def launched(tmp_path_factory):
             opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
             w.train(model, opt, torch.float64, range(2), None)
             distributed.save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
-    return base, _launch("equality,checkpoint,runner", base / "out", str(base))
+    return base, _launch("equality,checkpoint,runner,benchmark", base / "out", str(base))
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,14 @@ def test_a_distributed_runner_grid_is_written_by_rank_0_and_resumes(launched):
     records = load_results(base / "grid")
     assert sorted(r["optimizer"] for r in records) == ["adamw", "koala++"]
     assert [r["steps"] for r in records] == [4, 4]
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(launched):
+    rows, text = launched[1][0]["benchmark"]
+    assert [r["optimizer"] for r in rows] == ["adamw", "koala++"]
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and math.isfinite(r["final_loss"]) and r["peak_memory_gib"] > 0
+    assert "| koala++ |" in text and "KOALA++ / AdamW: tokens/s" in text
 
 
 def test_the_runner_refuses_distributed_without_torchrun(monkeypatch):
