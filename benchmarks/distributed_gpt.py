@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_benchmark(args)
         if dist.get_rank() == 0:
             print(table(rows, args, dist.get_world_size(), args.device))
+        dist.barrier()  # (no rank leaves the group while another still uses it)
     finally:
         dist.destroy_process_group()
 
