@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
+from kalmanopt.engines.distributed import local_tensor
 from kalmanopt.groups import checked_group_values
 from kalmanopt.layers import state_dtype
 from kalmanopt.options import GROUP_OPTIONS
@@ -244,7 +245,7 @@ def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
             if new_groups[index]["granularity"] == "global":
                 raise ValueError(f"state of parameter {key!r}: group {index} runs one global filter, which keeps "
                                  "its state in the group, not per parameter")
-            new_state[p] = _check_entries(value, layout(index)["layer"], p.numel(),
+            new_state[p] = _check_entries(value, layout(index)["layer"], local_tensor(p).numel(),
                                           f"state of parameter {key!r} (shape {tuple(p.shape)})",
                                           state_dtype(p.dtype), p.device)
         elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
@@ -257,7 +258,7 @@ def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
             if new_groups[index]["granularity"] != "global":
                 for k in nested:
                     group_layout.pop(k)
-            new_state[key] = _check_entries(value, group_layout, sum(p.numel() for p in params),
+            new_state[key] = _check_entries(value, group_layout, sum(local_tensor(p).numel() for p in params),
                                             f"state {key!r}", dtype, device, optional=tuple(nested),
                                             filled=FILLED if isinstance(value, Mapping) else None)
         else:

@@ -181,6 +181,12 @@ def _run(args: argparse.Namespace) -> int:
             terminated = outcome.interrupted and _Terminated.seen
     finally:
         logging.getLogger("kalmanopt").removeHandler(handler)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # (a distributed grid, launched by torchrun)
+        dist.destroy_process_group()
+    if not outcome.writer:  # a rank > 0 of a distributed grid: rank 0 reports
+        return 0
     summary = (outcome.out / "summary.md").read_text(encoding="utf-8")
     print(summary)
     if outcome.skipped:

@@ -13,6 +13,7 @@ from kalmanopt.checkpoint import checked_state
 from kalmanopt.composition import Composition
 from kalmanopt.contract import contract_gap, state_table
 from kalmanopt.engines import driver, resolve_engine
+from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
@@ -85,6 +86,9 @@ class KalmanOptimizer(Optimizer):
             ``"second_moment"`` (default) or ``"variance"``.
         strict: raise :class:`NonFiniteError` on non-finite input instead of skipping the step.
         track_diagnostics: record per-layer internals each step (see :meth:`diagnostics`).
+        process_group: several processes (DDP, FSDP2; see :mod:`kalmanopt.engines.distributed`):
+            ``"auto"`` (default) measures the global batch over the initialised default process
+            group, ``None`` opts out (each process filters its own loss), or a ``ProcessGroup``.
         granularity: ``"layer"`` (one filter per parameter tensor, as the authors) or
             ``"global"`` (the whole group as one filter).
         implementation: ``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest usable).
@@ -104,8 +108,8 @@ class KalmanOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], filter: Composition, *,
                  loss_statistic: str = "second_moment", strict: bool = False,
-                 track_diagnostics: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 **hyperparameters: Any) -> None:
+                 track_diagnostics: bool = False, process_group: Any = "auto", foreach: bool | None = None,
+                 fused: bool | None = None, **hyperparameters: Any) -> None:
         if not isinstance(filter, Composition):
             raise TypeError(f"filter must be a kalmanopt Composition, got {type(filter).__name__}; "
                             "use kalmanopt.create(name, params, ...) for a preset")
@@ -114,6 +118,8 @@ class KalmanOptimizer(Optimizer):
         self.loss_statistic = OPTION_TABLE["loss_statistic"].check(loss_statistic)
         self.strict = OPTION_TABLE["strict"].check(strict)
         self.track_diagnostics = OPTION_TABLE["track_diagnostics"].check(track_diagnostics)
+        self.process_group = OPTION_TABLE["process_group"].check(process_group)
+        self._loss_count = 1
         self._warned: set[str] = set()
         self._diagnostics: dict[str, dict[str, Tensor]] = {}
         self._predicted = False
@@ -162,6 +168,8 @@ class KalmanOptimizer(Optimizer):
         try:
             for index, p in enumerate(group["params"]):
                 check_parameter(p, index)
+            check_group_parameters(group["params"], len(self.param_groups) - 1, group["granularity"],
+                                   contract_gap(self.filter), self.process_group)
             self._validate_group(group)
             resolve_engine(self.filter, group)
         except Exception:
@@ -173,6 +181,8 @@ class KalmanOptimizer(Optimizer):
         state = super().__getstate__()
         state.update(filter=self.filter, specs=self.specs, loss_statistic=self.loss_statistic,
                      strict=self.strict, track_diagnostics=self.track_diagnostics,
+                     process_group=self.process_group if self.process_group is None
+                     or isinstance(self.process_group, str) else "auto",
                      _warned=set(self._warned), _diagnostics=dict(self._diagnostics),
                      _predicted=self._predicted)
         return state
@@ -185,6 +195,8 @@ class KalmanOptimizer(Optimizer):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_diagnostics", {})
         self.__dict__.setdefault("_predicted", False)
+        self.__dict__.setdefault("process_group", "auto")
+        self.__dict__.setdefault("_loss_count", 1)
 
     def _group_key(self, index: int) -> str:
         return f"group{index}"
@@ -251,6 +263,7 @@ class KalmanOptimizer(Optimizer):
         """
         self.validate_groups()
         loss, statistic = self._as_tensors(loss_mean, loss_statistic)
+        self._loss_count = 1  # several processes: each process's mean counts once
         return driver.run_two_phase_update(self, loss, statistic)
 
     # ------------------------------------------------------------------ the one-call API
@@ -270,6 +283,7 @@ class KalmanOptimizer(Optimizer):
         self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)
         mean, statistic = self._split_step_loss(loss)
+        self._loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
         driver.run_step(self, mean, statistic)
         return loss
 

@@ -13,9 +13,10 @@ torch.optim's ``foreach=`` and ``fused=`` flags are accepted as aliases of ``imp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from kalmanopt.engines import IMPLEMENTATIONS
+from kalmanopt.engines.distributed import AUTO, check_process_group
 from kalmanopt.measurement import LOSS_STATISTICS
 
 __all__ = ["Option", "OPTIONS", "GROUP_OPTIONS", "OPTIMIZER_OPTIONS", "GRANULARITIES", "TORCH_FLAGS",
@@ -48,11 +49,12 @@ class Option:
 
     Attributes:
         name: the keyword.
-        type: ``bool`` or ``str``.
+        type: ``bool``, ``str``, or ``object`` (an option checked by ``checker``).
         default: the value used when none is given.
         choices: the valid values of a ``str`` option (``None`` included where it is valid).
         scope: ``"group"`` (per parameter group, saved in checkpoints) or ``"optimizer"``.
         doc: one sentence of help, shown by ``kalmanopt list``.
+        checker: for an ``object`` option, the function that checks a value and returns it.
     """
 
     name: str
@@ -61,11 +63,14 @@ class Option:
     choices: tuple = ()
     scope: str = "group"
     doc: str = ""
+    checker: Callable[[Any], Any] | None = None
 
     def check(self, value: Any) -> Any:
         """``value`` normalised (a numpy bool becomes a bool), or ``TypeError``/``ValueError`` naming the choices."""
         if self.type is bool:
             return as_bool(self.name, value)
+        if self.checker is not None:
+            return self.checker(value)
         valid = self.describe()
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{self.name} must be one of {valid}, got {type(value).__name__} {value!r}")
@@ -77,6 +82,8 @@ class Option:
         """The valid values in words: ``True or False`` or the list of choices."""
         if self.type is bool:
             return "True or False"
+        if self.type is object:
+            return ", ".join(repr(c) for c in self.choices) + " or a torch.distributed.ProcessGroup"
         return ", ".join(str(c) for c in self.choices)
 
 
@@ -98,6 +105,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                "False reproduces the released code exactly"),
     Option("granularity", str, "layer", GRANULARITIES, "group",
            "'layer': one filter per parameter tensor (as the authors); 'global': one filter for the whole group"),
+    Option("process_group", object, AUTO, (AUTO, None), "optimizer",
+           "several processes (DDP, FSDP2): 'auto' sums the loss moments (and sharded layers' reductions) over "
+           "the default process group once per step, None opts out, or the ProcessGroup to use",
+           check_process_group),
 )}
 
 #: the per-group options

@@ -3,7 +3,8 @@
 For every engine, an update is::
 
     pass 1     engine.reduce_update(group)          per-layer sums, for every group
-               (a sharded layer would all-reduce its sums here, between the passes)
+    sync       distributed.synchronize_update       several processes: ONE all-reduce of the loss
+                                                    moments and the sharded layers' sums
     check      the step's code: a non-finite loss, statistic or gradient skips the whole step
     batched    engine.update_coefficients(batch)    every part's coefficients, all layers at once
     pass 2     engine.apply_update(group, batch)    element-wise programs, state, counters
@@ -35,7 +36,7 @@ from kalmanopt.contract import (
     STEP_COEFFICIENT,
     Batch,
 )
-from kalmanopt.engines import resolve_engine
+from kalmanopt.engines import distributed, resolve_engine
 from kalmanopt.engines.torch_ops import GroupContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,7 +120,12 @@ def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, dev
     """The code of the step's inputs (loss, statistic, gradients), a 0-d int32 tensor on ``device``.
 
     A separate pass over the gradients: used where no update has measured them yet (the first step).
+    Over several processes it is 0: a rank sees only its own loss, so the first predict runs on every
+    rank alike (it reads θ and the state only, which a skipped step leaves as they were) and the
+    update's synchronised inputs decide.
     """
+    if distributed.process_group(opt) is not None:
+        return torch.zeros((), dtype=torch.int32, device=device)
     code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
     if statistic is not None:
         code = code | (~_all_finite(statistic)).to(device=device, dtype=torch.int32) * CODE_STATISTIC
@@ -140,9 +146,11 @@ def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
     """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked)."""
     if ok is not None and ok.device.type == "cpu" and not bool(ok):
         return  # (free to read on the CPU: a skipped step creates no state either)
-    for engine, ctx in _contexts(opt):
+    contexts = _contexts(opt)
+    works = [engine.reduce_predict(ctx) for engine, ctx in contexts]
+    distributed.synchronize_predict(opt, works)  # sharded layers: their sums over the ranks
+    for (engine, ctx), (work, red, numel) in zip(contexts, works):
         like = ctx.group_state["R"]
-        work, red, numel = engine.reduce_predict(ctx)
         n = int(numel.numel())
         mask = torch.ones((), dtype=torch.bool, device=like.device) if ok is None else ok.to(like.device)
         b = Batch(hp=ctx.group, red=red, layer={}, group=ctx.group_state, numel=numel, loss=like.new_zeros(()),
@@ -166,6 +174,8 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
     works = []
     for engine, ctx in contexts:
         works.append(engine.reduce_update(ctx))
+    # several processes: the global batch's loss and statistic, the sharded layers' sums (one all-reduce)
+    loss, statistic = distributed.synchronize_update(opt, loss, statistic, works)
     # the step's inputs: a loss, statistic or gradient that is not finite skips the whole step (every group)
     step_code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
     if statistic is not None:

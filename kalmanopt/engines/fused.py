@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from kalmanopt.contract import Batch, contract_gap
+from kalmanopt.engines.distributed import is_sharded
 from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, has_gradient
 from kalmanopt.layers import Layer
 from kalmanopt.program import Assign, Reduction
@@ -78,6 +79,8 @@ def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
         if len(layer.params) != 1:
             return "a global layer of several tensors"
         p = layer.params[0]
+        if is_sharded(p):  # (the torch path runs the local shards)
+            return "a sharded DTensor parameter"
         if p.dtype != dtype:
             return "mixed parameter dtypes"
         if with_grads and (p.grad is None or p.grad.dtype != p.dtype):

@@ -10,8 +10,8 @@ the update and the next predict, and the step's code is reported as usual.
 The graph is dropped (and the step runs eagerly, then is captured again) whenever something it baked
 in changes: a gradient or parameter buffer moves, the state is replaced (``load_state_dict``), a
 hyper-parameter other than ``lr`` changes, or the loss changes shape or dtype. Steps of an
-optimizer with ``strict=True`` or ``track_diagnostics=True``, of several groups, or taken while the
-caller itself captures a graph run eagerly.
+optimizer with ``strict=True`` or ``track_diagnostics=True``, of several groups, of a distributed
+run, or taken while the caller itself captures a graph run eagerly.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def _key(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> tuple 
     """What the graph bakes in, or None where a step cannot be replayed."""
     if len(opt.param_groups) != 1 or opt.strict or opt.track_diagnostics or not opt._predicted:
         return None
+    from kalmanopt.engines.distributed import process_group
+
+    if process_group(opt) is not None:
+        return None  # (a distributed step all-reduces between its passes: it is not replayed)
     group = opt.param_groups[0]
     params = group["params"]
     if not params or params[0].device.type != "cuda" or torch.cuda.is_current_stream_capturing():

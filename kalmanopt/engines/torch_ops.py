@@ -28,6 +28,7 @@ from kalmanopt.contract import (
     run_update_coefficients,
     update_plan,
 )
+from kalmanopt.engines.distributed import is_sharded, local_tensor
 from kalmanopt.layers import Layer
 from kalmanopt.program import CompiledProgram, compile_program, reduce_layer
 from kalmanopt.state import StateTable
@@ -82,29 +83,41 @@ class FlatLayer:
     """A layer's θ and g as flat vectors in the state precision, with its state vectors.
 
     A single contiguous parameter already in that precision is used in place (a view);
-    otherwise θ is a copy and :meth:`commit` writes it back.
+    otherwise θ is a copy and :meth:`commit` writes it back. A DTensor parameter (FSDP2) is
+    represented by its local shard (``sharded`` is then True: the layer's sums are partial).
     """
 
     def __init__(self, layer: Layer, table: StateTable) -> None:
         self.layer = layer
-        params = layer.params
-        self.direct = len(params) == 1 and params[0].is_contiguous() and params[0].dtype == layer.dtype
-        self.theta = params[0].detach().view(-1) if self.direct else layer.theta()
-        p = params[0]
-        if len(params) == 1 and p.grad is not None and p.grad.is_contiguous() and p.grad.dtype == layer.dtype:
-            g = p.grad.detach().view(-1)
-        else:
-            g = layer.grad()
-            if g is None:
-                g = torch.zeros_like(self.theta)
+        params = [local_tensor(p) for p in layer.params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in layer.params]
+        self.sharded = any(is_sharded(p) for p in layer.params)
+        self.params = params
+        dtype = layer.dtype
+        self.direct = len(params) == 1 and params[0].is_contiguous() and params[0].dtype == dtype
+        self.theta = params[0].detach().view(-1) if self.direct else \
+            torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+        g0 = grads[0]
+        if len(params) == 1 and g0 is not None and g0.is_contiguous() and g0.dtype == dtype:
+            g = g0.detach().view(-1)
+        elif all(g is None for g in grads):
+            g = torch.zeros_like(self.theta)
+        else:  # (in a global layer a parameter without a gradient contributes zeros)
+            g = torch.cat([(torch.zeros_like(p) if gi is None else gi).detach().reshape(-1).to(dtype)
+                           for p, gi in zip(params, grads)])
         self.env: dict[str, Tensor] = {"theta": self.theta, "g": g}
         for e in table.vectors:
             self.env[f"state.{e.name}"] = layer.state[e.name]
 
     def commit(self) -> None:
-        """Write θ back to the parameters if it is a copy."""
+        """Write θ back to the parameters (their local shards) if it is a copy."""
         if not self.direct:
-            self.layer.write(self.theta)
+            Layer(self.params, {}, self.layer.name).write(self.theta)
+
+
+def local_numel(layer: Layer) -> int:
+    """The number of elements of the layer on this rank (its local shards; all of it unless sharded)."""
+    return sum(local_tensor(p).numel() for p in layer.params)
 
 
 @dataclass
@@ -158,7 +171,7 @@ class TorchEngine:
         """Create missing per-layer state; which layers got new state."""
         if not table.has_layer_state():
             return [False] * len(layers)
-        return [table.init_layer(layer.state, layer.numel, group, layer.dtype, layer.params[0].device)
+        return [table.init_layer(layer.state, local_numel(layer), group, layer.dtype, layer.params[0].device)
                 for layer in layers]
 
     def _host(self, like: Tensor) -> bool:

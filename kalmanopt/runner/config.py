@@ -123,6 +123,8 @@ _TOP_LEVEL = {
     "diagnostics": "record the Kalman filters' internals (default true)",
     "diagnostics_every": "steps between diagnostics records (default: log_every); only those steps pay for them",
     "autocast": "\"bf16\": bfloat16 autocast of the forward pass on CUDA (ignored on the CPU); default \"none\"",
+    "distributed": "\"ddp\" or \"fsdp\": several processes started by torchrun train each run (docs/distributed.md); "
+                   "default \"none\"",
     "task_options": "options of the task (data path, sizes)",
     "model_options": "options of the model (widths, depths)",
     "schedule": "the learning-rate schedule",
@@ -206,6 +208,7 @@ class ExperimentConfig:
     diagnostics: bool = True
     diagnostics_every: int | None = None
     autocast: str = "none"
+    distributed: str = "none"
     task_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     schedule: Schedule = field(default_factory=Schedule)
@@ -256,6 +259,7 @@ class ExperimentConfig:
             "steps": self.steps, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
             "device": self.device, "threads": self.threads, "log_every": self.log_every, "eval_every": self.eval_every,
             "diagnostics": self.diagnostics, "diagnostics_every": self.diagnostics_every, "autocast": self.autocast,
+            "distributed": self.distributed,
             "task_options": self.task_options, "model_options": self.model_options,
             "schedule": {k: list(v) if isinstance(v, tuple) else v for k, v in self.schedule.__dict__.items()},
             "optimizers": [{"label": s.label, "family": s.family, "name": s.name, "parts": s.parts,
@@ -319,6 +323,10 @@ class ExperimentConfig:
             problems.add(f"diagnostics must be true or false, got {self.diagnostics!r}")
         if self.autocast not in AUTOCAST:
             problems.add(f"autocast must be one of {', '.join(repr(a) for a in AUTOCAST)}, got {self.autocast!r}")
+        from kalmanopt.runner.distributed import check_mode
+
+        if check_mode(self.distributed) is not None:
+            problems.add(check_mode(self.distributed))
         if not isinstance(self.device, str):
             problems.add(f"device must be a string (cpu, cuda, cuda:N, mps or auto), got {self.device!r}")
         for key in ("task_options", "model_options", "analysis"):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from kalmanopt.runner.config import ExperimentConfig
+from kalmanopt.runner.distributed import Launch, device_of, finish, launch
 from kalmanopt.runner.errors import ConfigError
 from kalmanopt.runner.health import HEALTHY, STATUSES
 from kalmanopt.runner.plots import plot_all
@@ -34,7 +36,7 @@ __all__ = ["ExperimentOutcome", "run_experiment", "default_out_dir", "write_repo
 logger = logging.getLogger("kalmanopt.runner")
 
 #: config keys that may change between invocations into one folder (they do not change a run's result)
-IDENTITY_IGNORES = ("seeds", "device", "threads", "eval_batch_size")
+IDENTITY_IGNORES = ("seeds", "device", "threads", "eval_batch_size", "distributed")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ExperimentOutcome:
         interrupted: whether Ctrl-C (or SIGTERM) stopped it.
         plots: the PNG files written.
         seconds: wall time of this invocation.
+        writer: whether this process wrote the folder (False on the ranks > 0 of a distributed grid).
     """
 
     out: Path
@@ -58,6 +61,7 @@ class ExperimentOutcome:
     interrupted: bool
     plots: list[Path]
     seconds: float = 0.0
+    writer: bool = True
 
 
 def default_out_dir(config: ExperimentConfig) -> Path:
@@ -147,6 +151,16 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror or exc}); "
                           "pass a writable --out") from None
+    launched = launch(config.distributed, config.resolved_device())
+    if not launched.writes:  # another rank than 0: trains the same runs, writes nothing that stays
+        check_resumable(out, config)
+        previous = [r for r in load_results(out) if r.get("status") in STATUSES]
+        with tempfile.TemporaryDirectory(prefix=f"kalmanopt-rank{launched.rank}-") as scratch:
+            logging.getLogger("kalmanopt").setLevel(logging.WARNING)
+            outcome = _run_grid(config, Path(scratch), previous, False, launched)
+        outcome.out, outcome.writer = out, False
+        finish(launched)
+        return outcome
     try:
         with OutputLock(out) as lock:
             if lock.took_over is not None:
@@ -154,7 +168,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
                                lock.took_over.get("pid", "unknown"))
             check_resumable(out, config)
             previous = [r for r in load_results(out) if r.get("status") in STATUSES]
-            return _run_grid(config, out, previous, progress)
+            outcome = _run_grid(config, out, previous, progress, launched)
+        finish(launched)
+        return outcome
     finally:
         torch.set_num_threads(threads)
 
@@ -174,12 +190,13 @@ def _describe(record: dict[str, Any]) -> str:
             f"({speed} on {record.get('engine', '?')}), {health}")
 
 
-def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]], progress: bool
-              ) -> ExperimentOutcome:
+def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]], progress: bool,
+              launched: Launch | None = None) -> ExperimentOutcome:
     started = time.perf_counter()
     logger.info("run %s%s: writing into %s", config.name, " --quick" if config.mode == "quick" else "",
                 out)
-    device = config.resolved_device()
+    device = device_of(config.resolved_device()) if launched is not None and launched.active \
+        else config.resolved_device()
     if config.device == "auto":
         logger.info("device auto: using %s", device)
     task = get_task(config.task)
@@ -213,7 +230,8 @@ def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]
                 if steps_bar is not None:
                     steps_bar.set_description(f"{run.optimizer.label} s{run.seed}")
                 record = train_run(run, config, task, data, log,
-                                   on_step=steps_bar.update if steps_bar is not None else None, analysis=hook)
+                                   on_step=steps_bar.update if steps_bar is not None else None, analysis=hook,
+                                   launched=launched)
                 record["provenance"] = {**env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                         "mode": config.mode, "steps_per_run": steps_per_run}
                 all_records.append(record)

@@ -15,6 +15,7 @@ from torch import nn
 
 from kalmanopt.runner.config import ExperimentConfig, RunSpec
 from kalmanopt.runner.diagnostics import DiagnosticsRecorder
+from kalmanopt.runner.distributed import Launch, device_of, global_mean, local_batch, wrap_model
 from kalmanopt.runner.health import assess
 from kalmanopt.runner.provenance import engine_of, resolved_hyperparameters
 from kalmanopt.runner.results import json_safe as _json_safe
@@ -121,8 +122,8 @@ def autocast_context(config: ExperimentConfig, device: torch.device) -> Any:
 
 def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset, log: MetricsLog, *,
               on_step: Callable[[int], None] | None = None,
-              analysis: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, Any] | None] | None = None
-              ) -> dict[str, Any]:
+              analysis: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, Any] | None] | None = None,
+              launched: Launch | None = None) -> dict[str, Any]:
     """Train one run and return its result record (also writing its metrics to ``log``).
 
     Args:
@@ -133,16 +134,19 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
         on_step: called with the number of steps just taken (progress bars).
         analysis: called at the analysis steps with (model, optimizer, step); what it returns is
             logged as an ``"analysis"`` record.
+        launched: several processes (``distributed = "ddp" | "fsdp"``): the model is wrapped, each
+            rank trains on its slice of every minibatch, and the logged losses are the ranks' mean.
 
     A ``KeyboardInterrupt`` propagates (the caller keeps what finished); a run whose training
     loss becomes non-finite stops early with ``status = "diverged"``. ``seconds_per_step`` times
     the steps that record no diagnostics (see :mod:`kalmanopt.runner.diagnostics`); the record's
     ``status`` is its health (:mod:`kalmanopt.runner.health`).
     """
-    device = config.resolved_device()
+    launched = launched or Launch()
+    device = device_of(config.resolved_device()) if launched.active else config.resolved_device()
     spec = run.optimizer
     torch.manual_seed(run.seed)
-    model = task.build_model(config.model, data, config.model_options).to(device)
+    model = wrap_model(task.build_model(config.model, data, config.model_options).to(device), launched)
     model.train()
     optimizer = spec.build(model.parameters(), run.hyperparameters, track_diagnostics=False,
                            loss_statistic=task.loss_statistic)
@@ -194,6 +198,7 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
                 _sync(device)
                 t_record = time.perf_counter()
                 recorder.start()
+            inputs, targets = local_batch(inputs, targets, launched)
             with amp:
                 losses = task.per_sample_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -206,7 +211,7 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
                 optimizer.step()
             scheduler.step()
             step += 1
-            mean_loss = losses.detach().mean()
+            mean_loss = global_mean(losses.detach().mean(), launched)
             if step == 1:
                 initial_train_loss = float(mean_loss)
             log_sum += mean_loss

@@ -1,0 +1,311 @@
+"""Two CPU processes over gloo, for tests/test_distributed.py: ``python distributed_worker.py SCENARIOS OUT [BASE]``.
+
+``SCENARIOS``: comma-separated names of the ``scenario_*`` functions below (``equality,checkpoint``).
+
+Each rank trains on its half of a fixed global batch and writes what it saw to ``OUT/rank{r}.pt``;
+the test compares that with one process on the whole batch (:func:`reference_run`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kalmanopt  # noqa: E402
+
+PRESETS = ("koala++", "koala++-lr", "koala++-ns", "koala-diag", "koala-m", "koala-v")
+ENGINES = ("reference", "foreach")
+DTYPES = (torch.float32, torch.float64)
+STEPS = 4
+GLOBAL_BATCH = 8
+WORLD = 2
+HP = {"weight_decay": 0.01}
+#: presets whose surrogate is written per layer (gain()): DDP only
+PER_LAYER = ("koala++-lr",)
+
+
+def engines(preset: str) -> tuple[str, ...]:
+    """The engines of ``ENGINES`` that run ``preset`` on the CPU."""
+    from kalmanopt.engines import available_implementations
+
+    usable = available_implementations(kalmanopt.create(preset, [torch.nn.Parameter(torch.ones(1))]).filter,
+                                       {"params": [torch.ones(1)]})
+    return tuple(e for e in ENGINES if usable[e] is None)
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    """A small MLP whose shapes do not divide evenly over two ranks (uneven shards)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` (the same on every rank and in the one-process run)."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64).to(dtype)
+    return x, y
+
+
+def losses_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean(dim=1)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype, steps: range,
+          rank: int | None, nan_step: int | None = None, count: list | None = None) -> None:
+    """``steps`` plain-loop steps; ``rank`` None: the whole batch, else this rank's half."""
+    for step in steps:
+        x, y = batch(step, dtype)
+        if rank is not None:
+            half = GLOBAL_BATCH // WORLD
+            x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        opt.zero_grad()
+        losses = losses_of(model, x, y)
+        losses.mean().backward()
+        losses = losses.detach().clone()
+        if nan_step == step and rank in (None, 1):
+            losses[0] = float("nan")
+        with counting() as calls:
+            opt.step(loss=losses)
+        if count is not None:
+            count.append(len(calls))
+
+
+def reference_run(preset: str, engine: str, dtype: torch.dtype, nan_step: int | None = None) -> list:
+    """One process, the whole global batch: the parameters after ``STEPS`` steps."""
+    model = make_model(dtype)
+    opt = kalmanopt.create(preset, model.parameters(), implementation=engine, process_group=None, **HP)
+    train(model, opt, dtype, range(STEPS), None, nan_step)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+                "reduce_scatter", "all_to_all", "barrier", "gather", "scatter", "reduce")
+_FUNCOL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+
+
+@contextmanager
+def counting():
+    """Count every torch.distributed collective called inside (c10d and functional collectives)."""
+    import torch.distributed._functional_collectives as funcol
+
+    calls: list[str] = []
+    saved = []
+    for module, names in ((dist, _COLLECTIVES), (funcol, _FUNCOL)):
+        for name in names:
+            fn = getattr(module, name, None)
+            if fn is None:
+                continue
+
+            def wrapper(*args, _fn=fn, _name=name, **kwargs):
+                calls.append(_name)
+                return _fn(*args, **kwargs)
+
+            saved.append((module, name, fn))
+            setattr(module, name, wrapper)
+    try:
+        yield calls
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def scenario_equality(rank: int, out: dict, *_: str) -> None:
+    for dtype in DTYPES:
+        for mode in ("ddp", "fsdp"):
+            for preset in PRESETS:
+                for engine in engines(preset):
+                    if mode == "fsdp" and preset in PER_LAYER:
+                        continue
+                    model = wrap(make_model(dtype), mode)
+                    opt = kalmanopt.create(preset, model.parameters(), implementation=engine, **HP)
+                    counts: list[int] = []
+                    train(model, opt, dtype, range(STEPS), rank, count=counts)
+                    out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
+    # a NaN loss on rank 1 only (its gradients finite) at step 1: every rank skips that step
+    for mode in ("ddp", "fsdp"):
+        model = wrap(make_model(torch.float64), mode)
+        opt = kalmanopt.create("koala++", model.parameters(), implementation="foreach", **HP)
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            train(model, opt, torch.float64, range(STEPS), rank, nan_step=1)
+        out[("nan", mode)] = ([full(p) for p in model.parameters()], opt.diagnostics()["counters"])
+    # opting out: each rank filters its own loss (the replicas drift apart, as before)
+    model = wrap(make_model(torch.float64), "ddp")
+    opt = kalmanopt.create("koala++", model.parameters(), process_group=None, **HP)
+    train(model, opt, torch.float64, range(STEPS), rank)
+    out["opt-out"] = [full(p) for p in model.parameters()]
+    out["errors"] = bad_input(rank)
+
+
+CHECKPOINT_PRESETS = ("koala++", "koala-m")
+
+
+def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
+    """FSDP: save after two steps on two ranks (``base/two/<preset>``) and go on; load what one process
+    saved (``base/one/<preset>``) and go on; a load into an optimizer on the wrong process group fails."""
+    from kalmanopt.engines.distributed import load_checkpoint, save_checkpoint
+
+    dtype = torch.float64
+    for preset in CHECKPOINT_PRESETS:
+        model = wrap(make_model(dtype), "fsdp")
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        train(model, opt, dtype, range(2), rank)
+        save_checkpoint(opt, f"{base}/two/{preset}", model.state_dict())
+        train(model, opt, dtype, range(2, STEPS), rank)
+        out[("saved", preset)] = [full(p) for p in model.parameters()]
+        torch.manual_seed(1)
+        model = wrap(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype),
+                     "fsdp")
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        state = model.state_dict()
+        load_checkpoint(opt, f"{base}/one/{preset}", state)
+        model.load_state_dict(state)
+        train(model, opt, dtype, range(2, STEPS), rank)
+        out[("loaded", preset)] = [full(p) for p in model.parameters()]
+    # the wrong process group: refused, naming the parameter, and nothing changes
+    subgroups = [dist.new_group([r]) for r in range(WORLD)]
+    model = wrap(make_model(dtype), "fsdp")
+    opt = kalmanopt.create("koala++", model.parameters(), **HP)
+    opt.process_group = subgroups[rank]
+    before = [full(p) for p in model.parameters()]
+    try:
+        load_checkpoint(opt, f"{base}/two/koala++", model.state_dict())
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    out["mismatch unchanged"] = (not opt.state and all(torch.equal(a, full(p)) for a, p in
+                                                       zip(before, model.parameters())))
+    try:
+        kalmanopt.create("koala++", model.parameters(), process_group=subgroups[rank])
+    except ValueError as e:
+        out["mismatch create"] = str(e)
+
+
+RUNNER_CONFIG = """
+name = "dist"
+task = "digits"
+model = "mlp"
+seeds = [0]
+steps = 4
+batch_size = 32
+device = "cpu"
+threads = 1
+log_every = 2
+diagnostics = false
+distributed = "fsdp"
+
+[model_options]
+hidden = 8
+
+[[optimizers]]
+preset = "koala++"
+
+[[optimizers]]
+torch = "adamw"
+lr = 1e-2
+"""
+
+
+def scenario_runner(rank: int, out: dict, base: str) -> None:
+    """``distributed = "fsdp"`` in a runner config: rank 0 writes, and a second call resumes (trains nothing)."""
+    from kalmanopt.runner import run_experiment
+    from kalmanopt.runner.config import parse_config, parse_toml
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD))
+    folder = Path(base) / "grid"
+    outcomes = []
+    for _ in range(2):
+        config = parse_config(parse_toml(RUNNER_CONFIG))
+        config.check()
+        outcome = run_experiment(config, folder)
+        outcomes.append((outcome.trained, outcome.skipped, outcome.writer, str(outcome.out)))
+    out["runner"] = outcomes
+
+
+def scenario_benchmark(rank: int, out: dict, *_: str) -> None:
+    """benchmarks/distributed_gpt.py with a tiny GPT on the CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import distributed_gpt as bench
+
+    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2"])
+    rows = bench.run_benchmark(args)
+    out["benchmark"] = ([r.__dict__ for r in rows], bench.table(rows, args, WORLD, "cpu"))
+
+
+def bad_input(rank: int) -> dict:
+    """The messages of the refused inputs (and whether anything changed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    errors = {}
+    mesh = init_device_mesh("cpu", (WORLD,))
+    other = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("other",))
+    a = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(distribute_tensor(torch.ones(5), other, [Shard(0)]))
+    for name, params in (("meshes", [a, b]),):
+        try:
+            kalmanopt.create("koala++", params)
+        except ValueError as e:
+            errors[name] = str(e)
+    partial = torch.distributed.tensor.DTensor.from_local(torch.ones(2, 3), mesh, [Partial()])
+    try:
+        kalmanopt.create("koala++", [a, torch.nn.Parameter(partial)])
+    except ValueError as e:
+        errors["partial"] = str(e)
+    try:
+        kalmanopt.create("koala++-lr", [a])
+    except ValueError as e:
+        errors["per-layer"] = str(e)
+    try:
+        kalmanopt.create("koala++", [a], process_group="world")
+    except TypeError as e:
+        errors["option"] = str(e)
+    return errors
+
+
+def main(rank: int, scenario: str, out_dir: str, *args: str) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        out: dict = {}
+        for name in scenario.split(","):
+            globals()[f"scenario_{name}"](rank, out, *args)
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # fork: the children inherit the imports (torch, FSDP, kalmanopt), which a spawn would repeat
+    import torch.distributed.fsdp  # noqa: F401
+
+    mp.start_processes(main, args=tuple(sys.argv[1:]), nprocs=WORLD, start_method="fork")

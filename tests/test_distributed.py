@@ -1,0 +1,218 @@
+"""Several processes (issue 11): DDP and FSDP2 on two CPU processes over gloo equal one process.
+
+Two runs of tests/distributed_worker.py (two forked ranks each) do the distributed work; one process
+in this test computes the same training on the whole global batch and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import distributed_worker as w
+import pytest
+import torch
+
+import kalmanopt
+from kalmanopt.engines import distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launch(scenario: str, out: Path, *args: str) -> tuple[dict, dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed_worker.py"), scenario, str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(w.WORLD))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One launch of two ranks for every scenario; first, the checkpoints one process saves for them."""
+    base = tmp_path_factory.mktemp("distributed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.distributed.checkpoint in one process says so)
+        for preset in w.CHECKPOINT_PRESETS:
+            model = w.make_model(torch.float64)
+            opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
+            w.train(model, opt, torch.float64, range(2), None)
+            distributed.save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
+    return base, _launch("equality,checkpoint,runner,benchmark", base / "out", str(base))
+
+
+@pytest.fixture(scope="module")
+def equality(launched):
+    return launched[1]
+
+
+def _rel(params, ref) -> float:
+    return max(float((a.detach() - b).abs().max() / b.abs().max()) for a, b in zip(params, ref))
+
+
+TOLERANCE = {str(torch.float32): 1e-6, str(torch.float64): 1e-10}
+CASES = [(str(dtype), mode, preset, engine) for dtype in w.DTYPES for mode in ("ddp", "fsdp") for preset in w.PRESETS
+         for engine in w.engines(preset) if not (mode == "fsdp" and preset in w.PER_LAYER)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c).replace("torch.", "") for c in CASES])
+def test_two_processes_equal_one_process_on_the_global_batch(equality, case):
+    dtype_name, mode, preset, engine = case
+    dtype = torch.float32 if dtype_name == str(torch.float32) else torch.float64
+    ref = w.reference_run(preset, engine, dtype)
+    for rank in range(w.WORLD):
+        params, _ = equality[rank][case]
+        assert _rel(params, ref) <= TOLERANCE[dtype_name], (case, rank, _rel(params, ref))
+
+
+def test_ddp_ranks_are_bit_identical(equality):
+    for case in CASES:
+        if case[1] == "ddp":
+            a, b = equality[0][case][0], equality[1][case][0]
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), case
+
+
+def _predict_collectives(preset: str) -> int:
+    """A predict's all-reduce: only sharded layers under dynamics with predict reductions need one."""
+    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.ones(2))])
+    return 1 if opt.filter.dynamics.predict_reductions(opt.param_groups[0]) else 0
+
+
+def test_exactly_one_collective_per_step(equality):
+    for case in CASES:
+        _, mode, preset, _ = case
+        k = _predict_collectives(preset) if mode == "fsdp" else 0
+        # the first step also runs the first predict
+        expected = [1 + 2 * k] + [1 + k] * (w.STEPS - 1)
+        for rank in range(w.WORLD):
+            assert equality[rank][case][1] == expected, (case, rank)
+    assert _predict_collectives("koala-m") == 1 and _predict_collectives("koala++") == 0
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = w.reference_run("koala++", "foreach", torch.float64, nan_step=1)
+    for mode in ("ddp", "fsdp"):
+        for rank in range(w.WORLD):
+            params, counters = equality[rank][("nan", mode)]
+            assert counters["nonfinite_steps"] == 1 and counters["steps"] == w.STEPS - 1, (mode, rank)
+            assert _rel(params, ref) <= 1e-10, (mode, rank)
+
+
+def test_opting_out_leaves_each_rank_to_its_own_loss(equality):
+    a, b = equality[0]["opt-out"], equality[1]["opt-out"]
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_bad_input_names_the_parameter(equality):
+    errors = equality[0]["errors"]
+    assert "group 0, parameter 1" in errors["meshes"] and "device mesh" in errors["meshes"]
+    assert "group 0, parameter 1" in errors["partial"] and "Partial" in errors["partial"]
+    assert "parameter 0" in errors["per-layer"] and "gain()" in errors["per-layer"]
+    assert "'auto'" in errors["option"] and "ProcessGroup" in errors["option"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(launched):
+    return launched
+
+
+@pytest.mark.parametrize("preset", w.CHECKPOINT_PRESETS)
+def test_checkpoints_reshard_between_two_ranks_and_one(checkpoints, preset):
+    base, ranks = checkpoints
+    ref = w.reference_run(preset, "foreach", torch.float64)
+    for rank in range(w.WORLD):
+        assert _rel(ranks[rank][("saved", preset)], ref) <= 1e-10  # two ranks, uninterrupted
+        assert _rel(ranks[rank][("loaded", preset)], ref) <= 1e-10  # one process saved, two ranks resumed
+    # two ranks saved, one process resumes
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
+    state = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        distributed.load_checkpoint(opt, str(base / "two" / preset), state)
+    model.load_state_dict(state)
+    w.train(model, opt, torch.float64, range(2, w.STEPS), None)
+    assert _rel(list(model.parameters()), ref) <= 1e-10
+
+
+def test_a_process_group_mismatch_on_load_is_refused_before_anything_changes(checkpoints):
+    _, ranks = checkpoints
+    for rank in range(w.WORLD):
+        out = ranks[rank]
+        assert "group 0, parameter 0 (shape (5, 6))" in out["mismatch"] and "process group" in out["mismatch"]
+        assert out["mismatch unchanged"]
+        assert "group 0, parameter 0" in out["mismatch create"]
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_naming_the_parameter(checkpoints):
+    base, _ = checkpoints
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    opt = kalmanopt.create("koala++", model.parameters(), **w.HP)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"group 0, parameter 0 \(shape \(4, 6\)\)"):
+        warnings.simplefilter("ignore")
+        distributed.load_checkpoint(opt, str(base / "one" / "koala++"))
+    assert not opt.state
+
+
+def test_a_distributed_runner_grid_is_written_by_rank_0_and_resumes(launched):
+    base, ranks = launched
+    # (trained, skipped, wrote the folder, the folder) of two calls: the second resumes
+    folder = str(base / "grid")
+    assert ranks[0]["runner"] == [(2, 0, True, folder), (0, 2, True, folder)]
+    assert ranks[1]["runner"] == [(2, 0, False, folder), (0, 2, False, folder)]
+    from kalmanopt.runner.results import load_results
+
+    records = load_results(base / "grid")
+    assert sorted(r["optimizer"] for r in records) == ["adamw", "koala++"]
+    assert [r["steps"] for r in records] == [4, 4]
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(launched):
+    rows, text = launched[1][0]["benchmark"]
+    assert [r["optimizer"] for r in rows] == ["adamw", "koala++"]
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and math.isfinite(r["final_loss"]) and r["peak_memory_gib"] > 0
+    assert "| koala++ |" in text and "KOALA++ / AdamW: tokens/s" in text
+
+
+def test_the_runner_refuses_distributed_without_torchrun(monkeypatch):
+    from kalmanopt.runner import ConfigError
+    from kalmanopt.runner.config import parse_config, parse_toml
+    from kalmanopt.runner.distributed import launch
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node"):
+        launch("ddp", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="distributed must be one of 'none', 'ddp', 'fsdp'"):
+        parse_config(parse_toml(w.RUNNER_CONFIG.replace('"fsdp"', '"zero3"'))).check()
+
+
+# ---------------------------------------------------------------------- one process
+def test_process_group_option_is_checked_and_survives_copies():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="'auto'.*None.*ProcessGroup"):
+        kalmanopt.create("koala++", [p], process_group=2)
+    opt = kalmanopt.create("koala++", [p], process_group=None)
+    assert opt.process_group is None and copy.deepcopy(opt).process_group is None
+    assert kalmanopt.create("koala++", [p]).process_group == "auto"
+    assert distributed.process_group(opt) is None  # torch.distributed is not initialised here
+
+
+def test_without_torch_distributed_the_step_is_unchanged():
+    """The default ("auto") with no process group takes exactly the one-process step."""
+    results = []
+    for group in ("auto", None):
+        model = w.make_model(torch.float64)
+        opt = kalmanopt.create("koala-m", model.parameters(), process_group=group, **w.HP)
+        w.train(model, opt, torch.float64, range(3), None)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
