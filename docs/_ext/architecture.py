@@ -36,7 +36,7 @@ BOXES = [
      "reference: per layer, calls parts\nforeach:   multi-tensor torch ops\nfused:     Triton kernels (CUDA)\n"
      "None:      the fastest that runs\n           the composition", "#efe6f7"),
     ("state", 75, 13, 23, 15, "optimizer.state",
-     "per layer (parameter):\n v, H, S (product),\n rows, products (lowrank),\n p (diagonal), u, w̄\n"
+     "per layer (parameter):\n v, H, S (product),\n row1.., prod1.. (lowrank),\n p (diagonal), u, w̄\n"
      "per group 'groupN':\n R, P (scalar, block),\n q_w, counters, steps", "#f2f2f2"),
     ("parts", 2, 1, 96, 7, "parts: kalmanopt.measurement, kalmanopt.dynamics, kalmanopt.covariance",
      "measurement: loss;  dynamics: random_walk, momentum;  "

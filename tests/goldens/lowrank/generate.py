@@ -6,6 +6,10 @@ the surrogate per layer with ``gain()``), on the reference engine, with::
     PYTHONPATH=$PWD python3 tests/goldens/lowrank/generate.py tests/goldens/lowrank/previous_implementation.json
 
 ``tests/test_lowrank_contract.py`` replays the runs on every engine and compares to 1e-10.
+The runs with guard restarts were chosen among those whose restarts do not amplify rounding: the
+previous implementation itself, started from parameters perturbed by 1e-16 (relative), ends
+within 1e-12 of its own run (some settings with restarts amplify it to 1e-11, too close to the
+comparison's bound to tell a changed algorithm from a changed rounding).
 """
 import json
 import sys
@@ -39,9 +43,9 @@ CASES = [
     dict(name="m3-vanilla", sizes=[5, 4, 3], seed=3, steps=12,
          compose=dict(surrogate="lowrank", estimator="vanilla", memory=3), kw=dict(q=0.1)),
     dict(name="m4-symmetric-q0", sizes=[4, 3, 3], seed=4, steps=15, kw=dict(memory=4, q=0.0, sigma=1.0)),
-    dict(name="m2-vanilla-restarts", sizes=[4, 3, 3], seed=5, steps=15,
-         compose=dict(surrogate="lowrank", estimator="vanilla", memory=2), kw=dict(q=0.0, sigma=10.0, r=0.1)),
-    dict(name="m3-symmetric-restart", sizes=[4, 3, 3], seed=5, steps=15, kw=dict(memory=3, q=0.0, sigma=1.0, r=0.1)),
+    dict(name="m2-vanilla-restarts", sizes=[4, 3, 3], seed=9, steps=15,
+         compose=dict(surrogate="lowrank", estimator="vanilla", memory=2), kw=dict(q=0.0, sigma=10.0, r=0.01)),
+    dict(name="m3-symmetric-restarts", sizes=[4, 3, 3], seed=8, steps=15, kw=dict(memory=3, q=0.0, sigma=1.0, r=0.1)),
     dict(name="m2-symmetric-skips", sizes=[4, 3, 3], seed=6, steps=15, kw=dict(memory=2, q=0.0, sigma=1.0, r=0.001)),
 ]
 
