@@ -366,3 +366,27 @@ def test_an_estimator_without_batched_methods_is_named(estimator, missing):
     params = [torch.nn.Parameter(torch.randn(4, dtype=DT))]
     with pytest.raises(ValueError, match=missing):
         kalmanopt.KalmanOptimizer(params, composition, implementation="foreach")
+
+
+@pytest.mark.parametrize("memory", [1, 3])
+def test_diagnostics_are_those_of_the_step(memory):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5, dtype=DT), torch.nn.Tanh(), torch.nn.Linear(5, 3, dtype=DT))
+    opt = kalmanopt.create("koala++-lr", model.parameters(), memory=memory, track_diagnostics=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen)
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses)
+    layers = opt.diagnostics()["layers"]
+    assert len(layers) == 4
+    for p, (name, info) in zip(model.parameters(), layers.items()):
+        state = opt.state[p]
+        # after the step the state holds H_k and v_k: cos ∠(H_k, v_k) from the dots equals the vectors'
+        H, v = state["H"], state["v"]
+        assert info["cos_Hv"] == pytest.approx(float(H @ v / (H.norm() * v.norm())), abs=1e-10), name
+        assert info["S"] == pytest.approx(float(state["S"]), rel=1e-12), name
+        assert 1 <= info["rows_kept"] <= memory and int(state["rows_kept"]) <= memory - 1
+        assert {"lambda", "alpha", "w", "gain_scale"} <= set(info)

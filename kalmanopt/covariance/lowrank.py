@@ -202,34 +202,34 @@ class LowRankSurrogate(CovarianceSurrogate):
             out += [Reduction(f"ww{i + 1}_{j + 1}", W[i] * W[j]) for i in range(m) for j in range(i, m)]
         return tuple(out)
 
-    def _dots(self, red: Mapping[str, Tensor], first: Tensor, hh: Tensor,
-              sigma: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """(A Aᵀ, A Wᵀ, A h, W h, W Wᵀ or None) of every layer; a first update's row is the stand-in H_k, σ H_k."""
+    def _stand_in(self, hh: Tensor, sigma: float, with_ww: bool) -> tuple[Tensor, ...]:
+        """The dots of a first update's rows, A = [H_k], W = [σ H_k] (the other rows unused, zero)."""
         m = self.memory
-
-        def sym(prefix: str) -> Tensor:
-            rows = [torch.stack([red[f"{prefix}{min(i, j) + 1}_{max(i, j) + 1}"] for j in range(m)], -1)
-                    for i in range(m)]
-            return torch.stack(rows, -2)
-
-        AA = sym("aa")
-        AW = torch.stack([torch.stack([red[f"aw{i + 1}_{j + 1}"] for j in range(m)], -1) for i in range(m)], -2)
-        Ah = torch.stack([red[f"ha{i + 1}"] for i in range(m)], -1)
-        Wh = torch.stack([red[f"hw{i + 1}"] for i in range(m)], -1)
-        WW = sym("ww") if "ww1_1" in red else None
-        # the stand-in of a first update: A = [H_k], W = [σ H_k] (rows beyond the first unused)
         one = torch.zeros(m, dtype=hh.dtype, device=hh.device)
         one[0] = 1.0
-        outer = one[:, None] * one[None, :]
-        f = first[:, None]
-        f2 = first[:, None, None]
-        AA = torch.where(f2, hh[:, None, None] * outer, AA)
-        AW = torch.where(f2, sigma * hh[:, None, None] * outer, AW)
-        Ah = torch.where(f, hh[:, None] * one, Ah)
-        Wh = torch.where(f, sigma * hh[:, None] * one, Wh)
-        if WW is not None:
-            WW = torch.where(f2, sigma * sigma * hh[:, None, None] * outer, WW)
-        return AA, AW, Ah, Wh, WW
+        outer = (one[:, None] * one[None, :]) * hh[:, None, None]
+        vector = one * hh[:, None]
+        # A Aᵀ, A Wᵀ, A h, W h (, W Wᵀ)
+        dots = (outer, sigma * outer, vector, sigma * vector)
+        return dots + ((sigma * sigma * outer,) if with_ww else ())
+
+    def _dots(self, red: Mapping[str, Tensor], first: Tensor, hh: Tensor, sigma: float) -> tuple[Tensor, ...]:
+        """(A Aᵀ, A Wᵀ, A h, W h) of every layer, and W Wᵀ with the diagnostics; a first update's are the stand-in's."""
+        m = self.memory
+
+        def matrix(prefix: str, symmetric: bool) -> Tensor:
+            def name(i: int, j: int) -> str:
+                i, j = (min(i, j), max(i, j)) if symmetric else (i, j)
+                return f"{prefix}{i + 1}_{j + 1}"
+
+            return torch.stack([torch.stack([red[name(i, j)] for j in range(m)], -1) for i in range(m)], -2)
+
+        dots = (matrix("aa", True), matrix("aw", False), torch.stack([red[f"ha{i + 1}"] for i in range(m)], -1),
+                torch.stack([red[f"hw{i + 1}"] for i in range(m)], -1))
+        if "ww1_1" in red:
+            dots += (matrix("ww", True),)
+        stand_in = self._stand_in(hh, sigma, len(dots) == 5)
+        return tuple(torch.where(first.reshape((-1,) + (1,) * (d.dim() - 1)), s, d) for d, s in zip(dots, stand_in))
 
     def _estimate(self, AA: Tensor, AW: Tensor, Ah: Tensor, Wh: Tensor, WW: Tensor | None, available: Tensor,
                   S_before: Tensor, hh: Tensor, q: float, R: Tensor, tol: float) -> dict[str, Tensor]:
@@ -281,19 +281,15 @@ class LowRankSurrogate(CovarianceSurrogate):
         # the rows available: H_{k-1} and the kept older rows; a first update has the stand-in row only
         kept = b.layer["rows_kept"].round().to(torch.int64).clamp(0, m - 1)
         available = torch.where(first, 1, kept + 1)
-        AA, AW, Ah, Wh, WW = self._dots(red, first, hh, sigma)
+        dots = self._dots(red, first, hh, sigma)
         # S_{k-1}; on a first update (and a restart) S_{k-1} = (v_{k-1} + Q H_{k-1})·H_{k-1} + R_k
         S_fresh = sigma * hh + q * hh + R
         S_before = torch.where(first, S_fresh, S_prev)
-        # the step from the layer's rows, and (for the guard) from the first-update state, together
-        stand_in = self._dots(red, torch.ones_like(first), hh, sigma)
-
-        def both(x: Tensor | None, y: Tensor | None) -> Tensor | None:
-            return None if x is None or y is None else torch.cat([x, y])
-
-        est = self._estimate(both(AA, stand_in[0]), both(AW, stand_in[1]), both(Ah, stand_in[2]),
-                             both(Wh, stand_in[3]), both(WW, stand_in[4]), torch.cat([available, torch.ones_like(
-                                 available)]), torch.cat([S_before, S_fresh]), hh.repeat(2), q, R, tol)
+        # the step from the layer's rows and (for the guard) from the first-update state, in one batch
+        stand_in = self._stand_in(hh, sigma, len(dots) == 5)
+        AA, AW, Ah, Wh, *WW = (torch.cat([d, s]) for d, s in zip(dots, stand_in))
+        est = self._estimate(AA, AW, Ah, Wh, WW[0] if WW else None, torch.cat([available, torch.ones_like(available)]),
+                             torch.cat([S_before, S_fresh]), hh.repeat(2), q, R, tol)
         step = {k: v[:n] for k, v in est.items()}
         fresh_step = {k: v[n:] for k, v in est.items()}
         skip_before = b.skip
