@@ -43,7 +43,7 @@ from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.program import Assign, Coef, Expr, Reduction, State, Vec
 from kalmanopt.state import ScalarState, StateTable, VectorState
 
-__all__ = ["LowRankSurrogate", "CONDITION_RTOL", "symmetric_eigen"]
+__all__ = ["LowRankSurrogate", "CONDITION_RTOL", "symmetric_eigen", "usable_prefixes"]
 
 
 #: rows are dropped while λ_min(A Aᵀ) ≤ CONDITION_RTOL · λ_max(A Aᵀ): √eps of float32 for every state
