@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import kalmanopt
 
-FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag")
+FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag", "koala++-lr")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -201,12 +201,29 @@ def test_implementation_choice_and_errors():
     with pytest.raises(ValueError, match="fused kernels need CUDA tensors"):
         kalmanopt.create("koala++", params, implementation="fused")
     with pytest.raises(ValueError, match="two-pass contract"):
-        kalmanopt.create("koala++-lr", params, implementation="foreach")
+        kalmanopt.KalmanOptimizer(params, _per_layer_composition(), implementation="foreach")
     from kalmanopt.engines import resolve_engine as resolve_implementation
 
-    for preset, want in (("koala++", "foreach"), ("koala-m", "foreach"), ("koala++-lr", "reference")):
+    for preset, want in (("koala++", "foreach"), ("koala-m", "foreach"), ("koala++-lr", "foreach")):
         opt = kalmanopt.create(preset, params)
         assert resolve_implementation(opt.filter, opt.param_groups[0]).name == want
+    opt = kalmanopt.KalmanOptimizer(params, _per_layer_composition())
+    assert resolve_implementation(opt.filter, opt.param_groups[0]).name == "reference"
+
+
+def _per_layer_composition() -> kalmanopt.Composition:
+    """A surrogate written per layer with gain() only (P = sigma I, no posterior): the reference engine's."""
+
+    class FixedCovariance(kalmanopt.CovarianceSurrogate):
+        hyperparameters = (kalmanopt.HyperParameter("sigma", 0.5, kalmanopt.Range(0.0, low_open=True)),)
+
+        def gain(self, ctx, layer_state, H, g, R, hp):
+            # S = sigma ‖H‖² + R;  K = sigma H / S
+            S = hp["sigma"] * torch.dot(H, H) + R
+            return kalmanopt.Gain(direction=H, coefficients=(hp["sigma"] / S).reshape(1), S=S)
+
+    base = kalmanopt.compose(surrogate="scalar")
+    return kalmanopt.Composition(base.measurement, base.dynamics, FixedCovariance())
 
 
 def test_cpu_fast_path_does_not_import_triton():

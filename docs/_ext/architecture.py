@@ -39,7 +39,7 @@ BOXES = [
      "fused:     Triton kernels generated\n           from the declarations\n"
      "None:      the fastest that runs it", "#efe6f7"),
     ("state", 75, 12, 23, 16, "optimizer.state",
-     "per layer (parameter):\n v, H, S (product),\n p (diagonal), u, w̄,\n rows, products (lowrank)\n"
+     "per layer (parameter):\n v, H, S (product),\n p (diagonal), u, w̄,\n row1.., prod1.. (lowrank)\n"
      "per group 'groupN':\n R, P (scalar, block),\n q_w, counters, steps", "#f2f2f2"),
     ("parts", 2, 0, 96, 8, "parts declare the two-pass contract (kalmanopt.contract, .program, .state)",
      "state_table · reductions · coefficients(Batch) for all layers at once · element-wise program · "

@@ -112,9 +112,9 @@ def surrogate_covariance(opt: KalmanOptimizer, layer_state: Mapping[str, Tensor]
         raise ValueError("the layer has no v yet: run at least one update first")
     A, W = layer_state["H"][None], layer_state["v"][None]
     if isinstance(surrogate, LowRankSurrogate):
-        kept = int(layer_state["rows_kept"])
-        A = torch.cat([A, layer_state["rows"][:kept]])
-        W = torch.cat([W, layer_state["products"][:kept]])
+        rows, products = surrogate.older_rows(layer_state)
+        A = torch.cat([A, rows])
+        W = torch.cat([W, products])
         # the same rows the surrogate keeps, with the tolerance of the state's own precision
         tol = float(torch.finfo(layer_state["v"].dtype).eps) ** 0.5
         A, W, _ = surrogate.select_rows(A.double(), W.double(), tol=tol)
@@ -310,8 +310,8 @@ def _surrogate_at(opt: KalmanOptimizer, state: Mapping[str, Tensor], H: Tensor, 
     if not need_matrix:
         return None, v, None
     span = [state["H"][None], state["v"][None]]
-    if "rows" in state:
-        kept = int(state["rows_kept"])
-        span += [state["rows"][:kept], state["products"][:kept]]
+    if isinstance(surrogate, LowRankSurrogate):
+        rows, products = surrogate.older_rows(state)
+        span += [rows, products]
     P_tilde = surrogate_covariance(opt, state).double()
     return P_tilde, v, _eigenvalues(P_tilde, torch.cat(span).double())

@@ -186,6 +186,20 @@ class LeastSquaresEstimator(Part, ABC):
         """Whether the constraints A P̃ = W admit a solution of this estimator's kind."""
         return True
 
+    def coefficients_from_dots(self, gram_inverse: Tensor, Ah: Tensor, Wh: Tensor,
+                               AW: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`coefficients` from dot products, batched: (a, b) with h P̃ = aᵀ W + bᵀ A.
+
+        ``gram_inverse`` = (A Aᵀ)⁻¹ and ``AW`` = A Wᵀ are ``[..., m, m]``, ``Ah`` = A h and ``Wh`` = W h
+        ``[..., m]`` (one entry per layer in the leading dimensions). The two-pass engines need it
+        (the low-rank surrogate's m-row estimate).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define coefficients_from_dots()")
+
+    def admits_from_dots(self, AW: Tensor, rtol: float) -> Tensor:
+        """:meth:`admits` from A Wᵀ (``[..., m, m]``), batched: a bool tensor ``[...]`` (default: all true)."""
+        return torch.ones(AW.shape[:-2], dtype=torch.bool, device=AW.device)
+
     def single(self, H: Tensor, H_prev: Tensor, v_prev: Tensor) -> tuple[Tensor, Tensor]:
         """The one-row case of KOALA++: (α_k, w_k) with H_k P̃ = α_k v_{k-1} + w_k H_{k-1}.
 

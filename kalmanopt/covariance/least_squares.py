@@ -27,8 +27,12 @@ class VanillaLeastSquares(LeastSquaresEstimator):
     symmetric = False
 
     def coefficients(self, A: Tensor, W: Tensor, h: Tensor, gram_inverse: Tensor) -> tuple[Tensor, Tensor]:
+        return self.coefficients_from_dots(gram_inverse, A @ h, W @ h, A @ W.T)
+
+    def coefficients_from_dots(self, gram_inverse: Tensor, Ah: Tensor, Wh: Tensor,
+                               AW: Tensor) -> tuple[Tensor, Tensor]:
         # h P̃ = (A h)ᵀ G W  →  a = G A h,  b = 0
-        a = gram_inverse @ (A @ h)
+        a = (gram_inverse @ Ah[..., None])[..., 0]
         return a, torch.zeros_like(a)
 
     def matrix(self, A: Tensor, W: Tensor) -> Tensor:
@@ -46,11 +50,14 @@ class SymmetricLeastSquares(LeastSquaresEstimator):
     symmetric = True
 
     def coefficients(self, A: Tensor, W: Tensor, h: Tensor, gram_inverse: Tensor) -> tuple[Tensor, Tensor]:
-        G = gram_inverse
-        M = A @ W.T                       # M = A Wᵀ (symmetric when a symmetric P̃ exists)
-        a = G @ (A @ h)                   # coefficient of W:  G A h
+        return self.coefficients_from_dots(gram_inverse, A @ h, W @ h, A @ W.T)
+
+    def coefficients_from_dots(self, gram_inverse: Tensor, Ah: Tensor, Wh: Tensor,
+                               AW: Tensor) -> tuple[Tensor, Tensor]:
+        G, M = gram_inverse, AW           # M = A Wᵀ (symmetric when a symmetric P̃ exists)
+        a = (G @ Ah[..., None])[..., 0]   # coefficient of W:  G A h
         # coefficient of A:  G W h − G Mᵀ G A h
-        b = G @ (W @ h) - G @ (M.T @ a)
+        b = (G @ Wh[..., None])[..., 0] - (G @ (M.mT @ a[..., None]))[..., 0]
         return a, b
 
     def matrix(self, A: Tensor, W: Tensor) -> Tensor:
@@ -59,9 +66,12 @@ class SymmetricLeastSquares(LeastSquaresEstimator):
         return A.T @ G @ W + W.T @ G @ A - A.T @ G @ (A @ W.T) @ G @ A
 
     def admits(self, A: Tensor, W: Tensor, rtol: float) -> bool:
-        M = A @ W.T
-        asym = torch.linalg.matrix_norm(M - M.T)
-        return bool(asym <= rtol * torch.linalg.matrix_norm(M).clamp_min(torch.finfo(M.dtype).tiny))
+        return bool(self.admits_from_dots(A @ W.T, rtol))
+
+    def admits_from_dots(self, AW: Tensor, rtol: float) -> Tensor:
+        # a symmetric P̃ exists iff M = A Wᵀ is symmetric: ‖M − Mᵀ‖ ≤ rtol ‖M‖
+        asym = torch.linalg.matrix_norm(AW - AW.mT)
+        return asym <= rtol * torch.linalg.matrix_norm(AW).clamp_min(torch.finfo(AW.dtype).tiny)
 
     def single_coefficients(self, hhp: Tensor, hvp: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         # α_k = H_k·H_{k-1} / x;  w_k = (H_k·v_{k-1}) / x − y (H_k·H_{k-1}) / x²
