@@ -169,6 +169,8 @@ def _fuzz_run(preset: str, implementation: str, dtype: torch.dtype, param_shapes
             target.grad.view(-1)[0] = step["value"]
         before = _snapshot(opt, params)
         counters_before = opt.diagnostics()["counters"]
+        # no gradient at all (backward forgotten): the call changes nothing, no counter included
+        no_gradient = all(p.grad is None for p in params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if api == "step":
@@ -180,9 +182,16 @@ def _fuzz_run(preset: str, implementation: str, dtype: torch.dtype, param_shapes
                 mean = losses.mean()
                 statistic = kalmanopt.loss_statistic(losses, hp["loss_statistic"])
                 applied = opt.update(mean, statistic)
-                assert applied == (bad is None)
+                assert applied == (bad is None and not no_gradient)
         counters = opt.diagnostics()["counters"]
-        if bad is None:
+        if no_gradient:
+            if api == "step":
+                assert all(torch.equal(p, q) for p, q in zip(params, before[0])), "a step without gradient moved θ"
+                assert _equal(opt.state_dict()["state"], before[1], skip=()), "a step without gradient changed state"
+            else:  # (the predict above ran; the update changed nothing after it)
+                assert all(torch.equal(p, q) for p, q in zip(params, predicted[0]))
+                assert _equal(opt.state_dict()["state"], predicted[1], skip=())
+        elif bad is None:
             assert all(bool(torch.isfinite(p).all()) for p in params), f"non-finite parameter after step {k}"
             assert _finite_state(opt.state_dict()["state"]), f"non-finite filter state after step {k}"
             assert counters["nonfinite_steps"] == counters_before["nonfinite_steps"]
