@@ -219,30 +219,60 @@ def test_fuzz_finite_in_finite_out_and_bad_input_changes_nothing(preset, impleme
     _fuzz_run(preset, implementation, dtype, param_shapes, hp, steps, api)
 
 
-def _zero_losses(n_steps: int) -> list[dict]:
-    """A schedule of ``n_steps`` steps with gradients of magnitude 1 and all losses 0."""
-    return [{"magnitudes": [1.0], "zero_fraction": 0.0, "missing_grad": [False], "loss_scale": 0.0,
-             "negative": False, "inject": None, "value": math.nan, "where": 0, "seed": k} for k in range(n_steps)]
+def _zero_losses(n_steps: int, magnitudes: tuple[list[float], ...] = ([1.0],)) -> list[dict]:
+    """A schedule of ``n_steps`` steps with all losses 0 and gradients of the given magnitudes (cycled)."""
+    return [{"magnitudes": magnitudes[k % len(magnitudes)], "zero_fraction": 0.0,
+             "missing_grad": [False] * len(magnitudes[0]), "loss_scale": 0.0, "negative": False, "inject": None,
+             "value": math.nan, "where": 0, "seed": k} for k in range(n_steps)]
 
 
 #: found by hypothesis on CI (issue 9): koala++, float32, one (2, 3) parameter, sigma 1e-6, q 0, weight
 #: decay 0.1, alpha_r 0, lr 10, zero losses: S lands on the R floor, v + QH = 0, the guard S ≤ 1e-6·R
-#: does not fire, the gain is inf and inf·0 = NaN. It fails on the reference path too.
+#: does not fire, the gain is inf and inf·0 = NaN. It failed on the reference path too.
 ZERO_LOSSES_AT_THE_R_FLOOR = {
-    "dtype": torch.float32, "param_shapes": [(2, 3)], "api": "step", "steps": _zero_losses(2),
+    "preset": "koala++", "dtype": torch.float32, "param_shapes": [(2, 3)], "api": "step", "steps": _zero_losses(2),
     "hp": {"lr": 10.0, "sigma": 1e-6, "q": 0.0, "r": None, "alpha_r": 0.0, "weight_decay": 0.1,
            "granularity": "layer", "loss_statistic": "second_moment", "track_diagnostics": False},
 }
 
+#: found by a hunt at the floors (docs/reliability.md §7): koala++ and koala++-ns in float32, gradients of 1e10,
+#: sigma 10, zero losses: R on its floor, R_k / S_{k-1} underflows in the first update's 1 − λ_k, v_k = 0,
+#: S_k = R_k, and the step η L / S_k overflows against a direction of 0 — NaN in every weight at the first step.
+BIG_GRADIENTS_AT_THE_R_FLOOR = {
+    "dtype": torch.float32, "param_shapes": [(5,), (5,), ()], "api": "two-phase",
+    "steps": _zero_losses(1, ([1.0, 1e10, 1e10],)),
+    "hp": {"lr": 1.0, "sigma": 10.0, "q": 0.0, "r": None, "alpha_r": 0.0, "weight_decay": 1.0,
+           "granularity": "global", "loss_statistic": "second_moment", "track_diagnostics": True},
+}
 
-@pytest.mark.xfail(strict=True, reason="engine rewrite: NaN from inf·0 with S on the R floor (issue 9)")
-@pytest.mark.parametrize("implementation", [i for p, i in CASES if p == "koala++"])
+#: found by the same hunt: koala-diag in float64 (!), two scalar parameters, zero losses, q 0: the diagonal
+#: posterior collapses p to 0 against an R on its floor, then 1/S ≈ 4e307 and η L / S overflows against p̂ ∘ H = 0.
+DIAGONAL_COLLAPSED_AT_THE_R_FLOOR = {
+    "preset": "koala-diag", "dtype": torch.float64, "param_shapes": [(), ()], "api": "two-phase",
+    "steps": _zero_losses(2, ([1e-4, 1e18], [1e-4, 1e10])),
+    "hp": {"lr": 10.0, "sigma": 1.0, "q": 0.0, "r": None, "alpha_r": 0.0, "weight_decay": 1.0,
+           "granularity": "layer", "loss_statistic": "second_moment", "track_diagnostics": True},
+}
+
+
+def _found(run: dict, preset: str | None = None) -> dict:
+    return {**run, "preset": preset or run["preset"]}
+
+
 @settings(phases=[Phase.explicit], deadline=None)
 @example(run=ZERO_LOSSES_AT_THE_R_FLOOR)
+@example(run=_found(BIG_GRADIENTS_AT_THE_R_FLOOR, "koala++"))
+@example(run=_found(BIG_GRADIENTS_AT_THE_R_FLOOR, "koala++-ns"))
+@example(run=DIAGONAL_COLLAPSED_AT_THE_R_FLOOR)
 @given(run=st.just(None))  # (only the explicit examples run: Phase.explicit)
-def test_fuzz_examples_found_earlier(implementation, run):
+def test_fuzz_examples_found_earlier(run):
     """The failing examples fuzzing found, replayed on every engine of their preset on every run."""
-    _fuzz_run("koala++", implementation, **run)
+    run = dict(run)
+    preset = run.pop("preset")
+    implementations = [i for p, i in CASES if p == preset]
+    assert implementations
+    for implementation in implementations:
+        _fuzz_run(preset, implementation, **run)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

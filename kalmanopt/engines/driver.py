@@ -31,6 +31,7 @@ from kalmanopt.contract import (
     CODE_OVERFLOW,
     CODE_SKIPS,
     CODE_STATISTIC,
+    CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
     Batch,
 )
@@ -53,6 +54,9 @@ MESSAGES = {
                       "does not move (shift the loss to be >= 0)"),
     "overflow": "‖H‖² or the loss of a layer overflows the state precision; the layer was skipped (counted in "
                 "skipped_layers)",
+    "step overflow": ("the step η·L·K of a layer overflows the state precision (a measurement noise R on its "
+                      "floor, 1e-38 in float32, makes the gain 1/S huge); that layer's parameters did not move, its "
+                      "covariance took the posterior"),
     "no gradient": ("{call} found no gradient: no parameter has a .grad (was loss.backward() called before it?); "
                     "the step was skipped and nothing changed, no counter included"),
     "update without predict": ("update() without predict(): the predict of {name!r} moves the parameters "
@@ -304,6 +308,8 @@ def _warn(opt: KalmanOptimizer, code: int) -> None:
         opt._warn_once("negative loss", MESSAGES["negative loss"])
     if code & CODE_OVERFLOW:
         opt._warn_once("overflow", MESSAGES["overflow"])
+    if code & CODE_STEP_OVERFLOW:
+        opt._warn_once("step overflow", MESSAGES["step overflow"])
 
 
 def _record(opt: KalmanOptimizer, works: list, batches: list[Batch]) -> None:
