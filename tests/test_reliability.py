@@ -405,3 +405,23 @@ def test_a_step_that_overflows_leaves_the_layer_where_it_is_and_warns(preset, im
         assert len(messages) == (1 if _ == 0 else 0)
     assert torch.equal(theta.detach(), torch.tensor([1.0, 2.0]))
     assert opt.diagnostics()["counters"]["steps"] == 2
+
+
+@pytest.mark.parametrize("preset,implementation", [(p, i) for p, i in CASES if p != "koala++-lr"])
+def test_weights_near_the_top_of_float32_keep_the_filter_state_finite(preset, implementation):
+    """Weights of 1e19 to 1e30 in float32 are finite input: ‖w̄ − θ‖² overflows (KOALA-M's q_w kept its value
+    rather than going to ∞, and P̂ and the posterior to ∞ and NaN; found by a probe), ‖θ‖² with weight decay
+    overflows (the layer is skipped). Parameters and filter state stay finite."""
+    for scale, wd in ((1e19, 0.0), (1e30, 0.1)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8) * scale), torch.nn.Parameter(torch.randn(3))]
+        opt = kalmanopt.create(preset, params, implementation=implementation, weight_decay=wd, lr=1.0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(loss=torch.rand(4))
+        assert all(bool(torch.isfinite(p).all()) for p in params)
+        assert all(bool(torch.isfinite(t).all()) for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
