@@ -52,7 +52,7 @@ class BlockSurrogate(CovarianceSurrogate):
         b.new_group["P"] = F @ P @ F.T + torch.diag(Q)
 
     def coefficients(self, b: Any) -> None:
-        P, hh = covariance(b.group_value("P")), b.red["hh"]
+        P, hh = as_covariance(b.group_value("P")), b.red["hh"]
         P00, P10, P11 = P[0, 0], P[1, 0], P[1, 1]
         # S_ℓ = ‖H_ℓ‖² P₀₀ + R
         S = hh * P00 + b.R
@@ -71,13 +71,13 @@ class BlockSurrogate(CovarianceSurrogate):
         shrink = torch.where(root > 0, P10 / torch.where(root > 0, root, 1.0), 0.0)
         new = torch.stack([torch.stack([P00 * f, P10 * f]),
                            torch.stack([P10 * f, (P11 - ratio * shrink * shrink).clamp_min(0.0)])])
-        b.new_group["P"] = torch.where(ratio > -torch.inf, covariance(new), P)
+        b.new_group["P"] = torch.where(ratio > -torch.inf, as_covariance(new), P)
 
     def direction(self, hp: Mapping[str, Any]) -> Expr:
         return Vec("H")
 
 
-def covariance(P: Tensor) -> Tensor:
+def as_covariance(P: Tensor) -> Tensor:
     """The 2×2 ``P`` kept a covariance against rounding: P₀₀, P₁₁ ≥ 0 and |P₁₀| ≤ √(P₀₀ P₁₁).
 
     In exact arithmetic every P the filter makes is one (P_0 is checked, the predict and the posterior
