@@ -90,5 +90,3 @@ def as_covariance(P: Tensor) -> Tensor:
     P10 = torch.where(P[1, 0].abs() <= bound, P[1, 0], torch.copysign(bound, P[1, 0]))
     P01 = torch.where(P[0, 1].abs() <= bound, P[0, 1], torch.copysign(bound, P[0, 1]))
     return torch.stack([torch.stack([P00, P01]), torch.stack([P10, P11])])
-    def direction(self, hp: Mapping[str, Any]) -> Expr:
-        return Vec("H")
