@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Batch", "UpdatePlan", "PredictPlan", "update_plan", "predict_plan", "contract_gap",
            "run_update_coefficients", "run_predict_coefficients", "NONFINITE", "STEP_COEFFICIENT",
-           "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT", "CODE_NEGATIVE_LOSS", "CODE_OVERFLOW", "CODE_SKIPS"]
+           "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT", "CODE_NEGATIVE_LOSS", "CODE_OVERFLOW",
+           "CODE_STEP_OVERFLOW", "CODE_SKIPS", "finite_steps"]
 
 #: the reduction every update computes: Σ g·0, NaN exactly when a gradient entry is not finite
 NONFINITE = Reduction("nonfinite", Vec("g") * 0.0)
@@ -45,7 +46,7 @@ NONFINITE = Reduction("nonfinite", Vec("g") * 0.0)
 STEP_COEFFICIENT = "step{}"
 
 #: bits of a step's code: the first three skip the step, the others are reported only
-CODE_LOSS, CODE_STATISTIC, CODE_GRADIENT, CODE_NEGATIVE_LOSS, CODE_OVERFLOW = (1, 2, 4, 8, 16)
+CODE_LOSS, CODE_STATISTIC, CODE_GRADIENT, CODE_NEGATIVE_LOSS, CODE_OVERFLOW, CODE_STEP_OVERFLOW = (1, 2, 4, 8, 16, 32)
 #: the bits that skip a step
 CODE_SKIPS = CODE_LOSS | CODE_STATISTIC | CODE_GRADIENT
 
@@ -218,10 +219,12 @@ def run_update_coefficients(composition: Composition, b: Batch) -> Batch:
     # the step along the gain: η_k L_ℓ K_i; with the guard the innovation is max(L_ℓ − L*, 0)
     innovation = b.L.clamp_min(0.0) if b.hp.get("guard", True) else b.L
     scale = (b.lr if b.lr is not None else float(b.hp["lr"])) * innovation
-    zero = torch.zeros_like(scale)
-    for i, k in enumerate(b.gain):
-        b.coef[STEP_COEFFICIENT.format(i)] = torch.where(b.skip, zero, scale * k)
+    steps, wild = finite_steps([scale * k for k in b.gain], b.skip)
+    for i, step in enumerate(steps):
+        b.coef[STEP_COEFFICIENT.format(i)] = step
     composition.dynamics.coefficients(b)
+    if wild is not None:
+        code = code | wild.any().to(torch.int32) * CODE_STEP_OVERFLOW * b.ok.to(torch.int32)
     info = b.counters.pop("overflow", None)
     if info is not None:
         code = code | (info > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
@@ -230,6 +233,25 @@ def run_update_coefficients(composition: Composition, b: Batch) -> Batch:
     b.code = code
     b.count("skipped_layers", b.skip.sum() if b.skip.numel() else like.new_zeros((), dtype=torch.int64))
     return b
+
+
+def finite_steps(steps: list[Tensor], skip: Tensor) -> tuple[list[Tensor], Tensor | None]:
+    """The step coefficients η_k L_ℓ K_i, 0 where a layer is skipped or any of its steps is not finite.
+
+    A step that overflows (an R_k on its floor makes the gain 1/S_k ≈ 1e38 in float32, against a direction
+    that underflowed to 0) or is NaN (∞·0) would write ∞ or NaN into θ. Such a layer does not move — a zero
+    step, as for a loss below the target; its covariance still takes the posterior (every part's coefficients
+    are finite there). Returns the steps and the mask of such layers among those not skipped (None when
+    there are no steps).
+    """
+    if not steps:
+        return steps, None
+    wild = torch.zeros_like(skip)
+    for step in steps:
+        wild = wild | ~torch.isfinite(step)
+    wild = wild & ~skip
+    still = skip | wild
+    return [torch.where(still, torch.zeros_like(step), step) for step in steps], wild
 
 
 def run_predict_coefficients(composition: Composition, b: Batch) -> Batch:

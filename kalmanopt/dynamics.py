@@ -129,9 +129,11 @@ class Momentum(Dynamics):
     def predict_coefficients(self, b: Any) -> None:
         qw = b.group_value("qw")
         n_total = b.numel.sum()
-        # q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total  (a group whose parameters are all empty keeps q_w)
+        # q_w ← 0.9 q_w + 0.1 ‖(‖w̄_ℓ − θ_ℓ‖)_ℓ‖₂ / n_total  (a group whose parameters are all empty keeps q_w, and
+        # so does one whose ‖w̄_ℓ − θ_ℓ‖² overflows the state precision — weights of 1e19 in float32 — rather
+        # than making P̂ infinite and the posterior NaN)
         new = 0.9 * qw + 0.1 * torch.sqrt(b.red["dist2"].sum().to(qw)) / n_total.clamp_min(1).to(qw)
-        b.new_group["qw"] = torch.where(n_total > 0, new, qw)
+        b.new_group["qw"] = torch.where((n_total > 0) & torch.isfinite(new), new, qw)
         b.coef["a"] = torch.full_like(b.red["dist2"], float(b.hp["a"]))
 
     def predict_program(self, hp: Mapping[str, Any]) -> list[Assign]:

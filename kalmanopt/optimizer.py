@@ -251,7 +251,10 @@ class KalmanOptimizer(Optimizer):
     def update(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None = None) -> bool:
         """The update phase for the gradients in ``.grad`` (the authors' ``update(loss, loss_var)``).
 
-        An ``update`` with no ``predict`` since the last update runs the predict first, as ``step`` does.
+        An ``update`` with no ``predict`` since the last update runs the predict first, as ``step`` does,
+        where the predict leaves the parameters where they are; where it moves them (KOALA-M), it raises
+        ``RuntimeError`` and changes nothing: the gradient must be taken after the predict. With no
+        gradient at all (``backward`` forgotten) it warns once, changes nothing and returns ``False``.
 
         Args:
             loss_mean: the mean minibatch loss L_k.
@@ -279,6 +282,9 @@ class KalmanOptimizer(Optimizer):
 
         Returns:
             The loss (the closure's, if one was given).
+
+        A step where no parameter has a gradient (``backward`` forgotten) warns once and changes
+        nothing: no parameter, no filter state, no counter.
         """
         self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)

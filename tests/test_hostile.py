@@ -2,9 +2,7 @@
 
 Each test feeds one kind of bad or unusual input through the public API and checks that it is
 either handled exactly (numpy scalars, a Python-number loss) or refused with an error that names
-the problem, with the parameters and the filter state unchanged. Tests marked
-``xfail(strict=True, reason="engine rewrite")`` pin behaviour the engines do not have yet; they
-flip to passing (and then fail as XPASS) when the engines are fixed.
+the problem, with the parameters and the filter state unchanged.
 """
 
 from __future__ import annotations
@@ -322,20 +320,8 @@ def test_a_valid_checkpoint_with_global_granularity_round_trips(preset):
     assert torch.equal(_flat(model), _flat(fresh_model))
 
 
-# ----------------------------------------------------------------------------- engine behaviour (the lead's)
-ENGINE = "engine rewrite"
-
-
-def _xfail_if(failing: bool) -> list:
-    return [pytest.mark.xfail(strict=True, reason=ENGINE)] if failing else []
-
-
-def _first_step_nan_fails(preset, implementation) -> bool:
-    return False  # (fixed by the contract engines: the first predict is masked by the step's inputs)
-
-
-@pytest.mark.parametrize("preset,implementation", [
-    pytest.param(p, i, marks=_xfail_if(_first_step_nan_fails(p, i))) for p, i in CASES])
+# ----------------------------------------------------------------------------- engine behaviour
+@pytest.mark.parametrize("preset,implementation", CASES)
 def test_a_nan_loss_at_the_first_step_is_identical_to_skipping_that_batch(preset, implementation):
     runs = []
     for nan_first in (True, False):
@@ -351,28 +337,40 @@ def test_a_nan_loss_at_the_first_step_is_identical_to_skipping_that_batch(preset
     assert torch.equal(runs[0][0], runs[1][0]) and _same(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("preset,implementation", [
-    pytest.param(p, i, marks=_xfail_if(True)) for p, i in CASES])
-def test_a_step_without_any_gradient_changes_nothing_and_warns_once(preset, implementation):
+def _counters(opt) -> dict:
+    return {path: t.clone() for path, t in _tensors(opt.state_dict()["state"]) if not t.is_floating_point()}
+
+
+@pytest.mark.parametrize("api", ["step", "two-phase"])
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_a_step_without_any_gradient_changes_nothing_and_warns_once(preset, implementation, api):
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
     _train(opt, model, range(2))
     opt.zero_grad()  # backward forgotten
-    theta, state = _flat(model), _filter_state(opt)
-    with pytest.warns(RuntimeWarning, match="gradient") as record:
+    theta, state, counters = _flat(model), _filter_state(opt), _counters(opt)
+    with pytest.warns(RuntimeWarning, match="found no gradient") as record:
         for k in range(2):
-            opt.step(loss=_losses(model, k).detach())
+            losses = _losses(model, k).detach()
+            if api == "step":
+                opt.step(loss=losses)
+            else:
+                opt.predict()  # (stands: the step API already predicted; nothing to do)
+                assert opt.update(losses.mean(), kalmanopt.loss_statistic(losses, "second_moment")) is False
     assert len([w for w in record if "gradient" in str(w.message)]) == 1
-    assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state)
+    assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state) and _same(_counters(opt), counters)
+    # the run goes on as if those calls never happened
+    reference = _model()
+    ref_opt = kalmanopt.create(preset, reference.parameters(), implementation=implementation)
+    _train(ref_opt, reference, range(2))
+    _train(opt, model, range(2, 4))
+    _train(ref_opt, reference, range(2, 4))
+    assert torch.equal(_flat(model), _flat(reference))
 
 
-def _update_without_predict_fails(preset, implementation) -> bool:
-    return preset == "koala-m"
-
-
-@pytest.mark.parametrize("preset,implementation", [
-    pytest.param(p, i, marks=_xfail_if(_update_without_predict_fails(p, i))) for p, i in CASES])
+@pytest.mark.parametrize("preset,implementation", CASES)
 def test_update_without_predict_equals_predict_then_update_or_raises(preset, implementation):
+    """Where the predict leaves θ alone, update() predicts itself; where it moves θ (KOALA-M), it raises."""
     runs = []
     for explicit in (True, False):
         model = _model()
@@ -381,12 +379,16 @@ def test_update_without_predict_equals_predict_then_update_or_raises(preset, imp
             if explicit:
                 opt.predict()
             losses = _backward(opt, model, k)
+            theta, state = _flat(model), _filter_state(opt)
             try:
                 opt.update(losses.mean(), kalmanopt.loss_statistic(losses, "second_moment"))
-            except RuntimeError as exc:  # raising is allowed, if it says why
-                assert "predict" in str(exc)
+            except RuntimeError as exc:  # raising is allowed, if it says why, and changes nothing
+                assert preset == "koala-m" and not explicit and k == 0
+                assert "call opt.predict() before the forward and backward pass" in str(exc)
+                assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state)
                 return
         runs.append(_flat(model))
+    assert preset != "koala-m"
     assert torch.equal(runs[0], runs[1])
 
 

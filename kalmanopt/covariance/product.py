@@ -86,7 +86,8 @@ class ProductSurrogate(CovarianceSurrogate):
         hvp = torch.where(first, sigma * hh, hvp)
         x = torch.where(first, hh, x)
         y = torch.where(first, sigma * hh, y)
-        S_before = torch.where(first, sigma * hh + q * hh + R, S_prev)
+        S0 = sigma * hh + q * hh + R
+        S_before = torch.where(first, S0, S_prev)
         # λ_k = H_k·(v_{k-1} + Q H_{k-1}) / S_{k-1}
         lam = (hvp + q * hhp) / S_before
         # H_k P̃ = α_k v_{k-1} + w_k H_{k-1}  (the least-squares estimate of H_k P_{k-2})
@@ -95,24 +96,28 @@ class ProductSurrogate(CovarianceSurrogate):
         a, bq, c = alpha - lam, torch.full_like(hh, q), w - q * lam
         # S_k = (v_k + Q H_k)·H_k + R_k
         S = a * hvp + bq * hh + c * hhp + q * hh + R
-        # on a first update v_{k-1} and H_{k-1} are multiples of H_k: fold them into b
-        bq = torch.where(first, a * sigma + bq + c, bq)
+        # The first-update state in closed form (α_k = 1, w_k = 0): v_k = b0 H_k with
+        # b0 = (1 − λ_k)(sigma + Q) = (sigma + Q) R_k / S_{k-1}, S_k = (b0 + Q)‖H_k‖² + R_k. Written with
+        # R_k / S_{k-1} rather than 1 − λ_k, which cancels to 0 where R_k ≪ (sigma + Q)‖H_k‖² (an R on its
+        # floor): v_k = 0, S_k = R_k, and a gain 1/S_k that overflows against a direction of 0.
+        b0 = (sigma + q) * (R / S0)
+        S_fresh = (b0 + q) * hh + R
         a = torch.where(first, 0.0, a)
+        bq = torch.where(first, b0, bq)
         c = torch.where(first, 0.0, c)
+        S = torch.where(first, S_fresh, S)
         if hp.get("guard", True):
             # the guard: restart from the first-update state where S_k is not finite or S_k ≤ eps R_k
-            restart = ~torch.isfinite(S) | (S <= GUARD_EPS * R)
-            S0 = sigma * hh + q * hh + R
-            lam0 = (sigma * hh + q * hh) / S0
-            b0 = (1.0 - lam0) * sigma + q * (1.0 - lam0)
-            S_restart = b0 * hh + q * hh + R
+            restart = ~first & (~torch.isfinite(S) | (S <= GUARD_EPS * R))
             a = torch.where(restart, 0.0, a)
             bq = torch.where(restart, b0, bq)
             c = torch.where(restart, 0.0, c)
-            S = torch.where(restart, S_restart, S)
+            S = torch.where(restart, S_fresh, S)
             b.count("guard_restarts", (restart & ~b.skip).sum())
-            # where even the restart gives no usable S_k, the layer is skipped unchanged
-            b.skip = b.skip | (restart & (~torch.isfinite(S_restart) | (S_restart <= GUARD_EPS * R)))
+            # where even the first-update state gives no usable S_k ((sigma + Q)‖H_k‖² overflows, or S_k
+            # rounds to ≤ eps R_k), the layer is skipped unchanged
+            unusable = ~torch.isfinite(S0) | ~torch.isfinite(S_fresh) | (S_fresh <= GUARD_EPS * R)
+            b.skip = b.skip | ((restart | first) & unusable)
         b.coef.update(a=a, b=bq, c=c, q=torch.full_like(hh, q))
         b.new_layer["S"] = S
         b.S = S

@@ -33,6 +33,7 @@ from kalmanopt.contract import (
     CODE_OVERFLOW,
     CODE_SKIPS,
     CODE_STATISTIC,
+    CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
     Batch,
 )
@@ -55,6 +56,14 @@ MESSAGES = {
                       "does not move (shift the loss to be >= 0)"),
     "overflow": "‖H‖² or the loss of a layer overflows the state precision; the layer was skipped (counted in "
                 "skipped_layers)",
+    "step overflow": ("the step η·L·K of a layer overflows the state precision (a measurement noise R on its "
+                      "floor, 1e-38 in float32, makes the gain 1/S huge); that layer's parameters did not move, its "
+                      "covariance took the posterior"),
+    "no gradient": ("{call} found no gradient: no parameter has a .grad (was loss.backward() called before it?); "
+                    "the step was skipped and nothing changed, no counter included"),
+    "update without predict": ("update() without predict(): the predict of {name!r} moves the parameters "
+                               "(θ̂_k = θ_{{k-1}} + u), so the gradient must be taken after it; call opt.predict() "
+                               "before the forward and backward pass (or use step()). Nothing changed"),
 }
 
 #: at most this many copies of the code are watched at once
@@ -228,6 +237,8 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
     """
     _strict_check(opt, loss, statistic)
     _report_landed(opt)
+    if _no_gradient(opt, "step()"):
+        return
     from kalmanopt.engines import graphs
 
     if graphs.graphed_step(opt, loss, statistic):
@@ -245,10 +256,17 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
 def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
     """``update()`` of the two-phase API: the update (its predict must have run); whether it was applied.
 
-    An ``update()`` without a ``predict()`` since the last one runs the predict first, as ``step`` does.
+    An ``update()`` without a ``predict()`` since the last one runs the predict first, as ``step`` does,
+    where the predict does not move the parameters (the gradient does not depend on it); where it does
+    (KOALA-M: θ̂ = θ + u), the gradient was taken at the wrong point, and this raises ``RuntimeError``
+    before anything changes.
     """
+    if not opt._predicted and opt.filter.dynamics.moves_parameters:
+        raise RuntimeError(MESSAGES["update without predict"].format(name=opt.filter.name))
     _strict_check(opt, loss, statistic)
     _report_landed(opt)
+    if _no_gradient(opt, "update()"):
+        return False
     device = _device(opt)
     code = None
     if not opt._predicted:
@@ -259,6 +277,14 @@ def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor |
     opt._predicted = not bool(applied)  # a skipped update leaves its predict standing
     report(opt, code)
     return bool(applied)
+
+
+def _no_gradient(opt: KalmanOptimizer, call: str) -> bool:
+    """Whether no parameter has a gradient (backward forgotten); if so, warn once. Nothing is changed."""
+    if opt._gradients():
+        return False
+    opt._warn_once("no gradient", MESSAGES["no gradient"].format(call=call))
+    return True
 
 
 def _nonfinite_message(code: int, when: str) -> str:
@@ -307,6 +333,8 @@ def _warn(opt: KalmanOptimizer, code: int) -> None:
         opt._warn_once("negative loss", MESSAGES["negative loss"])
     if code & CODE_OVERFLOW:
         opt._warn_once("overflow", MESSAGES["overflow"])
+    if code & CODE_STEP_OVERFLOW:
+        opt._warn_once("step overflow", MESSAGES["step overflow"])
 
 
 def _record(opt: KalmanOptimizer, works: list, batches: list[Batch]) -> None:

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import CODE_NEGATIVE_LOSS, CODE_OVERFLOW, STEP_COEFFICIENT, Batch, contract_gap
+from kalmanopt.contract import (
+    CODE_NEGATIVE_LOSS,
+    CODE_OVERFLOW,
+    CODE_STEP_OVERFLOW,
+    STEP_COEFFICIENT,
+    Batch,
+    contract_gap,
+    finite_steps,
+)
 from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
 from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work, hp_coefficients
 from kalmanopt.program import Assign, Reduction, Vec, compile_program, reduce_layer
@@ -112,8 +120,13 @@ class ReferenceEngine(TorchEngine):
             # K_ℓ = P̂ H_ℓᵀ / S_ℓ  (the surrogate also stores its per-layer posterior)
             gain = comp.surrogate.gain(uctx, f.layer.state, H, g, R.to(H), group)
             coefs: dict[str, Any] = dict(work.hp)
-            for c in range(comp.dynamics.state_dim):
-                coefs[STEP_COEFFICIENT.format(c)] = scale[i] * gain.coefficients[c]
+            # η_k L_ℓ K_i, 0 where any of them is not finite (the layer does not move; as the contract does)
+            steps, wild = finite_steps([scale[i] * gain.coefficients[c] for c in range(comp.dynamics.state_dim)],
+                                       b.skip[i])
+            for c, step in enumerate(steps):
+                coefs[STEP_COEFFICIENT.format(c)] = step
+            if wild is not None and bool(wild):
+                b.code = b.code | CODE_STEP_OVERFLOW
             f.env["direction"] = gain.direction
             # x_ℓ ← x_ℓ − η_k L_ℓ K_ℓ
             work.program.run(f.env, coefs)
