@@ -17,8 +17,7 @@ Volume: 60 examples per (preset, implementation) in the default, derandomised "c
 (``tests/conftest.py``), and a fifth of that at the floors; ``HYPOTHESIS_PROFILE=deep`` draws 2000
 (400 at the floors) with random seeds, and ``KALMANOPT_FUZZ_EXAMPLES=N`` sets the number in either.
 Failing examples found are kept below as explicit ``@example`` cases
-(:func:`test_fuzz_examples_found_earlier`), replayed on every run; those whose fix is pending are
-strict expected failures (:func:`test_fuzz_examples_found_open`).
+(:func:`test_fuzz_examples_found_earlier`), replayed on every engine of their preset on every run.
 """
 
 from __future__ import annotations
@@ -270,9 +269,7 @@ def floor_schedule(draw: st.DrawFn, n_params: int) -> list[dict]:
             for _ in range(draw(st.integers(2, 8)))]
 
 
-@pytest.mark.parametrize("preset,implementation", [
-    # (koala++-lr: its own gain(), outside the contract; its open failure is an example below)
-    (p, i) for p, i in CASES if p != "koala++-lr"])
+@pytest.mark.parametrize("preset,implementation", CASES)
 @settings(SETTINGS, max_examples=FLOOR_EXAMPLES)
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float32, torch.float64]),
        param_shapes=st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=2).map(tuple), min_size=1,
@@ -322,11 +319,24 @@ DIAGONAL_COLLAPSED_AT_THE_R_FLOOR = {
 }
 
 
+#: found by the hunt at the floors: koala++-lr in float32 with gradients of 1e18 — the per-layer low-rank
+#: surrogate carried its older products forward as W − (A u) uᵀ / S, and (A u) uᵀ overflowed before the
+#: division; its two-pass contract (carried products as a linear combination with coefficients from the dots)
+#: passes it
+LOW_RANK_PRODUCTS_OVERFLOW = {
+    "preset": "koala++-lr", "dtype": torch.float32, "param_shapes": [(5, 5), (4, 6)], "api": "step",
+    "steps": _zero_losses(2, ([1.0, 1e18], [1e18, 1e18])),
+    "hp": {"lr": 1.0, "sigma": 1.0, "q": 1e-6, "r": 1e-8, "alpha_r": 0.0, "weight_decay": 0.0, "memory": 2,
+           "granularity": "global", "loss_statistic": "second_moment", "track_diagnostics": True},
+}
+
+
 def _found(run: dict, preset: str | None = None) -> dict:
     return {**run, "preset": preset or run["preset"]}
 
 
 @settings(phases=[Phase.explicit], deadline=None)
+@example(run=LOW_RANK_PRODUCTS_OVERFLOW)
 @example(run=ZERO_LOSSES_AT_THE_R_FLOOR)
 @example(run=_found(BIG_GRADIENTS_AT_THE_R_FLOOR, "koala++"))
 @example(run=_found(BIG_GRADIENTS_AT_THE_R_FLOOR, "koala++-ns"))
@@ -340,27 +350,6 @@ def test_fuzz_examples_found_earlier(run):
     assert implementations
     for implementation in implementations:
         _fuzz_run(preset, implementation, **run)
-
-
-#: open (found by the hunt at the floors): koala++-lr in float32 with gradients of 1e18 — the low-rank surrogate
-#: carries its older products forward as W − (A u) uᵀ / S, and (A u) uᵀ overflows before the division (its own
-#: gain(), outside the two-pass contract; kalmanopt/covariance/lowrank.py)
-LOW_RANK_PRODUCTS_OVERFLOW = {
-    "preset": "koala++-lr", "dtype": torch.float32, "param_shapes": [(5, 5), (4, 6)], "api": "step",
-    "steps": _zero_losses(2, ([1.0, 1e18], [1e18, 1e18])),
-    "hp": {"lr": 1.0, "sigma": 1.0, "q": 1e-6, "r": 1e-8, "alpha_r": 0.0, "weight_decay": 0.0, "memory": 2,
-           "granularity": "global", "loss_statistic": "second_moment", "track_diagnostics": True},
-}
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open: the low-rank surrogate's carried products overflow (lowrank.py, issue 9)")
-@settings(phases=[Phase.explicit], deadline=None)
-@example(run=LOW_RANK_PRODUCTS_OVERFLOW)
-@given(run=st.just(None))
-def test_fuzz_examples_found_open(run):
-    """Failing examples found whose fix is pending; strict, so the fix shows as XPASS and the mark must go."""
-    test_fuzz_examples_found_earlier.hypothesis.inner_test(run)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
