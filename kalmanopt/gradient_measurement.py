@@ -1,0 +1,60 @@
+"""The gradient measurement: each minibatch gradient is a noisy measurement of the true gradient.
+
+The loss measurement (:mod:`kalmanopt.measurement`) gives the filter one scalar per layer and step.
+This model gives it one measurement per *coordinate*: the minibatch gradient ``g`` measures the
+gradient of the expected loss, coordinate by coordinate, each with its own noise variance, which
+the surrogate estimates online (:class:`~kalmanopt.covariance.adaptive.AdaptiveDiagonalSurrogate`;
+docs/derivation.md, section "koala-adam").
+
+The innovation of coordinate i is the vector entry ``0 − H_i`` (the target gradient is 0), so it is
+carried by the gain's direction and the scalar factor of the contract's step, L_ℓ, is 1:
+
+    H_ℓ = g_ℓ;   L_ℓ = 1;   R_k = 1 (unused; the per-coordinate noise lives in the surrogate)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from kalmanopt.measurement import SKIP_GRAD_NORM, MeasurementModel
+from kalmanopt.program import Assign, Reduction, Vec
+from kalmanopt.state import GroupState, StateTable
+
+__all__ = ["GradientMeasurement"]
+
+
+class GradientMeasurement(MeasurementModel):
+    """The minibatch gradient as a per-coordinate measurement of the true gradient.
+
+    H_ℓ = g_ℓ;  L_ℓ = 1 (the innovation −H_ℓ is a vector, carried by the surrogate's direction);
+    R_k = 1, kept only as the group's precision marker (the noise is per coordinate, in the
+    surrogate). A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped, and so is one whose ‖g_ℓ‖² overflows the
+    state precision (counted as ``overflow``). Weight decay is not part of the measurement: the
+    :class:`~kalmanopt.dynamics_decay.DecayingRandomWalk` dynamics apply it, decoupled.
+    """
+
+    hyperparameters = ()
+
+    def state_table(self) -> StateTable:
+        # R = 1: not a noise estimate; the engines read the state precision and device from it
+        return StateTable(group=(GroupState("R", lambda hp: 1.0, "unused by the gradient measurement (1)"),))
+
+    def reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
+        # ‖H_ℓ‖² = ‖g_ℓ‖²
+        return (Reduction("hh", Vec("H") * Vec("H")),)
+
+    def program(self, hp: Mapping[str, Any]) -> list[Assign]:
+        # H_ℓ = g_ℓ
+        return [Assign(Vec("H"), Vec("g"))]
+
+    def coefficients(self, b: Any) -> None:
+        hh = b.red["hh"]
+        b.R = torch.ones_like(b.group["R"])
+        # L_ℓ = 1: the step's scalar factor; the innovation −H_ℓ is in the direction
+        b.L = torch.ones_like(hh)
+        small = ~(torch.sqrt(hh) >= SKIP_GRAD_NORM)
+        overflow = ~small & ~torch.isfinite(hh)
+        b.skip = b.skip | small | overflow
+        b.count("overflow", overflow.sum())
