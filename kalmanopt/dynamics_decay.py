@@ -21,24 +21,22 @@ __all__ = ["DecayingRandomWalk"]
 
 
 class DecayingRandomWalk(RandomWalk):
-    """F = (1 − η λ) I, Q = q I: a random walk with decoupled weight decay λ (``decay``).
+    """F = (1 − η λ) I, Q = q I: a random walk with decoupled weight decay λ (``weight_decay``).
 
-    With ``decay=0`` it is :class:`~kalmanopt.dynamics.RandomWalk`. The decay is not applied to a
-    skipped layer (no state of it changes).
+    With ``weight_decay=0`` it is :class:`~kalmanopt.dynamics.RandomWalk`. The decay is not applied
+    to a skipped layer (no state of it changes). Pair it with the gradient measurement: the loss
+    measurement reads ``weight_decay`` too (folded into H), and the two would both apply it.
     """
 
     hyperparameters = RandomWalk.hyperparameters + (
-        HyperParameter("decay", 0.0, Range(0.0), "decoupled weight decay λ: θ ← (1 − η λ) θ each step (AdamW's)"),
+        HyperParameter("weight_decay", 0.0, Range(0.0),
+                       "decoupled weight decay λ: θ ← (1 − η λ) θ each step (AdamW's weight_decay)"),
     )
-
-    def check_hyperparameters(self, hp: Mapping[str, Any]) -> None:
-        if "lr" in hp and float(hp["lr"]) * float(hp["decay"]) >= 1.0:
-            raise ValueError(f"lr · decay must be below 1 (F = (1 − lr · decay) I shrinks the weights); got "
-                             f"lr={hp['lr']!r}, decay={hp['decay']!r}")
 
     def transition(self, b: Any) -> tuple[Tensor, Tensor]:
         like = b.like
-        F = torch.full((1, 1), 1.0 - float(b.hp["lr"]) * float(b.hp["decay"]), dtype=like.dtype, device=like.device)
+        shrink = float(b.hp["lr"]) * float(b.hp["weight_decay"])
+        F = torch.full((1, 1), 1.0 - shrink, dtype=like.dtype, device=like.device)
         Q = torch.full((1,), float(b.hp["q"]), dtype=like.dtype, device=like.device)
         return F, Q
 
@@ -49,5 +47,5 @@ class DecayingRandomWalk(RandomWalk):
 
     def coefficients(self, b: Any) -> None:
         # η λ, 0 where the layer is skipped
-        shrink = torch.full_like(b.coef["step0"], float(b.hp["lr"]) * float(b.hp["decay"]))
+        shrink = torch.full_like(b.coef["step0"], float(b.hp["lr"]) * float(b.hp["weight_decay"]))
         b.coef["shrink"] = torch.where(b.skip, torch.zeros_like(shrink), shrink)

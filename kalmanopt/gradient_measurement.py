@@ -9,7 +9,8 @@ docs/derivation.md, section "koala-adam").
 The innovation of coordinate i is the vector entry ``0 − H_i`` (the target gradient is 0), so it is
 carried by the gain's direction and the scalar factor of the contract's step, L_ℓ, is 1:
 
-    H_ℓ = g_ℓ;   L_ℓ = 1;   R_k = 1 (unused; the per-coordinate noise lives in the surrogate)
+    H_ℓ = g_ℓ;   L_ℓ = 1;   R_k as the loss measurement's (tracked, not read by the step: the
+                            per-coordinate noise lives in the surrogate)
 """
 
 from __future__ import annotations
@@ -18,28 +19,27 @@ from typing import Any, Mapping
 
 import torch
 
-from kalmanopt.measurement import SKIP_GRAD_NORM, MeasurementModel
+from kalmanopt.measurement import SKIP_GRAD_NORM, LossMeasurement
 from kalmanopt.program import Assign, Reduction, Vec
-from kalmanopt.state import GroupState, StateTable
 
 __all__ = ["GradientMeasurement"]
 
 
-class GradientMeasurement(MeasurementModel):
+class GradientMeasurement(LossMeasurement):
     """The minibatch gradient as a per-coordinate measurement of the true gradient.
 
-    H_ℓ = g_ℓ;  L_ℓ = 1 (the innovation −H_ℓ is a vector, carried by the surrogate's direction);
-    R_k = 1, kept only as the group's precision marker (the noise is per coordinate, in the
-    surrogate). A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped, and so is one whose ‖g_ℓ‖² overflows the
-    state precision (counted as ``overflow``). Weight decay is not part of the measurement: the
-    :class:`~kalmanopt.dynamics_decay.DecayingRandomWalk` dynamics apply it, decoupled.
+    H_ℓ = g_ℓ;  L_ℓ = 1 (the innovation −H_ℓ is a vector, carried by the surrogate's direction).
+    R_k, the noise of the scalar loss, follows ``r`` and ``alpha_r`` as in
+    :class:`~kalmanopt.measurement.LossMeasurement` (reported in the diagnostics, so that every
+    preset takes the same noise keywords) but the step does not read it: the noise that matters
+    here is per coordinate, estimated by the surrogate. A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped,
+    and so is one whose ‖g_ℓ‖² overflows the state precision (counted as ``overflow``).
+    Weight decay is not part of the measurement: the
+    :class:`~kalmanopt.dynamics_decay.DecayingRandomWalk` dynamics apply ``weight_decay``, decoupled.
     """
 
-    hyperparameters = ()
-
-    def state_table(self) -> StateTable:
-        # R = 1: not a noise estimate; the engines read the state precision and device from it
-        return StateTable(group=(GroupState("R", lambda hp: 1.0, "unused by the gradient measurement (1)"),))
+    # r and alpha_r as the loss measurement's; weight decay belongs to the dynamics (decoupled)
+    hyperparameters = tuple(h for h in LossMeasurement.hyperparameters if h.name != "weight_decay")
 
     def reductions(self, hp: Mapping[str, Any]) -> tuple[Reduction, ...]:
         # ‖H_ℓ‖² = ‖g_ℓ‖²
@@ -51,7 +51,10 @@ class GradientMeasurement(MeasurementModel):
 
     def coefficients(self, b: Any) -> None:
         hh = b.red["hh"]
-        b.R = torch.ones_like(b.group["R"])
+        R_k = self.next_noise(b.group["R"], b.statistic, b.hp)
+        if b.hp["r"] is None:
+            b.new_group["R"] = R_k
+        b.R = R_k
         # L_ℓ = 1: the step's scalar factor; the innovation −H_ℓ is in the direction
         b.L = torch.ones_like(hh)
         small = ~(torch.sqrt(hh) >= SKIP_GRAD_NORM)

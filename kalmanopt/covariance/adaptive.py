@@ -7,7 +7,8 @@ with the fading-memory gains c₁ = (1 − β₁)/(1 − β₁ᵗ), c₂ = (1 �
     e   = (H − m)²  (noise="innovation")   or   H²  (noise="second_moment")
     m  ← m + c₁ (H − m)                          the filtered gradient (momentum)
     v  ← v + c₂ (e − v)                          the per-coordinate noise estimate
-    v̄  = mean_ℓ(v) + ε²,   λ = (v + ε²) / v̄     the information of the step, per coordinate
+    v̄  = mean_ℓ(v) + ε²,   λ = max((v + ε²) / v̄, λ_min)
+                                                 the information of the step, per coordinate
     p̂  = p + q
     p  ← p̂ / (1 + p̂ λ)                          covariance="riccati": the filter's own recursion
     p̂* = (λ p̂² + q) / (λ (2 p̂ − q)),  p ← p̂* / (1 + p̂* λ)
@@ -29,7 +30,11 @@ from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.program import Assign, Coef, Expr, Reduction, State, Vec
 from kalmanopt.state import ScalarState, StateTable, VectorState
 
-__all__ = ["AdaptiveDiagonalSurrogate", "COVARIANCE_UPDATES", "NOISE_ESTIMATES"]
+__all__ = ["AdaptiveDiagonalSurrogate", "COVARIANCE_UPDATES", "NOISE_ESTIMATES", "LAMBDA_MIN"]
+
+#: the floor of the relative information λ: a coordinate whose noise is below 1e-8 of its layer's mean
+#: is treated as having that much (p stays below 1/(2 λ_min), so p̂² cannot overflow float32)
+LAMBDA_MIN = 1e-8
 
 #: how the diagonal covariance follows the Riccati recursion
 COVARIANCE_UPDATES = ("newton", "riccati")
@@ -78,11 +83,6 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
     def options(self) -> dict[str, object]:
         return {"covariance": self.covariance, "noise": self.noise}
 
-    def check_hyperparameters(self, hp: Mapping[str, Any]) -> None:
-        if "q" in hp and not float(hp["q"]) > 0.0:
-            raise ValueError(f"the adaptive diagonal surrogate needs process noise q > 0 (its steady state is "
-                             f"p ≈ √(q/λ)); got q={hp['q']!r}")
-
     # ------------------------------------------------------------------ the two-pass contract
     def state_table(self) -> StateTable:
         return StateTable(vectors=(VectorState("m", 0.0, "the filtered gradient m (momentum)"),
@@ -119,8 +119,8 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
                       q=torch.full_like(vbar, q))
         b.new_layer["k"] = t
         b.S = vbar
-        # θ ← θ − η / √(q v̄) · p ∘ m
-        b.gain = [torch.rsqrt(q * vbar)]
+        # θ ← θ − η / √(q v̄) · p ∘ m  (q = 0: no process noise, the steady state is p = 0: no step)
+        b.gain = [torch.rsqrt(q * vbar) if q > 0.0 else torch.zeros_like(vbar)]
         if b.diagnostics:
             b.info.update({"c1": c1, "c2": c2})
 
@@ -134,15 +134,16 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
             Assign(m, (1.0 - Coef("c1")) * m + Coef("c1") * H),
             # v_k = (1 − c₂) v_{k-1} + c₂ e
             Assign(v, (1.0 - Coef("c2")) * v + Coef("c2") * e),
-            # λ = (v_k + ε²) / v̄
-            Assign(lam, (v + Coef("eps2")) * Coef("inv_vbar")),
+            # λ = max((v_k + ε²) / v̄, λ_min)
+            Assign(lam, ((v + Coef("eps2")) * Coef("inv_vbar")).clamp_min(LAMBDA_MIN)),
             # p̂ = p + q
             Assign(p_hat, p + q),
         ]
         if self.covariance == "newton":
-            # one Newton step on λ p̂² − q λ p̂ − q = 0 (2 p̂ − q ≥ q > 0 since p ≥ 0)
+            # one Newton step on λ p̂² − q λ p̂ − q = 0 (2 p̂ − q ≥ q > 0 since p ≥ 0; the floor only
+            # guards q = 0, where p̂ may reach 0)
             p_star = Vec("p_star")
-            program.append(Assign(p_star, (lam * p_hat * p_hat + q) / (lam * (2.0 * p_hat - q))))
+            program.append(Assign(p_star, (lam * p_hat * p_hat + q) / (lam * (2.0 * p_hat - q)).clamp_min(1e-30)))
             p_hat = p_star
         # p = p̂ / (1 + p̂ λ): the posterior of a measurement with information λ
         program.append(Assign(p, p_hat / (1.0 + p_hat * lam)))

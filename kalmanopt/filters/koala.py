@@ -78,7 +78,7 @@ def koala_pp_lr(memory: int = 2) -> Composition:
 
 
 #: the defaults of the gradient-measurement presets (docs/research.md: the CPU ablation that chose them)
-KOALA_ADAM_DEFAULTS = {"lr": 1e-3, "q": 1e-2, "sigma": 0.1, "decay": 0.1}
+KOALA_ADAM_DEFAULTS = {"lr": 1e-3, "q": 1e-3, "sigma": 0.03, "weight_decay": 0.1}
 
 
 def _gradient_filter(name: str, covariance: str, noise: str) -> Composition:
