@@ -11,8 +11,8 @@ with the fading-memory gains c₁ = (1 − β₁)/(1 − β₁ᵗ), c₂ = (1 �
                                                  the information of the step, per coordinate
     p̂  = p + q
     p  ← p̂ / (1 + p̂ λ)                          covariance="riccati": the filter's own recursion
-    p̂* = (λ p̂² + q) / (λ (2 p̂ − q)),  p ← p̂* / (1 + p̂* λ)
-                                                 covariance="newton": one Newton step on the
+    p̂* = min((λ p̂² + q) / (λ (2 p̂ − q)), 2 p̂),  p ← p̂* / (1 + p̂* λ)
+                                                 covariance="newton": one (damped) Newton step on the
                                                  steady-state Riccati equation λ p̂² − q λ p̂ − q = 0
     θ  ← θ − η / √(q v̄) · p ∘ m
 
@@ -142,8 +142,11 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
         if self.covariance == "newton":
             # one Newton step on λ p̂² − q λ p̂ − q = 0 (2 p̂ − q ≥ q > 0 since p ≥ 0; the floor only
             # guards q = 0, where p̂ may reach 0)
-            p_star = Vec("p_star")
-            program.append(Assign(p_star, (lam * p_hat * p_hat + q) / (lam * (2.0 * p_hat - q)).clamp_min(1e-30)))
+            p_star, newton = Vec("p_star"), Vec("newton")
+            program.append(Assign(newton, (lam * p_hat * p_hat + q) / (lam * (2.0 * p_hat - q)).clamp_min(1e-30)))
+            # damped: at most doubling p̂ per update (from below, Newton overshoots the root by up to
+            # q / (2 λ p̂), a step ∝ 1/|H| for a coordinate with a tiny gradient); min(a, b) = a − max(a − b, 0)
+            program.append(Assign(p_star, newton - (newton - 2.0 * p_hat).clamp_min(0.0)))
             p_hat = p_star
         # p = p̂ / (1 + p̂ λ): the posterior of a measurement with information λ
         program.append(Assign(p, p_hat / (1.0 + p_hat * lam)))
