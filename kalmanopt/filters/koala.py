@@ -8,6 +8,7 @@ authors' released code, so their scripts port by changing one import.
 from __future__ import annotations
 
 from kalmanopt.composition import Composition
+from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate
 from kalmanopt.covariance.block import BlockSurrogate
 from kalmanopt.covariance.diagonal import DiagonalSurrogate
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares, VanillaLeastSquares
@@ -15,10 +16,13 @@ from kalmanopt.covariance.lowrank import LowRankSurrogate
 from kalmanopt.covariance.product import ProductSurrogate
 from kalmanopt.covariance.scalar import ScalarSurrogate
 from kalmanopt.dynamics import Momentum, RandomWalk
+from kalmanopt.dynamics_decay import DecayingRandomWalk
+from kalmanopt.gradient_measurement import GradientMeasurement
 from kalmanopt.measurement import LossMeasurement
 from kalmanopt.registry import register_part, register_preset
 
-__all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_pp_lr"]
+__all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_pp_lr", "koala_adam",
+           "koala_adam_riccati", "koala_adam_innovation", "KOALA_ADAM_DEFAULTS"]
 
 # The built-in parts, by the names `compose` and config files use.
 register_part("measurement", "loss", LossMeasurement)
@@ -29,6 +33,9 @@ register_part("surrogate", "block", BlockSurrogate)
 register_part("surrogate", "diagonal", DiagonalSurrogate)
 register_part("surrogate", "product", ProductSurrogate)
 register_part("surrogate", "lowrank", LowRankSurrogate)
+register_part("measurement", "gradient", GradientMeasurement)
+register_part("dynamics", "decaying_random_walk", DecayingRandomWalk)
+register_part("surrogate", "adaptive_diagonal", AdaptiveDiagonalSurrogate)
 register_part("estimator", "vanilla", VanillaLeastSquares)
 register_part("estimator", "symmetric", SymmetricLeastSquares)
 
@@ -68,3 +75,31 @@ def koala_pp_lr(memory: int = 2) -> Composition:
     """KOALA++ with a low-rank estimate from the last `memory` constraints (memory=1 is KOALA++)."""
     return Composition(LossMeasurement(), RandomWalk(),
                        LowRankSurrogate(SymmetricLeastSquares(), memory=memory), name="koala++-lr")
+
+
+#: the defaults of the gradient-measurement presets (docs/research.md: the CPU ablation that chose them)
+KOALA_ADAM_DEFAULTS = {"lr": 1e-3, "q": 1e-3, "sigma": 0.03, "weight_decay": 0.1}
+
+
+def _gradient_filter(name: str, covariance: str, noise: str) -> Composition:
+    return Composition(GradientMeasurement(), DecayingRandomWalk(),
+                       AdaptiveDiagonalSurrogate(covariance=covariance, noise=noise), name=name,
+                       defaults=KOALA_ADAM_DEFAULTS)
+
+
+@register_preset("koala-adam")
+def koala_adam() -> Composition:
+    """Per-coordinate gradient measurements, a diagonal covariance at its Riccati steady state (Newton), decay."""
+    return _gradient_filter("koala-adam", "newton", "second_moment")
+
+
+@register_preset("koala-adam-riccati")
+def koala_adam_riccati() -> Composition:
+    """``koala-adam`` with the filter's own covariance recursion instead of the steady state."""
+    return _gradient_filter("koala-adam-riccati", "riccati", "second_moment")
+
+
+@register_preset("koala-adam-innovation")
+def koala_adam_innovation() -> Composition:
+    """``koala-adam`` with the noise estimated from the gradient filter's innovations (AdaBelief's reading)."""
+    return _gradient_filter("koala-adam-innovation", "newton", "innovation")

@@ -1,0 +1,141 @@
+"""The gradient-measurement parts (koala-adam): the exact per-coordinate filter, the steady state, errors.
+
+- riccati: one step of the adaptive diagonal surrogate is the exact Kalman update of a diagonal P
+  by n gradient measurements with information diag(λ) (full matrices, float64);
+- newton: on a loss with a constant gradient the covariance reaches the steady state of the Riccati
+  recursion, and the step there is Adam's, η m / √v, per coordinate (the recursion itself gets there
+  too, but a coordinate far below its layer's mean information needs ~√(1/(q λ)) steps);
+- the decaying random walk is AdamW's decoupled decay; unknown options name the valid ones.
+
+The generic tests (tests/cases.py: checkpoints, finite in and out, foreach == reference) pick up
+the presets by themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kalmanopt
+from kalmanopt.contract import contract_gap
+from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate
+
+DT = torch.float64
+
+
+def _one_param_opt(preset: str, values: torch.Tensor, **hp):
+    theta = torch.nn.Parameter(values.clone())
+    opt = kalmanopt.create(preset, [theta], r=1.0, **hp)
+    return theta, opt
+
+
+def test_riccati_step_is_the_exact_kalman_update_with_per_coordinate_information():
+    g = torch.Generator().manual_seed(0)
+    n, q, lr, beta1, beta2, eps = 7, 0.05, 0.01, 0.8, 0.95, 1e-8
+    theta, opt = _one_param_opt("koala-adam-riccati", torch.randn(n, generator=g, dtype=DT), q=q, lr=lr,
+                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0)
+    theta.grad = torch.randn(n, generator=g, dtype=DT)
+    opt.step(loss=1.0)  # creates the state
+    state = opt.state[theta]
+    # an arbitrary state before the step under test
+    m0 = torch.randn(n, generator=g, dtype=DT)
+    v0 = torch.rand(n, generator=g, dtype=DT) + 0.1
+    p0 = torch.rand(n, generator=g, dtype=DT) + 0.05
+    state["m"].copy_(m0), state["v"].copy_(v0), state["p"].copy_(p0), state["k"].fill_(3.0)
+    before = theta.detach().clone()
+    H = torch.randn(n, generator=g, dtype=DT)
+    theta.grad = H.clone()
+    opt.step(loss=1.0)
+
+    t = 4
+    c1 = (1 - beta1) / (1 - beta1**t)
+    c2 = (1 - beta2) / (1 - beta2**t)
+    m = m0 + c1 * (H - m0)
+    v = v0 + c2 * (H * H - v0)
+    vbar = v.mean() + eps**2
+    lam = (v + eps**2) / vbar
+    # the exact filter: P̂ = P + q I; P = (P̂⁻¹ + Λ)⁻¹; θ ← θ − c P m (full matrices, not the recursion)
+    P_hat = torch.diag(p0) + q * torch.eye(n, dtype=DT)
+    P = torch.linalg.inv(torch.linalg.inv(P_hat) + torch.diag(lam))
+    assert torch.allclose(P, torch.diag(torch.diagonal(P)), atol=1e-14)  # it stays diagonal
+    torch.testing.assert_close(state["p"], torch.diagonal(P), rtol=1e-12, atol=0)
+    torch.testing.assert_close(state["m"], m, rtol=1e-12, atol=0)
+    torch.testing.assert_close(state["v"], v, rtol=1e-12, atol=0)
+    want = before - lr / torch.sqrt(q * vbar) * (P @ m)
+    torch.testing.assert_close(theta.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_steady_state_step_is_adams_on_a_constant_gradient():
+    # L = c·θ: a constant gradient c over four orders of magnitude; Adam steps η per coordinate
+    c = torch.tensor([1e-3, -3e-2, 0.5, -2.0, 10.0], dtype=DT)
+    q = 1e-6
+    theta, opt = _one_param_opt("koala-adam", torch.zeros(5, dtype=DT), q=q, sigma=q**0.5, lr=1e-3, weight_decay=0.0)
+    for _ in range(60):
+        before = theta.detach().clone()
+        theta.grad = c.clone()
+        opt.step(loss=1.0)
+    step = theta.detach() - before
+    p, lam = opt.state[theta]["p"], c * c / (c * c).mean()
+    # the steady state of p̂ = p + q, p = p̂ / (1 + p̂ λ): λ p̂² − q λ p̂ − q = 0
+    p_hat = (q * lam + torch.sqrt((q * lam) ** 2 + 4 * q * lam)) / (2 * lam)
+    torch.testing.assert_close(p, p_hat / (1 + p_hat * lam), rtol=1e-3, atol=0)
+    # and the step is Adam's −η sign(c), up to the factor 1 / (1 + √(q λ)) of the posterior
+    torch.testing.assert_close(step, -1e-3 * torch.sign(c), rtol=5e-3, atol=0)
+
+
+def test_newton_tracks_the_steady_state_faster_than_the_recursion():
+    c = torch.tensor([1e-3, 1.0], dtype=DT)
+    errors = {}
+    for preset in ("koala-adam", "koala-adam-riccati"):
+        theta, opt = _one_param_opt(preset, torch.zeros(2, dtype=DT), q=1e-4, sigma=1e-2, weight_decay=0.0)
+        for _ in range(30):
+            theta.grad = c.clone()
+            opt.step(loss=1.0)
+        lam = c * c / (c * c).mean()
+        target = torch.sqrt(1e-4 / lam)
+        errors[preset] = float((opt.state[theta]["p"] / target - 1).abs().max())
+    assert errors["koala-adam"] < 1e-2 < errors["koala-adam-riccati"]
+
+
+def test_decoupled_weight_decay_is_adamws():
+    # with a zero gradient on one coordinate the step there is the decay alone: θ ← (1 − η λ) θ
+    theta, opt = _one_param_opt("koala-adam", torch.tensor([2.0, -1.0], dtype=DT), lr=0.01, weight_decay=0.5)
+    theta.grad = torch.tensor([1.0, 0.0], dtype=DT)
+    opt.step(loss=1.0)
+    assert float(theta.detach()[1]) == pytest.approx(-1.0 * (1 - 0.01 * 0.5), rel=1e-15)
+
+
+def test_innovation_noise_uses_the_prediction_residual():
+    theta, opt = _one_param_opt("koala-adam-innovation", torch.zeros(3, dtype=DT), beta2=0.5, weight_decay=0.0)
+    g1, g2 = torch.tensor([1.0, 2.0, -1.0], dtype=DT), torch.tensor([3.0, 2.0, 1.0], dtype=DT)
+    theta.grad = g1.clone()
+    opt.step(loss=1.0)
+    torch.testing.assert_close(opt.state[theta]["v"], g1 * g1)  # the first innovation is H − 0
+    m1 = opt.state[theta]["m"].clone()
+    theta.grad = g2.clone()
+    opt.step(loss=1.0)
+    c2 = 0.5 / (1 - 0.25)
+    torch.testing.assert_close(opt.state[theta]["v"], (1 - c2) * g1 * g1 + c2 * (g2 - m1) ** 2)
+
+
+def test_zero_process_noise_does_not_move_the_weights():
+    theta, opt = _one_param_opt("koala-adam", torch.ones(4, dtype=DT), q=0.0, weight_decay=0.0)
+    for _ in range(5):
+        theta.grad = torch.tensor([1.0, -1e-3, 0.0, 5.0], dtype=DT)
+        opt.step(loss=1.0)
+    assert torch.equal(theta.detach(), torch.ones(4, dtype=DT))
+    assert all(bool(torch.isfinite(t).all()) for t in opt.state[theta].values())
+
+
+def test_unknown_options_name_the_valid_choices():
+    with pytest.raises(ValueError, match="valid choices: newton, riccati"):
+        AdaptiveDiagonalSurrogate(covariance="exact")
+    with pytest.raises(ValueError, match="valid choices: second_moment, innovation"):
+        AdaptiveDiagonalSurrogate(noise="belief")
+
+
+def test_compose_builds_the_preset_from_registered_parts():
+    comp = kalmanopt.compose(measurement="gradient", dynamics="decaying_random_walk", surrogate="adaptive_diagonal",
+                             covariance="riccati", noise="innovation")
+    assert comp.surrogate.options() == {"covariance": "riccati", "noise": "innovation"}
+    assert contract_gap(comp) is None  # runs on the fast engines
