@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import kalmanopt
 
-FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag", "koala++-lr")
+FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag", "koala++-lr", "koala-adam")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
