@@ -105,6 +105,12 @@ class Batch:
     lr: Tensor | None = None
 
     @property
+    def eta(self) -> Tensor | float:
+        """η_k, the learning rate: ``lr`` when the driver passes it as a tensor (a replayed CUDA graph
+        reads it there), else the group's ``lr``. Parts read η here, never as ``hp["lr"]``."""
+        return self.lr if self.lr is not None else float(self.hp["lr"])
+
+    @property
     def like(self) -> Tensor:
         """A 0-d tensor of the state's dtype and device."""
         return self.loss
@@ -218,7 +224,7 @@ def run_update_coefficients(composition: Composition, b: Batch) -> Batch:
     composition.surrogate.coefficients(b)
     # the step along the gain: η_k L_ℓ K_i; with the guard the innovation is max(L_ℓ − L*, 0)
     innovation = b.L.clamp_min(0.0) if b.hp.get("guard", True) else b.L
-    scale = (b.lr if b.lr is not None else float(b.hp["lr"])) * innovation
+    scale = b.eta * innovation
     steps, wild = finite_steps([scale * k for k in b.gain], b.skip)
     for i, step in enumerate(steps):
         b.coef[STEP_COEFFICIENT.format(i)] = step

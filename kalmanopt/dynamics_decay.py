@@ -35,8 +35,8 @@ class DecayingRandomWalk(RandomWalk):
 
     def transition(self, b: Any) -> tuple[Tensor, Tensor]:
         like = b.like
-        shrink = float(b.hp["lr"]) * float(b.hp["weight_decay"])
-        F = torch.full((1, 1), 1.0 - shrink, dtype=like.dtype, device=like.device)
+        shrink = b.eta * float(b.hp["weight_decay"])
+        F = torch.ones((1, 1), dtype=like.dtype, device=like.device) * (1.0 - shrink)
         Q = torch.full((1,), float(b.hp["q"]), dtype=like.dtype, device=like.device)
         return F, Q
 
@@ -47,5 +47,5 @@ class DecayingRandomWalk(RandomWalk):
 
     def coefficients(self, b: Any) -> None:
         # η λ, 0 where the layer is skipped
-        shrink = torch.full_like(b.coef["step0"], float(b.hp["lr"]) * float(b.hp["weight_decay"]))
+        shrink = torch.ones_like(b.coef["step0"]) * (b.eta * float(b.hp["weight_decay"]))
         b.coef["shrink"] = torch.where(b.skip, torch.zeros_like(shrink), shrink)

@@ -205,8 +205,7 @@ class LowRankSurrogate(CovarianceSurrogate):
     def _stand_in(self, hh: Tensor, sigma: float, with_ww: bool) -> tuple[Tensor, ...]:
         """The dots of a first update's rows, A = [H_k], W = [σ H_k] (the other rows unused, zero)."""
         m = self.memory
-        one = torch.zeros(m, dtype=hh.dtype, device=hh.device)
-        one[0] = 1.0
+        one = (torch.arange(m, device=hh.device) == 0).to(hh.dtype)  # (made on the device: no host copy)
         outer = (one[:, None] * one[None, :]) * hh[:, None, None]
         vector = one * hh[:, None]
         # A Aᵀ, A Wᵀ, A h, W h (, W Wᵀ)
