@@ -53,6 +53,8 @@ compare the parameters step by step, then turn the collective off to watch the d
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -61,12 +63,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import kalmanopt
 
+# this file (sphinx-gallery runs it from its own folder, without ``__file__``)
+THIS_FILE = os.path.abspath(globals().get("__file__", "plot_05_distributed_training.py"))
+PACKAGE_ROOT = str(Path(kalmanopt.__file__).resolve().parents[1])  # the ranks import this kalmanopt
 STEPS = 40
 GLOBAL_BATCH = 64
 WORLD = 2
@@ -149,15 +153,21 @@ def run_rank(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+if "KALMANOPT_TUTORIAL_RANK" in os.environ:  # this file run as one rank by ``launch`` below
+    run_rank(int(os.environ["KALMANOPT_TUTORIAL_RANK"]), int(os.environ["KALMANOPT_TUTORIAL_PORT"]),
+             os.environ["KALMANOPT_TUTORIAL_FOLDER"])
+    raise SystemExit(0)
+
+
 # %%
 # Launching two processes
 # -----------------------
 #
-# ``torch.multiprocessing.start_processes`` starts the two ranks. We ask the operating system for
-# a free port (no clash with anything else running), fork (the children inherit the code above
-# and the imports; on Windows, launch a script with ``torchrun`` instead, as at the end), and wait
-# with a deadline: if the ranks have not finished in time they are killed and the tutorial fails
-# with a clear message instead of hanging.
+# Each rank is a fresh Python process running this file with its rank in the environment (the
+# lines just above send it to ``run_rank``): what ``torchrun`` does for a script, by hand. We ask the
+# operating system for a free port (no clash with anything else running) and wait with a deadline:
+# if the ranks have not finished in time they are killed and the tutorial fails with a clear
+# message instead of hanging; a rank that fails shows its output.
 
 
 def free_port() -> int:
@@ -167,18 +177,27 @@ def free_port() -> int:
 
 
 def launch(folder: str, timeout: float = 240.0) -> list[dict]:
-    ctx = mp.start_processes(run_rank, args=(free_port(), folder), nprocs=WORLD, join=False,
-                             start_method="fork")
+    port = free_port()
+    ranks = []
+    for rank in range(WORLD):
+        env = dict(os.environ, KALMANOPT_TUTORIAL_RANK=str(rank), KALMANOPT_TUTORIAL_PORT=str(port),
+                   KALMANOPT_TUTORIAL_FOLDER=folder, MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]))
+        ranks.append(subprocess.Popen([sys.executable, THIS_FILE], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     try:
-        while not ctx.join(timeout=1.0):  # raises if a rank failed, with its traceback
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} ranks did not finish within {timeout:.0f} s")
+        for rank, proc in enumerate(ranks):
+            output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+            if proc.returncode != 0:
+                raise RuntimeError(f"rank {rank} failed (exit {proc.returncode}):\n{output}")
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the {WORLD} ranks did not finish within {timeout:.0f} s") from None
     finally:
-        for p in ctx.processes:  # clean shutdown: nothing outlives the launch
-            if p.is_alive():
-                p.kill()
-            p.join()
+        for proc in ranks:  # clean shutdown: nothing outlives the launch
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
     return [torch.load(Path(folder) / f"rank{r}.pt") for r in range(WORLD)]
 
 
