@@ -243,14 +243,18 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
 
     if graphs.graphed_step(opt, loss, statistic):
         return
-    device = _device(opt)
-    code = None
-    if not opt._predicted:
-        code = input_code(opt, loss, statistic, device)
-        run_predict(opt, (code & CODE_SKIPS) == 0)
-    code = run_update(opt, loss, statistic, code)
+    code = _predict_if_due_then_update(opt, loss, statistic)
     run_predict(opt, (code & CODE_SKIPS) == 0)
     report(opt, code)
+
+
+def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> Tensor:
+    """The update, after the predict it needs where none has run yet (masked by the step's inputs)."""
+    code = None
+    if not opt._predicted:
+        code = input_code(opt, loss, statistic, _device(opt))
+        run_predict(opt, (code & CODE_SKIPS) == 0)
+    return run_update(opt, loss, statistic, code)
 
 
 def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
@@ -267,12 +271,7 @@ def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor |
     _report_landed(opt)
     if _no_gradient(opt, "update()"):
         return False
-    device = _device(opt)
-    code = None
-    if not opt._predicted:
-        code = input_code(opt, loss, statistic, device)
-        run_predict(opt, (code & CODE_SKIPS) == 0)
-    code = run_update(opt, loss, statistic, code)
+    code = _predict_if_due_then_update(opt, loss, statistic)
     applied = (code & CODE_SKIPS) == 0
     opt._predicted = not bool(applied)  # a skipped update leaves its predict standing
     report(opt, code)

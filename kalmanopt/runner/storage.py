@@ -41,12 +41,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_with(path: str | Path, write: Callable[[IO[str]], None], *, newline: str | None = None) -> None:
-    """Replace ``path`` by what ``write(file)`` writes into a text file, atomically (see the module)."""
+def atomic_write_with(path: str | Path, write: Callable[[IO[Any]], None], *, newline: str | None = None,
+                      binary: bool = False) -> None:
+    """Replace ``path`` by what ``write(file)`` writes into a text (or, ``binary``, bytes) file, atomically
+    (see the module)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+        opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline=newline)
+        with opened as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -62,21 +65,7 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[str]], None], *, new
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` by ``data``, atomically (see :func:`atomic_write`)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_with(path, lambda f: f.write(data), binary=True)
 
 
 def atomic_write(path: str | Path, text: str) -> None:
