@@ -333,10 +333,10 @@ class TextTask(Task):
                               f"the corpus, as nanoGPT's shakespeare-char), got {options['vocab']!r}")
         if options["require_data"] and options["data"] is None:
             raise ConfigError("this config trains on a given text: pass --data FILE (e.g. "
-                              "../shared/data/tinyshakespeare.txt)")
+                              "path/to/tinyshakespeare.txt)")
         if options["data"] is not None and not Path(options["data"]).is_file():
             raise ConfigError(f"task 'text': data file {str(options['data'])!r} not found; pass --data FILE "
-                              "(a text file, e.g. ../shared/data/tinyshakespeare.txt) or leave it out to "
+                              "(a text file, e.g. path/to/tinyshakespeare.txt) or leave it out to "
                               "use Python's standard-library sources")
         return options
 
