@@ -265,15 +265,39 @@ def _mul(a: Expr, b: Expr) -> Expr:
     return BinOp("*", a, b)
 
 
+_IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
+
+
+def _fits_into(other: Tensor | Scalar, target: Tensor) -> bool:
+    """Whether ``target op= other`` gives ``target op other`` (same shape and dtype, or a scalar)."""
+    if not isinstance(other, Tensor):
+        return True
+    if other.dim() == 0:
+        return other.dtype == target.dtype or not other.is_floating_point()
+    return other.shape == target.shape and other.dtype == target.dtype
+
+
 def _vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> Tensor | Scalar:
+    return _evaluate(e, env, coefs)[0]
+
+
+def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> tuple[Tensor | Scalar, bool]:
+    """(value, fresh): ``fresh`` when the value is a temporary this evaluation made, which the next
+    operation may then overwrite in place (one allocation per expression instead of one per operation)."""
     if isinstance(e, Vec):
-        return env[e.key]
+        return env[e.key], False
     if not is_vector(e):
-        return _scalar(e, coefs)
+        return _scalar(e, coefs), False
     if isinstance(e, BinOp):
-        return _OPS[e.op](_vector(e.a, env, coefs), _vector(e.b, env, coefs))
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        if fresh_a and isinstance(a, Tensor) and _fits_into(b, a):
+            return getattr(a, _IN_PLACE[e.op])(b), True
+        if fresh_b and isinstance(b, Tensor) and e.op in "+*" and _fits_into(a, b):
+            return getattr(b, _IN_PLACE[e.op])(a), True  # (commutative)
+        return _OPS[e.op](a, b), True
     if isinstance(e, ClampMin):
-        return _vector(e.a, env, coefs).clamp_min(e.low)
+        a, fresh = _evaluate(e.a, env, coefs)
+        return (a.clamp_min_(e.low) if fresh else a.clamp_min(e.low)), True
     raise TypeError(f"not an expression: {e!r}")
 
 
