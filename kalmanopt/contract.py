@@ -21,7 +21,6 @@ Compositions of parts run on the fast engines when every part meets the contract
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -269,14 +268,3 @@ def run_predict_coefficients(composition: Composition, b: Batch) -> Batch:
     return b
 
 
-def masked(new: Tensor, old: Tensor, keep: Tensor) -> Tensor:
-    """``new`` where ``keep``, else ``old`` (a non-finite discarded value never leaks)."""
-    return torch.where(keep, new, old)
-
-
-def empty_layers(like: Tensor) -> Tensor:
-    """A ``[0]`` tensor like ``like``."""
-    return like.new_zeros(0)
-
-
-INF = math.inf

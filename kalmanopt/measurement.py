@@ -151,10 +151,10 @@ class MeasurementModel(Part, ABC):
 
     def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """(H_ℓ, L_ℓ) of one layer, from the contract (the program and the coefficients)."""
-        from kalmanopt.program import compile_program, reduce_layer
+        from kalmanopt.program import compile_program, hp_coefficients, reduce_layer
 
         env = {"theta": theta, "g": g}
-        coefs = {k: float(v) for k, v in hp.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        coefs = hp_coefficients(hp)
         compile_program(self.program(hp), ()).run(env, coefs)
         reductions = self.reductions(hp)
         red = {r.name: v.reshape(1) for r, v in zip(reductions, reduce_layer(reductions, env, coefs, theta))}

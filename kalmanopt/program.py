@@ -21,13 +21,13 @@ touching an engine. Sums over a layer (:class:`Reduction`) use the same expressi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["Expr", "Vec", "State", "Coef", "Const", "Assign", "Reduction", "CompiledProgram", "compile_program",
-           "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS"]
+           "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS", "hp_coefficients"]
 
 #: the vectors the engine provides to every program: θ (the parameters), g (the gradient), H (g + wd θ)
 MEASUREMENT_VECTORS = ("theta", "g", "H")
@@ -368,6 +368,12 @@ class CompiledProgram:
             x.zero_()
         for s, v in others:
             _axpy(x, env[v.key], _scalar(s, coefs))
+
+
+def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
+    """A group's numeric hyper-parameters as program coefficients (a part's column of that name wins)."""
+    return {k: float(v) for k, v in group.items()
+            if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def compile_program(program: Sequence[Assign], outputs: Iterable[str]) -> CompiledProgram:

@@ -29,7 +29,7 @@ from kalmanopt.contract import Batch, contract_gap
 from kalmanopt.engines.distributed import is_sharded
 from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, has_gradient
 from kalmanopt.layers import Layer
-from kalmanopt.program import Assign, Reduction
+from kalmanopt.program import Assign, Reduction, hp_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
@@ -214,7 +214,7 @@ class FusedEngine(TorchEngine):
         active, slots, chunks = steady.layers, steady.slots, steady.chunks
         steady.staging.fill(active)
         like = ctx.group_state["R"]
-        hp = _hp(ctx.group)
+        hp = hp_coefficients(ctx.group)
         red_names = [r.name for r in plan.reductions]
         kernels = _kernels(plan.pre, plan.reductions, plan.program, plan.outputs, slots.keys())
         table = _coef_table(kernels.reduce_coefs, hp, {}, len(active), like)
@@ -278,7 +278,7 @@ class FusedEngine(TorchEngine):
             return work, red, numel
         self._ensure_state(plan.table, layers, ctx.group)
         like = ctx.group_state["R"]
-        hp = _hp(ctx.group)
+        hp = hp_coefficients(ctx.group)
         numels = [layer.numel for layer in layers]
         chunks = self._chunk_tables(numels, like.device)
         key = (id(ctx.group), tuple(id(layer.params[0]) for layer in layers))
@@ -389,11 +389,6 @@ def _aligned(slots: dict[str, tuple[Tensor, Tensor]]) -> bool:
 def _pow2(n: int) -> int:
     """The smallest power of two ≥ max(n, 1) (the layer-sum kernel's column block)."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _hp(group: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in group.items()
-            if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _coef_table(names: Sequence[str], hp: dict[str, float], coef: dict[str, Tensor], n: int, like: Tensor) -> Tensor:

@@ -31,8 +31,8 @@ from kalmanopt.contract import (
     finite_steps,
 )
 from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
-from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work, hp_coefficients
-from kalmanopt.program import Assign, Reduction, Vec, compile_program, reduce_layer
+from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
+from kalmanopt.program import Assign, Reduction, Vec, compile_program, hp_coefficients, reduce_layer
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -30,24 +30,18 @@ from kalmanopt.contract import (
 )
 from kalmanopt.engines.distributed import is_sharded, local_tensor
 from kalmanopt.layers import Layer
-from kalmanopt.program import CompiledProgram, compile_program, reduce_layer
+from kalmanopt.program import CompiledProgram, compile_program, hp_coefficients, reduce_layer
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
 
-__all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "hp_coefficients", "has_gradient"]
+__all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "has_gradient"]
 
 
 def has_gradient(layer: Layer) -> bool:
     """Whether any parameter of the layer has a gradient (known on the host)."""
     return any(p.grad is not None for p in layer.params)
-
-
-def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
-    """The group's numeric hyper-parameters as program coefficients (a part's column of that name wins)."""
-    return {k: float(v) for k, v in group.items()
-            if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class GroupContext:
@@ -146,14 +140,16 @@ class TorchEngine:
         return contract_gap(composition)
 
     # ------------------------------------------------------------------ plans
-    def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, CompiledProgram]:
+    def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, tuple[CompiledProgram, CompiledProgram]]:
+        """The update's plan and its compiled pre-program (H) and program, cached per structure."""
         group = ctx.group
         key = ("update", id(ctx.composition), float(group["weight_decay"]) == 0.0 if "weight_decay" in group
                else None, ctx.diagnostics, bool(group.get("guard", True)), group.get("r") is None)
         cached = self._plans.get(key)
         if cached is None or cached[0][1] is not ctx.composition:
             plan = update_plan(ctx.composition, group, ctx.diagnostics)
-            cached = ((plan, ctx.composition), compile_program(plan.full_program, plan.outputs))
+            compiled = (compile_program(plan.pre, ()), compile_program(plan.program, plan.outputs))
+            cached = ((plan, ctx.composition), compiled)
             self._plans[key] = cached
         return cached[0][0], cached[1]
 
@@ -180,13 +176,12 @@ class TorchEngine:
     # ------------------------------------------------------------------ update
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Pass 1: the layers' reductions ``[layers]`` each, their scalar state, their sizes."""
-        plan, program = self._update_plan(ctx)
+        plan, (pre, program) = self._update_plan(ctx)
         active = [layer for layer in ctx.layers if has_gradient(layer)]
         created = self._ensure_state(plan.table, active, ctx.group)
         flats = [FlatLayer(layer, plan.table) for layer in active]
         hp = hp_coefficients(ctx.group)
         like = ctx.group_state["R"]
-        pre = compile_program(plan.pre, ())
         rows = []
         for f in flats:
             pre.run(f.env, hp)  # H_ℓ = g_ℓ + wd θ_ℓ (the measurement's vectors)
@@ -197,8 +192,7 @@ class TorchEngine:
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
         numel = _sizes([f.layer.numel for f in flats], like.device)
-        program_only = compile_program(plan.program, plan.outputs)
-        work = _Work(ctx, flats, program_only, hp, n_none=len(ctx.layers) - len(active))
+        work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active))
         work.extra["created"] = (created, plan.table.layer_keys)
         return work, red, scalars, numel
 
