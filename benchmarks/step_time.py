@@ -147,6 +147,23 @@ def kalman_builder(preset: str, implementation: str, **kw) -> Callable:
     return build
 
 
+def eager_coefficients_builder(build: Callable) -> Callable:
+    """``build``'s optimizer with the coefficient functions run op by op (not compiled)."""
+    from kalmanopt.engines import compiled
+
+    def build_eager(params):
+        opt, step = build(params)
+
+        def eager_step():
+            compiled.CONFIG["enabled"] = False
+            try:
+                step()
+            finally:
+                compiled.CONFIG["enabled"] = True
+        return opt, eager_step
+    return build_eager
+
+
 def two_phase_builder(preset: str, implementation: str, **kw) -> Callable:
     """The authors' loop: predict(), then update(mean, statistic)."""
     def build(params):
@@ -293,6 +310,8 @@ def gpu_tables(args) -> str:
             candidates.append((f"{preset} {impl}", kalman_builder(preset, impl)))
     if "koala++" in args.presets and "fused" in args.implementations:
         candidates.append(("koala++ fused, wd=1e-4", kalman_builder("koala++", "fused", weight_decay=1e-4)))
+        candidates.append(("koala++ fused, coefficients eager",
+                           eager_coefficients_builder(kalman_builder("koala++", "fused"))))
         candidates.append(("AdamW fused, CUDA graph",
                            graph_builder(torch_builder(torch.optim.AdamW, lr=1e-3, fused=True, capturable=True))))
         candidates.append(("koala++ fused, CUDA graph", graph_builder(kalman_builder("koala++", "fused"))))

@@ -6,7 +6,8 @@ distinct declaration and cached (:mod:`kalmanopt.engines.triton_source`):
 
     reduce   per chunk of a layer: the pre-program (H = g + wd θ) and every reduction, partial sums
     (sum)    per-layer sums of the partials (deterministic segment sums, no atomics)
-    (coef)   the parts' batched coefficient functions, in torch, on ``[layers]`` tensors
+    (coef)   the parts' batched coefficient functions on ``[layers]`` tensors, compiled by
+             ``torch.compile`` into a few kernels (:mod:`kalmanopt.engines.compiled`)
     apply    per chunk of a layer that updates: the programs, in reverse chunk order (what the
              reduction pass read last is still in L2)
 
@@ -155,6 +156,7 @@ class FusedEngine(TorchEngine):
 
     name = "fused"
     device_step = True
+    compile_coefficients = True
 
     def __init__(self) -> None:
         super().__init__(host_branches=False)

@@ -28,6 +28,8 @@ from kalmanopt.contract import (
     run_update_coefficients,
     update_plan,
 )
+from kalmanopt.engines import compiled as compiled_coefficients
+from kalmanopt.engines.compiled import CompiledCoefficients
 from kalmanopt.engines.distributed import is_sharded, local_tensor
 from kalmanopt.layers import Layer
 from kalmanopt.program import CompiledProgram, compile_program, hp_coefficients, reduce_layer
@@ -131,10 +133,14 @@ class TorchEngine:
 
     name = "foreach"
     device_step = True
+    #: whether the coefficient functions run compiled on CUDA (:mod:`kalmanopt.engines.compiled`); off here:
+    #: the foreach engine is the fallback that runs anything at once, with no compilation on first use
+    compile_coefficients = False
 
     def __init__(self, host_branches: bool = False) -> None:
         self.host_branches = host_branches
         self._plans: dict[tuple, tuple[Any, CompiledProgram]] = {}
+        self._compiled: CompiledCoefficients | None = None
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         return contract_gap(composition)
@@ -197,8 +203,17 @@ class TorchEngine:
         return work, red, scalars, numel
 
     def update_coefficients(self, composition: Composition, b: Batch) -> Batch:
-        """The coefficients of all layers at once (every part's batched function)."""
-        return run_update_coefficients(composition, b)
+        """The coefficients of all layers at once (every part's batched function; compiled on CUDA)."""
+        compiled = self._compiled_coefficients(b)
+        return run_update_coefficients(composition, b) if compiled is None else compiled.update(composition, b)
+
+    def _compiled_coefficients(self, b: Batch) -> CompiledCoefficients | None:
+        """The compiled coefficient functions where the engine wants them (on CUDA), else None."""
+        if not (self.compile_coefficients and b.like.is_cuda and compiled_coefficients.CONFIG["enabled"]):
+            return None
+        if self._compiled is None:
+            self._compiled = CompiledCoefficients()
+        return self._compiled
 
     def apply_update(self, work: _Work, b: Batch) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
@@ -289,8 +304,9 @@ class TorchEngine:
         return _Work(ctx, flats, program, hp), red, numel
 
     def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
-        """The predict's batched coefficients and group state."""
-        return run_predict_coefficients(composition, b)
+        """The predict's batched coefficients and group state (compiled on CUDA)."""
+        compiled = self._compiled_coefficients(b)
+        return run_predict_coefficients(composition, b) if compiled is None else compiled.predict(composition, b)
 
     def apply_predict(self, work: _Work, b: Batch) -> None:
         """The predict's element-wise pass (where the step is ok) and group state."""

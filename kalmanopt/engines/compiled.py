@@ -1,0 +1,137 @@
+"""The parts' batched coefficient functions, compiled by ``torch.compile`` into a few kernels.
+
+Between its two passes a step runs every part's batched coefficient function
+(:func:`kalmanopt.contract.run_update_coefficients`): some 100–200 small operations on tensors of shape
+``[layers]`` (KOALA++: about 175). On a GPU each is a kernel of a few microseconds, together a
+quarter of a GPT-2 step. Compiled, they become a handful of fused kernels, the same arithmetic.
+
+The compiled function is pure: it takes the batch's tensors (reductions, layer and group state, loss,
+statistic, η as a tensor) and the group's hyper-parameters (Python values; floats are symbolic, so a
+schedule does not recompile) and returns what the parts filled. The fused engine uses it on CUDA
+(the first step of a composition compiles: seconds, once per process; the reference and foreach
+engines stay eager); anything it cannot compile falls back to the same functions run eagerly, with
+one warning. ``CONFIG["enabled"] = False`` (or ``KALMANOPT_COMPILE_COEFFICIENTS=0`` in the
+environment) runs them eagerly everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+
+from kalmanopt.contract import Batch, run_predict_coefficients, run_update_coefficients
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalmanopt.composition import Composition
+
+__all__ = ["CompiledCoefficients", "static_hyperparameters", "CONFIG"]
+
+#: ``enabled``: whether the fused engine runs the coefficient functions compiled (on CUDA); the environment
+#: variable ``KALMANOPT_COMPILE_COEFFICIENTS=0`` sets it off at import
+CONFIG = {"enabled": os.environ.get("KALMANOPT_COMPILE_COEFFICIENTS", "1").strip().lower()
+           not in ("0", "false", "no", "off")}
+
+#: the fields of a :class:`Batch` the parts fill, returned by the compiled function
+_OUTPUTS = ("coef", "new_layer", "new_group", "gain", "S", "L", "R", "counters", "info", "code", "skip", "ok")
+
+
+def static_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's hyper-parameters a coefficient function may read: plain Python values (no parameters)."""
+    plain = (bool, int, float, str, type(None))
+
+    def is_plain(v: Any) -> bool:
+        return isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v))
+
+    return {k: v for k, v in group.items() if k != "params" and is_plain(v)}
+
+
+#: the coefficient phases, by name
+_PHASES = {"update": run_update_coefficients, "predict": run_predict_coefficients}
+
+
+def _coefficients(phase: str, composition: Composition, hp: dict[str, Any], diagnostics: bool,
+                  red: dict[str, Tensor], layer: dict[str, Tensor], group: dict[str, Tensor], numel: Tensor,
+                  loss: Tensor, statistic: Tensor | None, ok: Tensor, skip: Tensor, lr: Tensor) -> tuple:
+    """The pure function torch.compile traces: a fresh batch, one phase's coefficients, what they filled."""
+    b = Batch(hp=hp, red=red, layer=layer, group=group, numel=numel, loss=loss, statistic=statistic, ok=ok,
+              skip=skip, diagnostics=diagnostics, lr=lr)
+    _PHASES[phase](composition, b)
+    return tuple(getattr(b, name) for name in _OUTPUTS)
+
+
+class CompiledCoefficients:
+    """``run_update_coefficients`` and ``run_predict_coefficients`` through ``torch.compile``.
+
+    Args:
+        backend: the ``torch.compile`` backend (``"inductor"`` generates the fused kernels; tests use
+            ``"aot_eager"`` to check that the functions trace and agree without a compiler).
+        fullgraph: refuse graph breaks (tests); by default a part that does not trace runs partly eagerly.
+    """
+
+    def __init__(self, backend: str = "inductor", fullgraph: bool = False) -> None:
+        self.backend, self.fullgraph = backend, fullgraph
+        self._functions: dict[tuple[str, str], Callable] = {}
+        self._failed: dict[str, str] = {}  # by composition
+
+    @property
+    def failed(self) -> str | None:
+        """Why a composition's functions did not compile (the first such failure), or None."""
+        return next(iter(self._failed.values()), None)
+
+    def update(self, composition: Composition, b: Batch) -> Batch:
+        """Fill ``b`` as :func:`run_update_coefficients` does."""
+        return self._run("update", composition, b)
+
+    def predict(self, composition: Composition, b: Batch) -> Batch:
+        """Fill ``b`` as :func:`run_predict_coefficients` does."""
+        return self._run("predict", composition, b)
+
+    def _compiled(self, key: tuple[str, str]) -> Callable:
+        """The coefficient function compiled for compositions like this one (``key``: the phase and the
+        composition).
+
+        torch.compile keeps a bounded number of variants per code object; one code object per kind of
+        composition keeps an ablation's many compositions in one process from exhausting it (past the
+        bound torch runs the function eagerly).
+        """
+        compiled = self._functions.get(key)
+        if compiled is None:
+            function = _coefficients
+            fresh = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                                       function.__defaults__, function.__closure__)
+            compiled = self._functions[key] = torch.compile(fresh, backend=self.backend, fullgraph=self.fullgraph)
+        return compiled
+
+    def _run(self, phase: str, composition: Composition, b: Batch) -> Batch:
+        eager = _PHASES[phase]
+        key = (phase, repr(composition))
+        # (a batch that arrives partly filled runs eagerly: the compiled function starts from an empty one)
+        if key[1] in self._failed or b.coef or b.new_layer or b.new_group or b.counters:
+            return eager(composition, b)
+        compiled = self._compiled(key)
+        lr = b.lr
+        if lr is None:  # η as a tensor input: a schedule does not recompile (a tensor lr is not read on the host)
+            lr = b.hp["lr"]
+            lr = (lr.detach().to(device=b.loss.device, dtype=torch.float64).reshape(()) if isinstance(lr, Tensor)
+                  else torch.full((), float(lr), dtype=torch.float64, device=b.loss.device))
+        group = {k: v for k, v in b.group.items() if isinstance(v, Tensor)}
+        try:
+            out = compiled(phase, composition, static_hyperparameters(dict(b.hp)), b.diagnostics, b.red, b.layer,
+                           group, b.numel, b.loss, b.statistic, b.ok, b.skip, lr)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the same functions, eagerly
+            if self.fullgraph or (b.loss.is_cuda and torch.cuda.is_current_stream_capturing()):
+                raise
+            lines = [line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip()]
+            self._failed[key[1]] = reason = " ".join(lines[:2])
+            name = getattr(composition, "name", "") or key[1]
+            warnings.warn(f"kalmanopt: the coefficient functions of {name} did not compile ({reason}); they run "
+                          "eagerly (same results, more kernel launches)", RuntimeWarning, stacklevel=4)
+            return eager(composition, b)
+        for name, value in zip(_OUTPUTS, out):
+            setattr(b, name, value)
+        return b
