@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Batch", "UpdatePlan", "PredictPlan", "update_plan", "predict_plan", "contract_gap",
            "run_update_coefficients", "run_predict_coefficients", "NONFINITE", "STEP_COEFFICIENT",
            "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT", "CODE_NEGATIVE_LOSS", "CODE_OVERFLOW",
-           "CODE_STEP_OVERFLOW", "CODE_SKIPS", "finite_steps"]
+           "CODE_STEP_OVERFLOW", "CODE_SCALER", "CODE_SKIPS", "finite_steps"]
 
 #: the reduction every update computes: Σ g·0, NaN exactly when a gradient entry is not finite
 NONFINITE = Reduction("nonfinite", Vec("g") * 0.0)
@@ -44,10 +44,13 @@ NONFINITE = Reduction("nonfinite", Vec("g") * 0.0)
 #: the coefficient column ``step{i}`` = η_k L_ℓ K_i: the correction of state component i along the gain direction
 STEP_COEFFICIENT = "step{}"
 
-#: bits of a step's code: the first three skip the step, the others are reported only
+#: bits of a step's code: the first three skip the step, the next three are reported only
 CODE_LOSS, CODE_STATISTIC, CODE_GRADIENT, CODE_NEGATIVE_LOSS, CODE_OVERFLOW, CODE_STEP_OVERFLOW = (1, 2, 4, 8, 16, 32)
+#: a loss scaler (``torch.amp.GradScaler``) found an overflow: the step is skipped, as the scaler itself
+#: would skip it, and neither counted as non-finite input nor warned about (the scaler backs off)
+CODE_SCALER = 64
 #: the bits that skip a step
-CODE_SKIPS = CODE_LOSS | CODE_STATISTIC | CODE_GRADIENT
+CODE_SKIPS = CODE_LOSS | CODE_STATISTIC | CODE_GRADIENT | CODE_SCALER
 
 
 @dataclass

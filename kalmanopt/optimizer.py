@@ -104,7 +104,15 @@ class KalmanOptimizer(Optimizer):
     ``lr`` a 1-element tensor, as in torch.optim; both are stored as Python numbers.
     ``param_groups`` may be edited between steps: every step checks them first
     (:meth:`validate_groups`) and refuses a bad value before anything changes.
+
+    Mixed precision: with ``torch.amp.GradScaler``, ``scaler.step(opt, loss=losses)`` hands the scale
+    and the overflow flag to the step (torch's ``_step_supports_amp_scaling`` protocol, as its fused
+    optimizers): the gradients are unscaled in place and an overflow skips the step on the device,
+    without the host synchronisation of the generic path.
     """
+
+    #: ``GradScaler.step`` passes ``grad_scale`` and ``found_inf`` to ``step`` (see the class docs)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], filter: Composition, *,
                  loss_statistic: str = "second_moment", strict: bool = False,

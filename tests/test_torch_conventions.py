@@ -337,3 +337,84 @@ def test_no_warning_from_a_plain_construction():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kalmanopt.create("koala++", _model().parameters(), foreach=False)
+
+
+# ----------------------------------------------------------------------------- GradScaler
+def _scaled_run(preset: str, implementation: str, *, scaler: bool, overflow_at: int | None = None):
+    model = _model()
+    opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
+    amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if scaler else None
+    for k in range(4):
+        losses = _losses(model, k)
+        opt.zero_grad()
+        if amp is None:
+            losses.mean().backward()
+            opt.step(loss=losses.detach())
+            continue
+        amp.scale(losses.mean()).backward()
+        if k == overflow_at:
+            model[0].weight.grad[0, 0] = float("inf")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the scaler's own skip is not warned about
+            amp.step(opt, loss=losses.detach())
+        amp.update()
+    return model, opt, amp
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_grad_scaler_steps_equal_unscaled_steps(preset, implementation):
+    """GradScaler hands the scale to the step (``_step_supports_amp_scaling``): the gradients are unscaled
+    by a power of two, so the run equals the unscaled one exactly."""
+    plain, _, _ = _scaled_run(preset, implementation, scaler=False)
+    scaled, opt, _ = _scaled_run(preset, implementation, scaler=True)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert opt.diagnostics()["counters"]["nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_a_grad_scaler_overflow_skips_the_step_and_changes_nothing(preset, implementation):
+    model, opt, amp = _scaled_run(preset, implementation, scaler=True, overflow_at=3)
+    # three steps, then one that changed nothing: the same as a run stopped after three
+    stopped = _model()
+    stopped_opt = kalmanopt.create(preset, stopped.parameters(), implementation=implementation)
+    stopped_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for k in range(3):
+        losses = _losses(stopped, k)
+        stopped_opt.zero_grad()
+        stopped_amp.scale(losses.mean()).backward()
+        stopped_amp.step(stopped_opt, loss=losses.detach())
+        stopped_amp.update()
+    for p, q in zip(stopped.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    counters = opt.diagnostics()["counters"]
+    # skipped on the device, as the scaler would skip it: not counted as non-finite input
+    assert counters["nonfinite_steps"] == 0 and counters["steps"] == 3
+    assert amp.get_scale() == 2.0 ** 11  # the scaler backed off
+
+
+@pytest.mark.parametrize("preset,implementation", CASES)
+def test_found_inf_set_by_hand_skips_the_step(preset, implementation):
+    """torch's form of the protocol (``test_fused_does_not_step_if_foundinf``), on every engine."""
+    for grad_scale in (None, torch.ones(())):
+        params = [torch.nn.Parameter(torch.ones(1)) for _ in range(3)]
+        opt = kalmanopt.create(preset, params, implementation=implementation)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.grad_scale, opt.found_inf = grad_scale, torch.ones(())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step(loss=torch.ones(4))
+        assert all(float(p.detach()) == 1.0 for p in params)
+        counters = opt.diagnostics()["counters"]
+        assert counters["steps"] == 0 and counters["nonfinite_steps"] == 0
+
+
+def test_a_scaler_skip_under_strict_skips_without_raising():
+    """``strict=True`` raises on non-finite input; a loss scaler's overflow is the scaler's business."""
+    params = [torch.nn.Parameter(torch.ones(2))]
+    opt = kalmanopt.create("koala++", params, strict=True)
+    params[0].grad = torch.ones(2)
+    opt.grad_scale, opt.found_inf = None, torch.ones(())
+    opt.step(loss=torch.ones(4))
+    assert torch.equal(params[0].detach(), torch.ones(2))

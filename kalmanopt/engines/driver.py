@@ -31,6 +31,7 @@ from kalmanopt.contract import (
     CODE_LOSS,
     CODE_NEGATIVE_LOSS,
     CODE_OVERFLOW,
+    CODE_SCALER,
     CODE_SKIPS,
     CODE_STATISTIC,
     CODE_STEP_OVERFLOW,
@@ -195,7 +196,11 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
                 * CODE_GRADIENT
     if code is not None:
         step_code = step_code | code.to(device)
-    if opt.strict and bool(step_code & CODE_SKIPS):
+    # a loss scaler's overflow (GradScaler's found_inf) explains the gradient's inf: the scaler's own skip,
+    # neither counted as non-finite input nor warned about
+    scaler_skip = (step_code & CODE_SCALER) != 0
+    step_code = step_code & ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)
+    if opt.strict and bool(step_code & CODE_SKIPS & ~CODE_SCALER):
         raise NonFiniteError(_nonfinite_message(int(step_code), "this step") + " (strict=True)")
     ok = (step_code & CODE_SKIPS) == 0
     batches = []
@@ -215,9 +220,10 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
         _drop_empty_global(ctx.group_state)
         state = ctx.group_state
         state["steps"].add_(b.ok.to(torch.int64))
-        state["nonfinite_steps"].add_((~b.ok).to(torch.int64))
+        state["nonfinite_steps"].add_((~b.ok & ~scaler_skip.to(b.ok.device)).to(torch.int64))
         state["predicted"].copy_(torch.where(b.ok, False, state["predicted"]))
         step_code = step_code | b.code.to(device)
+    step_code = step_code & ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)
     if opt.track_diagnostics:
         _record(opt, works, batches)
     return step_code
@@ -241,18 +247,54 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
         return
     from kalmanopt.engines import graphs
 
-    if graphs.graphed_step(opt, loss, statistic):
+    amp = grad_scaler_code(opt)
+    if amp is None and graphs.graphed_step(opt, loss, statistic):
         return
-    code = _predict_if_due_then_update(opt, loss, statistic)
+    code = _predict_if_due_then_update(opt, loss, statistic, amp)
     run_predict(opt, (code & CODE_SKIPS) == 0)
     report(opt, code)
 
 
-def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> Tensor:
-    """The update, after the predict it needs where none has run yet (masked by the step's inputs)."""
-    code = None
+def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
+    """torch's ``GradScaler`` protocol for optimizers that handle the scale themselves.
+
+    ``GradScaler.step`` sets ``opt.grad_scale`` (the scale the gradients still carry, or None once
+    ``unscale_`` ran) and ``opt.found_inf`` (non-zero where a gradient overflowed) for the duration of
+    ``step``. The gradients are unscaled in place (as ``unscale_`` would) and the step's code gets
+    ``CODE_SCALER`` where ``found_inf`` is set: the step is skipped on the device, with no host
+    synchronisation, and — as when the scaler skips a step itself — not counted as non-finite input
+    nor warned about. None when neither attribute is set.
+    """
+    scale, found = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if scale is None and found is None:
+        return None
+    device = _device(opt)
+    if scale is not None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in opt._gradients():
+            if g.numel():
+                by_device.setdefault(g.device, []).append(g)
+        for where, grads in by_device.items():
+            inverse = torch.as_tensor(scale, device=where).reshape(()).reciprocal().to(torch.float32)
+            for dtype in {g.dtype for g in grads}:
+                same = [g for g in grads if g.dtype == dtype]
+                torch._foreach_mul_(same, inverse.to(dtype))
+    if found is None:
+        return torch.zeros((), dtype=torch.int32, device=device)
+    return (torch.as_tensor(found, device=device) != 0).to(torch.int32) * CODE_SCALER
+
+
+def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None,
+                                extra: Tensor | None = None) -> Tensor:
+    """The update, after the predict it needs where none has run yet (masked by the step's inputs).
+
+    ``extra``: bits already known to skip the step (``GradScaler``'s ``found_inf``), or None.
+    """
+    code = extra
     if not opt._predicted:
         code = input_code(opt, loss, statistic, _device(opt))
+        if extra is not None:
+            code = code | extra
         run_predict(opt, (code & CODE_SKIPS) == 0)
     return run_update(opt, loss, statistic, code)
 
