@@ -121,7 +121,7 @@ def _port(test: str, docs: dict[str, str]) -> str:
     return "as torch's" + (f" — {doc}" if doc else "")
 
 
-def write_table(cpu: Path, cuda: Path | None) -> str:
+def write_table(cpu: Path, cuda: Path | None, cuda_note: str = "") -> str:
     docs = _docstrings()
     results = _results(cpu)
     if cuda is not None:
@@ -142,7 +142,8 @@ def write_table(cpu: Path, cuda: Path | None) -> str:
             for outcome, cases in outcomes.items():
                 cpu_total[outcome] += len(cases)
     summary = ", ".join(f"{cpu_total[k]} {k}" for k in ("passed", "failed", "xfailed", "skipped") if cpu_total[k])
-    return HEADER.format(command=COMMAND, ported=ported, total=len(TORCH_TESTS), summary=summary) + \
+    note = f"\n**The CUDA column.** {cuda_note.strip()}\n" if cuda is not None and cuda_note.strip() else ""
+    return HEADER.format(command=COMMAND, ported=ported, total=len(TORCH_TESTS), summary=summary, note=note) + \
         "\n".join(rows) + "\n" + FOOTER
 
 
@@ -163,7 +164,7 @@ docstring, and the table quotes it. An "xfailed" case is a known failure waiting
 Regenerate this page with `{command}` (it runs the port with pytest on this machine; the CUDA
 column comes from a JUnit report of a GPU run, merged with `--cuda FILE`). {ported} of torch's
 {total} tests are ported; on the CPU: {summary}.
-
+{note}
 | torch's test | how it is ported | CPU (float32 unless the test fixes the dtype) | CUDA |
 | --- | --- | --- | --- |
 """
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cuda", type=Path, help="JUnit XML of the port run on a GPU machine")
     parser.add_argument("--cpu", type=Path, help="JUnit XML of a CPU run to use instead of running pytest")
+    parser.add_argument("--cuda-note", default="", help="where and on which tree the CUDA report was made (a "
+                        "paragraph printed above the table)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if cpu is None:
             cpu = Path(tmp) / "cpu.xml"
             _run_pytest(cpu)
-        args.output.write_text(write_table(cpu, args.cuda))
+        args.output.write_text(write_table(cpu, args.cuda, args.cuda_note))
     print(f"wrote {args.output}")
     return 0
 

@@ -256,7 +256,14 @@ def _compare_between(tc, inputs, models, optimizers, assert_eq_kwargs=None, asse
 
 def _test_derived_optimizers(tc, device, dtype, optim_info, flag, reduced_precision=False,
                              assert_step_dtype=None):
-    """Parity of parameters and per-parameter state with ``flag`` (foreach, fused) False and True."""
+    """Parity of parameters and per-parameter state with ``flag`` (foreach, fused) False and True.
+
+    Adapted: torch's extra 0-d parameter is ``torch.empty(())`` (one uninitialised element), which only
+    touches its own update in torch's optimizers. KOALA-M's process noise q_w is shared by every layer
+    of a group (it follows ‖w̄ − θ‖ summed over them), so two optimizers built over two different
+    uninitialised values differ everywhere (on CUDA, where the allocator hands out memory that held
+    other data). The parameter is zero here: the same input for both optimizers, as the test means.
+    """
     assert flag in ("foreach", "fused")
     assert_eq_kwargs = {} if not reduced_precision else FP16_REDUCED_PRECISION
     optim_cls = optim_info.optim_cls
@@ -271,7 +278,7 @@ def _test_derived_optimizers(tc, device, dtype, optim_info, flag, reduced_precis
                                         torch.nn.Sigmoid())
             model.to(dtype=dtype, device=device)
             # foreach/fused optimizers should be tested with a zero_size tensor as its last param.
-            empty_param = torch.empty((), device=device, dtype=dtype, requires_grad=True)
+            empty_param = torch.zeros((), device=device, dtype=dtype, requires_grad=True)
             empty_param.grad = torch.rand_like(empty_param)
             params = list(model.parameters()) + [empty_param]
             optimizer = optim_cls(params, **kwargs)
@@ -282,12 +289,15 @@ def _test_derived_optimizers(tc, device, dtype, optim_info, flag, reduced_precis
 
 @optims(lambda info: info.engine == "foreach", dtypes=(torch.float64,))
 def test_foreach_matches_forloop(tc, device, dtype, optim_info):
-    """Runs the foreach info with foreach=False (the reference engine) and foreach=True."""
+    """Adapted: runs the foreach info with foreach=False (the reference engine) and foreach=True, the extra
+    0-d parameter zero rather than uninitialised (KOALA-M's q_w couples the layers of a group)."""
     _test_derived_optimizers(tc, device, dtype, optim_info, "foreach")
 
 
 @optims(lambda info: info.engine == "foreach", dtypes=(torch.float64,), devices=("cuda",))
 def test_set_default_dtype_works_with_foreach(tc, device, dtype, optim_info):
+    """Adapted: the extra 0-d parameter is zero rather than uninitialised (KOALA-M's q_w couples the layers
+    of a group)."""
     old_default_dtype = torch.get_default_dtype()
     for default_dtype in [torch.float64, torch.float16]:
         try:
@@ -298,10 +308,17 @@ def test_set_default_dtype_works_with_foreach(tc, device, dtype, optim_info):
             torch.set_default_dtype(old_default_dtype)
 
 
+#: the foreach engine's ``[layers]`` tables at their peak, independent of the parameters' sizes
+LAYER_TABLES_BYTES = 64 * 512
+
+
 @optims(lambda info: info.engine == "foreach", devices=("cuda",))
 def test_peak_memory_foreach(tc, device, dtype, optim_info):
     """Adapted: a Kalman step needs the loss (``step(closure)``); torch's intermediate budget of
-    one parameter-sized buffer per tensor is kept."""
+    one parameter-sized buffer per tensor is kept, plus 32 KiB that does not grow with the parameters:
+    the foreach engine computes every layer's coefficients at once, so its per-layer sums and
+    coefficient columns are a few dozen ``[layers]`` tensors alive together (each one 512-byte block of
+    the CUDA caching allocator), where the per-layer reference holds one layer's scalars at a time."""
     nparams = 10
     optim_cls = optim_info.optim_cls
     for optim_input in optim_info.optim_inputs_func(device=device):
@@ -324,12 +341,14 @@ def test_peak_memory_foreach(tc, device, dtype, optim_info):
             max_mems.append(torch.cuda.max_memory_allocated())
         st_max_mem, mt_max_mem = max_mems
         intermediate_size = nparams * param.nelement() * param.element_size()
-        tc.assertLessEqual(mt_max_mem, st_max_mem + intermediate_size * 1)
+        tc.assertLessEqual(mt_max_mem, st_max_mem + intermediate_size * 1 + LAYER_TABLES_BYTES)
 
 
 @optims(lambda info: info.engine == "fused", dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
         devices=("cuda",))
 def test_fused_matches_forloop(tc, device, dtype, optim_info):
+    """Adapted: the extra 0-d parameter is zero rather than uninitialised (KOALA-M's q_w couples the layers
+    of a group)."""
     _test_derived_optimizers(tc, device, dtype, optim_info, "fused")
 
 
