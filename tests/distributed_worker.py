@@ -30,6 +30,10 @@ WORLD = 2
 HP = {"weight_decay": 0.01}
 #: presets whose surrogate is written per layer (gain()): DDP only (every built-in meets the contract)
 PER_LAYER: tuple[str, ...] = ()
+#: where the models and batches live: "cpu" (gloo), or "cuda" (NCCL, rank r on cuda:r; the cuda scenarios)
+DEVICE = "cpu"
+#: the engines of the CUDA scenario
+CUDA_ENGINES = ("reference", "foreach", "fused")
 
 
 def engines(preset: str) -> tuple[str, ...]:
@@ -44,7 +48,14 @@ def engines(preset: str) -> tuple[str, ...]:
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
     """A small MLP whose shapes do not divide evenly over two ranks (uneven shards)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype).to(device())
+
+
+def device() -> torch.device:
+    """This process's device: the CPU, or its rank's GPU (one GPU in a one-process run)."""
+    if DEVICE == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", dist.get_rank() if dist.is_initialized() else 0)
 
 
 def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +63,7 @@ def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64).to(dtype)
     y = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64).to(dtype)
-    return x, y
+    return x.to(device()), y.to(device())
 
 
 def losses_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -84,7 +95,7 @@ def reference_run(preset: str, engine: str, dtype: torch.dtype, nan_step: int | 
     model = make_model(dtype)
     opt = kalmanopt.create(preset, model.parameters(), implementation=engine, process_group=None, **HP)
     train(model, opt, dtype, range(STEPS), None, nan_step)
-    return [p.detach().clone() for p in model.parameters()]
+    return [p.detach().cpu().clone() for p in model.parameters()]
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -130,14 +141,16 @@ def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def full(p: torch.Tensor) -> torch.Tensor:
-    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
 
 
-def scenario_equality(rank: int, out: dict, *_: str) -> None:
+def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
+    """DDP and FSDP2 runs of every preset on ``engines_of(preset)``, and a NaN loss on rank 1 only (its
+    gradients finite) at step 1, which every rank must skip (on ``nan_engine``)."""
     for dtype in DTYPES:
         for mode in ("ddp", "fsdp"):
             for preset in PRESETS:
-                for engine in engines(preset):
+                for engine in engines_of(preset):
                     if mode == "fsdp" and preset in PER_LAYER:
                         continue
                     model = wrap(make_model(dtype), mode)
@@ -145,20 +158,28 @@ def scenario_equality(rank: int, out: dict, *_: str) -> None:
                     counts: list[int] = []
                     train(model, opt, dtype, range(STEPS), rank, count=counts)
                     out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
-    # a NaN loss on rank 1 only (its gradients finite) at step 1: every rank skips that step
     for mode in ("ddp", "fsdp"):
         model = wrap(make_model(torch.float64), mode)
-        opt = kalmanopt.create("koala++", model.parameters(), implementation="foreach", **HP)
+        opt = kalmanopt.create("koala++", model.parameters(), implementation=nan_engine, **HP)
         with __import__("warnings").catch_warnings():
             __import__("warnings").simplefilter("ignore")
             train(model, opt, torch.float64, range(STEPS), rank, nan_step=1)
         out[("nan", mode)] = ([full(p) for p in model.parameters()], opt.diagnostics()["counters"])
+
+
+def scenario_equality(rank: int, out: dict, *_: str) -> None:
+    equality_runs(rank, out, engines, "foreach")
     # opting out: each rank filters its own loss (the replicas drift apart, as before)
     model = wrap(make_model(torch.float64), "ddp")
     opt = kalmanopt.create("koala++", model.parameters(), process_group=None, **HP)
     train(model, opt, torch.float64, range(STEPS), rank)
     out["opt-out"] = [full(p) for p in model.parameters()]
     out["errors"] = bad_input(rank)
+
+
+def scenario_cuda(rank: int, out: dict, *_: str) -> None:
+    """NCCL on two GPUs: :func:`scenario_equality`'s runs on every engine, fused included."""
+    equality_runs(rank, out, lambda preset: CUDA_ENGINES, "fused")
 
 
 CHECKPOINT_PRESETS = ("koala++", "koala-m")
@@ -295,9 +316,15 @@ def bad_input(rank: int) -> dict:
 
 
 def main(rank: int, scenario: str, out_dir: str, *args: str) -> None:
+    global DEVICE
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if "cuda" in scenario.split(","):
+        DEVICE = "cuda"
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=WORLD, device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         out: dict = {}
         for name in scenario.split(","):

@@ -106,6 +106,54 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
             assert _rel(params, ref) <= 1e-10, (mode, rank)
 
 
+CUDA_CASES = [(str(dtype), mode, preset, engine) for dtype in w.DTYPES for mode in ("ddp", "fsdp")
+              for preset in w.PRESETS for engine in w.CUDA_ENGINES]
+
+
+@pytest.fixture(scope="module")
+def two_gpus(tmp_path_factory):
+    """One launch of two ranks over NCCL, rank r on cuda:r (skipped without two CUDA devices)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < w.WORLD:
+        pytest.skip(f"needs {w.WORLD} CUDA devices")
+    return _launch("cuda", tmp_path_factory.mktemp("cuda"))
+
+
+def _on_one_gpu(preset: str, engine: str, dtype: torch.dtype, nan_step: int | None = None) -> list:
+    saved, w.DEVICE = w.DEVICE, "cuda"
+    try:
+        return w.reference_run(preset, engine, dtype, nan_step)
+    finally:
+        w.DEVICE = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_CASES, ids=["-".join(c).replace("torch.", "") for c in CUDA_CASES])
+def test_two_gpus_equal_one_gpu_on_the_global_batch(two_gpus, case):
+    """NCCL, every engine (fused included): the same equality as over gloo, and one collective per step."""
+    dtype_name, mode, preset, engine = case
+    dtype = torch.float32 if dtype_name == str(torch.float32) else torch.float64
+    ref = _on_one_gpu(preset, engine, dtype)
+    k = _predict_collectives(preset) if mode == "fsdp" else 0
+    for rank in range(w.WORLD):
+        params, counts = two_gpus[rank][case]
+        assert _rel(params, ref) <= TOLERANCE[dtype_name], (case, rank, _rel(params, ref))
+        assert counts == [1 + 2 * k] + [1 + k] * (w.STEPS - 1), (case, rank, counts)
+    if mode == "ddp":
+        assert all(torch.equal(x, y) for x, y in zip(two_gpus[0][case][0], two_gpus[1][case][0]))
+
+
+@pytest.mark.gpu
+def test_a_nan_loss_on_one_gpu_skips_the_step_on_both(two_gpus):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _on_one_gpu("koala++", "fused", torch.float64, nan_step=1)
+    for mode in ("ddp", "fsdp"):
+        for rank in range(w.WORLD):
+            params, counters = two_gpus[rank][("nan", mode)]
+            assert counters["nonfinite_steps"] == 1 and counters["steps"] == w.STEPS - 1, (mode, rank)
+            assert _rel(params, ref) <= 1e-10, (mode, rank)
+
+
 def test_opting_out_leaves_each_rank_to_its_own_loss(equality):
     a, b = equality[0]["opt-out"], equality[1]["opt-out"]
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
