@@ -26,7 +26,8 @@ ENGINES = ("reference", "foreach")
 DTYPES = (torch.float32, torch.float64)
 STEPS = 4
 GLOBAL_BATCH = 8
-WORLD = 2
+#: the number of ranks of a launch (``DISTRIBUTED_WORKER_WORLD`` in the environment: 2 unless set)
+WORLD = int(os.environ.get("DISTRIBUTED_WORKER_WORLD", "2"))
 HP = {"weight_decay": 0.01}
 #: presets whose surrogate is written per layer (gain()): DDP only (every built-in meets the contract)
 PER_LAYER: tuple[str, ...] = ()
@@ -198,15 +199,7 @@ def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
         save_checkpoint(opt, f"{base}/two/{preset}", model.state_dict())
         train(model, opt, dtype, range(2, STEPS), rank)
         out[("saved", preset)] = [full(p) for p in model.parameters()]
-        torch.manual_seed(1)
-        model = wrap(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype),
-                     "fsdp")
-        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
-        state = model.state_dict()
-        load_checkpoint(opt, f"{base}/one/{preset}", state)
-        model.load_state_dict(state)
-        train(model, opt, dtype, range(2, STEPS), rank)
-        out[("loaded", preset)] = [full(p) for p in model.parameters()]
+        out[("loaded", preset)] = resume(preset, f"{base}/one/{preset}", rank)
     # the wrong process group: refused, naming the parameter, and nothing changes
     subgroups = [dist.new_group([r]) for r in range(WORLD)]
     model = wrap(make_model(dtype), "fsdp")
@@ -248,6 +241,30 @@ preset = "koala++"
 torch = "adamw"
 lr = 1e-2
 """
+
+
+def resume(preset: str, path: str, rank: int) -> list[torch.Tensor]:
+    """FSDP2 on this launch's ranks: load the checkpoint at ``path`` into a model of other initial values,
+    train the steps after it (2, 3) and return the gathered parameters."""
+    from kalmanopt.engines.distributed import load_checkpoint
+
+    dtype = torch.float64
+    torch.manual_seed(1)
+    model = wrap(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype),
+                 "fsdp")
+    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+    state = model.state_dict()
+    load_checkpoint(opt, path, state)
+    model.load_state_dict(state)
+    train(model, opt, dtype, range(2, STEPS), rank)
+    return [full(p) for p in model.parameters()]
+
+
+def scenario_reload(rank: int, out: dict, base: str) -> None:
+    """What two ranks saved (``base/two/<preset>``), resumed on this launch's ranks (four: shards of 2, 1, 1
+    and 1 rows, the last rank's share of the 3-row layer empty)."""
+    for preset in CHECKPOINT_PRESETS:
+        out[("reloaded", preset)] = resume(preset, f"{base}/two/{preset}", rank)
 
 
 def scenario_runner(rank: int, out: dict, base: str) -> None:

@@ -175,3 +175,32 @@ def test_the_pages_part_runs_on_the_fused_engine_equal_to_its_reference(tmp_path
     result = _run(part.code + _FUSED_CHECK, tmp_path, [])
     _check(result)
     assert "fused: relative difference" in result.stdout
+
+
+def test_the_pages_part_traces_whole_for_the_fused_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's coefficients trace into one graph (what the fused engine compiles) and equal the eager ones."""
+    import torch
+    from test_compiled_coefficients import _Graphs, _patch
+
+    import kalmanopt
+    from kalmanopt.engines.compiled import CompiledCoefficients
+
+    part = next(b for b in PAGE_BLOCKS if b.lang == "python" and b.caption is None and not b.fresh)
+    namespace: dict = {}
+    with monkeypatch.context() as m:
+        m.setattr(kalmanopt.registry, "_PARTS", {k: dict(v) for k, v in kalmanopt.registry._PARTS.items()})
+        exec(compile(part.code, "extending.md", "exec"), namespace)  # noqa: S102 - the page's own code
+        composition = kalmanopt.Composition(kalmanopt.LossMeasurement(), kalmanopt.RandomWalk(),
+                                            namespace["ForgettingDiagonal"]())
+    backend = _Graphs()
+    calls = _patch(monkeypatch, CompiledCoefficients(backend=backend, fullgraph=True))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = kalmanopt.KalmanOptimizer(model.parameters(), composition, implementation="foreach", sigma=0.1, q=0.01,
+                                    beta=0.9, lr=0.5)
+    for _ in range(3):
+        losses = (model(torch.randn(8, 4)) ** 2).mean(dim=1)
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses.detach())
+    assert calls["update"] == 3 and backend.count >= 1
