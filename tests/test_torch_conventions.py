@@ -418,3 +418,29 @@ def test_a_scaler_skip_under_strict_skips_without_raising():
     opt.grad_scale, opt.found_inf = None, torch.ones(())
     opt.step(loss=torch.ones(4))
     assert torch.equal(params[0].detach(), torch.ones(2))
+
+
+def test_unscale_then_clip_then_scaler_step_equals_the_plain_clipped_step():
+    """``scaler.unscale_(opt)`` first (to clip): the step gets ``grad_scale=None`` and does not unscale again."""
+    def run(scaled: bool) -> torch.nn.Module:
+        model = _model()
+        opt = kalmanopt.create("koala++", model.parameters())
+        amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        for k in range(3):
+            losses = _losses(model, k)
+            opt.zero_grad()
+            if scaled:
+                amp.scale(losses.mean()).backward()
+                amp.unscale_(opt)
+            else:
+                losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            if scaled:
+                amp.step(opt, loss=losses.detach())
+                amp.update()
+            else:
+                opt.step(loss=losses.detach())
+        return model
+
+    for p, q in zip(run(False).parameters(), run(True).parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
