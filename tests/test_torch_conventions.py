@@ -444,3 +444,15 @@ def test_unscale_then_clip_then_scaler_step_equals_the_plain_clipped_step():
 
     for p, q in zip(run(False).parameters(), run(True).parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_fp16_gradients_are_unscaled_in_float32():
+    """1 / 2¹⁶ is subnormal in fp16: the gradients are unscaled by a float32 factor, rounded once."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64).half())
+    opt = kalmanopt.create("koala++", [p])
+    scaled = (torch.rand(64) * 3.0).half()
+    p.grad = scaled.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0 ** 16), torch.zeros(())
+    opt.step(loss=torch.ones(4))
+    assert torch.equal(p.grad, (scaled.float() * 2.0 ** -16).half())

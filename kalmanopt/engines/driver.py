@@ -275,10 +275,9 @@ def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
             if g.numel():
                 by_device.setdefault(g.device, []).append(g)
         for where, grads in by_device.items():
-            inverse = torch.as_tensor(scale, device=where).reshape(()).reciprocal().to(torch.float32)
-            for dtype in {g.dtype for g in grads}:
-                same = [g for g in grads if g.dtype == dtype]
-                torch._foreach_mul_(same, inverse.to(dtype))
+            # 1 / scale in float32 (as the scaler's own unscale_): for fp16 gradients it would be subnormal
+            inverse = torch.as_tensor(scale, device=where).reshape(()).to(torch.float32).reciprocal()
+            torch._foreach_mul_(grads, inverse)
     if found is None:
         return torch.zeros((), dtype=torch.int32, device=device)
     return (torch.as_tensor(found, device=device) != 0).to(torch.int32) * CODE_SCALER
