@@ -68,12 +68,13 @@ class CompiledCoefficients:
     """``run_update_coefficients`` and ``run_predict_coefficients`` through ``torch.compile``.
 
     Args:
-        backend: the ``torch.compile`` backend (``"inductor"`` generates the fused kernels; tests use
-            ``"aot_eager"`` to check that the functions trace and agree without a compiler).
+        backend: the ``torch.compile`` backend, a name or a callable (``"inductor"`` generates the fused
+            kernels; tests use ``"aot_eager"`` or a counting callable to check that the functions trace
+            and agree without a compiler).
         fullgraph: refuse graph breaks (tests); by default a part that does not trace runs partly eagerly.
     """
 
-    def __init__(self, backend: str = "inductor", fullgraph: bool = False) -> None:
+    def __init__(self, backend: str | Callable = "inductor", fullgraph: bool = False) -> None:
         self.backend, self.fullgraph = backend, fullgraph
         self._functions: dict[tuple[str, str], Callable] = {}
         self._failed: dict[str, str] = {}  # by composition
