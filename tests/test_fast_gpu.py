@@ -175,6 +175,46 @@ def test_nonfinite_gradient_skips_the_step_on_the_device(preset):
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+def test_grad_scaler_on_the_fused_engine_skips_overflows_without_a_host_sync(preset):
+    """GradScaler hands the scale and the overflow flag to the step: a power-of-two scale equals the unscaled
+    run bit for bit, an overflow skips the step on the device, and ``scaler.step`` never synchronises."""
+    def run(scaled: bool, overflow_at: int | None = None) -> tuple[torch.nn.Module, kalmanopt.KalmanOptimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(CUDA)
+        opt = kalmanopt.create(preset, model.parameters(), implementation="fused")
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12, growth_interval=1000)
+        gen = torch.Generator(device=CUDA).manual_seed(1)
+        for k in range(6):
+            x = torch.randn(16, 32, device=CUDA, generator=gen)
+            y = torch.randint(0, 8, (16,), device=CUDA, generator=gen)
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            if not scaled:
+                losses.mean().backward()
+                opt.step(loss=losses.detach())
+                continue
+            scaler.scale(losses.mean()).backward()
+            if k == overflow_at:
+                model[0].weight.grad[0, 0] = float("inf")
+            torch.cuda.set_sync_debug_mode("error" if k >= 3 else 0)
+            try:
+                scaler.step(opt, loss=losses.detach())
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            scaler.update()
+        return model, opt
+
+    plain, _ = run(False)
+    scaled, opt = run(True)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(p, q)
+    skipped, opt = run(True, overflow_at=4)
+    counters = opt.diagnostics()["counters"]
+    assert counters["steps"] == 5 and counters["nonfinite_steps"] == 0
+    assert all(bool(torch.isfinite(p).all()) for p in skipped.parameters())
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
 @pytest.mark.parametrize("first,second", [("fused", "reference"), ("reference", "fused"), ("fused", "foreach")])
 def test_cuda_checkpoint_resumes_across_implementations(preset, first, second):
     torch.manual_seed(0)
