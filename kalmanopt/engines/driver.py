@@ -199,7 +199,8 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
     # a loss scaler's overflow (GradScaler's found_inf) explains the gradient's inf: the scaler's own skip,
     # neither counted as non-finite input nor warned about
     scaler_skip = (step_code & CODE_SCALER) != 0
-    step_code = step_code & ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)
+    kept = ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)  # every bit but the gradient's, where the scaler skips
+    step_code = step_code & kept
     if opt.strict and bool(step_code & CODE_SKIPS & ~CODE_SCALER):
         raise NonFiniteError(_nonfinite_message(int(step_code), "this step") + " (strict=True)")
     ok = (step_code & CODE_SKIPS) == 0
@@ -223,7 +224,7 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
         state["nonfinite_steps"].add_((~b.ok & ~scaler_skip.to(b.ok.device)).to(torch.int64))
         state["predicted"].copy_(torch.where(b.ok, False, state["predicted"]))
         step_code = step_code | b.code.to(device)
-    step_code = step_code & ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)
+    step_code = step_code & kept  # (the parts' own gradient check too)
     if opt.track_diagnostics:
         _record(opt, works, batches)
     return step_code
