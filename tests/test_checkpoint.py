@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, PRESETS
+from conformance import flat
+from tiny_problem import state_tensors
 
 import kalmanopt
 
@@ -49,21 +51,8 @@ def _roundtrip(obj, **load_kw):
     return torch.load(buffer, weights_only=True, **load_kw)
 
 
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-
-
-def _tensors(value, prefix=""):
-    """(path, tensor) pairs of a nested state, in a stable order."""
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for k in sorted(value, key=str):
-            yield from _tensors(value[k], f"{prefix}/{k}")
-
-
 def _same_state(a: dict, b: dict) -> bool:
-    left, right = list(_tensors(a)), list(_tensors(b))
+    left, right = list(state_tensors(a)), list(state_tensors(b))
     return [p for p, _ in left] == [p for p, _ in right] and all(
         x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()) for (_, x), (_, y) in zip(left, right))
 
@@ -87,7 +76,7 @@ def test_resumed_run_equals_straight_run_bit_for_bit(preset, implementation, api
     resumed.load_state_dict(saved["optimizer"])
     _train(resumed, resumed_model, range(4, 8), api)
 
-    assert torch.equal(_flat(resumed_model), _flat(straight_model))
+    assert torch.equal(flat(resumed_model), flat(straight_model))
     assert _same_state(resumed.state_dict()["state"], straight.state_dict()["state"])
     assert resumed.diagnostics()["counters"] == straight.diagnostics()["counters"]
 
@@ -139,7 +128,7 @@ def test_resumed_run_with_several_param_groups_and_a_scheduler():
     for k in range(4, 8):
         _train(opt, model, range(k, k + 1))
         sched.step()
-    assert torch.equal(_flat(model), _flat(straight_model))
+    assert torch.equal(flat(model), flat(straight_model))
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in straight.param_groups]
 
 
@@ -164,14 +153,14 @@ def test_state_saved_from_float32_parameters_loads_for_float64_in_float64():
     opt64 = kalmanopt.create("koala++", model64.parameters())
     opt64.load_state_dict(_roundtrip(opt.state_dict()))
     assert all(t.dtype in (torch.float64, torch.int64, torch.bool)
-               for _, t in _tensors(opt64.state_dict()["state"]))
+               for _, t in state_tensors(opt64.state_dict()["state"]))
     for k in range(3, 5):
         x, y = _batch(k)
         losses = F.cross_entropy(model64(x.double()), y, reduction="none")
         opt64.zero_grad()
         losses.mean().backward()
         opt64.step(loss=losses)
-    assert bool(torch.isfinite(_flat(model64)).all())
+    assert bool(torch.isfinite(flat(model64)).all())
 
 
 # ----------------------------------------------------------------------------- states that do not fit
@@ -241,7 +230,7 @@ def test_load_to_cpu_with_map_location_from_weights_only_file(tmp_path):
     fresh = kalmanopt.create("koala++-lr", model.parameters())
     fresh.load_state_dict(saved["optimizer"])
     assert _same_state(fresh.state_dict()["state"], opt.state_dict()["state"])
-    assert all(t.device.type == "cpu" for _, t in _tensors(fresh.state_dict()["state"]))
+    assert all(t.device.type == "cpu" for _, t in state_tensors(fresh.state_dict()["state"]))
 
 
 @pytest.mark.gpu
@@ -259,8 +248,8 @@ def test_state_saved_on_cuda_loads_and_resumes_on_cpu(preset, tmp_path):
         cpu_opt = kalmanopt.create(preset, cpu_model.parameters())
         cpu_opt.load_state_dict(saved["optimizer"])
         state = cpu_opt.state_dict()["state"]
-        assert all(t.device.type == "cpu" for _, t in _tensors(state))
+        assert all(t.device.type == "cpu" for _, t in state_tensors(state))
         assert _same_state(state, cuda_opt.state_dict()["state"])
         _train(cpu_opt, cpu_model, range(4, 6))
-        assert bool(torch.isfinite(_flat(cpu_model)).all())
+        assert bool(torch.isfinite(flat(cpu_model)).all())
         assert cpu_opt.diagnostics()["counters"]["steps"] == 6

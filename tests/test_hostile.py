@@ -14,50 +14,16 @@ import warnings
 import pytest
 import torch
 from cases import CASES, PRESETS
+from conformance import flat
+from tiny_problem import backward_losses, state_tensors, tiny_losses, tiny_model, train
 
 import kalmanopt
 from kalmanopt.checkpoint import state_layout
 
 
-def _model(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(dtype)
-
-
-def _losses(model: torch.nn.Module, k: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(k)
-    dtype = next(model.parameters()).dtype
-    x, y = torch.randn(8, 4, generator=g).to(dtype), torch.randn(8, 2, generator=g).to(dtype)
-    return ((model(x) - y) ** 2).mean(dim=1)
-
-
-def _backward(opt, model, k: int) -> torch.Tensor:
-    losses = _losses(model, k)
-    opt.zero_grad()
-    losses.mean().backward()
-    return losses.detach()
-
-
-def _train(opt, model, steps: range) -> None:
-    for k in steps:
-        opt.step(loss=_backward(opt, model, k))
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-
-
-def _tensors(value, prefix=""):
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for key in sorted(value, key=str):
-            yield from _tensors(value[key], f"{prefix}/{key}")
-
-
 def _filter_state(opt) -> dict:
     """Every floating-point state tensor (the filter state, not the event counters), cloned."""
-    return {path: t.clone() for path, t in _tensors(opt.state_dict()["state"]) if t.is_floating_point()}
+    return {path: t.clone() for path, t in state_tensors(opt.state_dict()["state"]) if t.is_floating_point()}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -82,11 +48,11 @@ def test_numpy_scalars_are_accepted_as_hyperparameters_and_mean_the_same(preset)
     exact = {k: (float(np.float32(v)) if isinstance(as_numpy[k], np.float32) else v) for k, v in values.items()}
     runs = []
     for kwargs in (as_numpy, exact):
-        model = _model()
+        model = tiny_model()
         opt = kalmanopt.create(preset, model.parameters(), **kwargs)
         assert all(type(opt.param_groups[0][k]) in (int, float) for k in values if k != "memory")
-        _train(opt, model, range(3))
-        runs.append(_flat(model))
+        train(opt, model, range(3))
+        runs.append(flat(model))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -94,7 +60,7 @@ def test_numpy_scalars_are_accepted_as_hyperparameters_and_mean_the_same(preset)
 @pytest.mark.parametrize("name", ["strict", "track_diagnostics", "guard"])
 def test_non_booleans_for_boolean_options_are_type_errors(name, value):
     with pytest.raises(TypeError, match=f"{name} must be True or False"):
-        kalmanopt.create("koala++", _model().parameters(), **{name: value})
+        kalmanopt.create("koala++", tiny_model().parameters(), **{name: value})
 
 
 # ----------------------------------------------------------------------------- groups edited between steps
@@ -116,13 +82,13 @@ def _edits(preset: str) -> list:
                          [(p, *edit) for p in PRESETS for edit in _edits(p)])
 def test_a_group_edited_to_a_bad_value_is_refused_at_the_next_step_and_nothing_changes(
         preset, name, value, error, match, api):
-    model = _model()
+    model = tiny_model()
     params = list(model.parameters())
     opt = kalmanopt.create(preset, [{"params": params[:2]}, {"params": params[2:]}])
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     opt.param_groups[1][name] = value
-    losses = _backward(opt, model, 2)
-    theta, state = _flat(model), _filter_state(opt)
+    losses = backward_losses(opt, model, 2)
+    theta, state = flat(model), _filter_state(opt)
     with pytest.raises(error, match=match) as info:
         if api == "step":
             opt.step(loss=losses)
@@ -130,20 +96,20 @@ def test_a_group_edited_to_a_bad_value_is_refused_at_the_next_step_and_nothing_c
             opt.predict()
             opt.update(losses.mean(), kalmanopt.loss_statistic(losses, "second_moment"))
     assert "param_groups[1]" in str(info.value) and "nothing changed" in str(info.value)
-    assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state)
+    assert torch.equal(flat(model), theta) and _same(_filter_state(opt), state)
     assert opt.param_groups[1][name] is value or opt.param_groups[1][name] == value
     # fixed, the run goes on
     opt.param_groups[1][name] = opt.param_groups[0][name]
     opt.step(loss=losses)
-    assert bool(torch.isfinite(_flat(model)).all()) and not torch.equal(_flat(model), theta)
+    assert bool(torch.isfinite(flat(model)).all()) and not torch.equal(flat(model), theta)
 
 
 def test_an_edited_numpy_lr_is_normalised_at_the_next_step():
     np = pytest.importorskip("numpy")
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create("koala++", model.parameters())
     opt.param_groups[0]["lr"] = np.float32(0.5)
-    _train(opt, model, range(1))
+    train(opt, model, range(1))
     assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["lr"] == 0.5
 
 
@@ -151,20 +117,20 @@ def test_an_edited_numpy_lr_is_normalised_at_the_next_step():
 @pytest.mark.parametrize("returned", [lambda loss: (loss, None), lambda loss: {"loss": loss}, lambda loss: None,
                                       lambda loss: [loss]])
 def test_a_closure_returning_a_tuple_or_a_dict_says_what_it_must_return(returned):
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create("koala++", model.parameters())
-    theta = _flat(model)
+    theta = flat(model)
 
     def closure():
-        return returned(_backward(opt, model, 0))
+        return returned(backward_losses(opt, model, 0))
 
     with pytest.raises(TypeError, match="return the loss: a tensor of per-sample losses or their mean"):
         opt.step(closure)
-    assert torch.equal(_flat(model), theta) and opt.diagnostics()["counters"]["steps"] == 0
+    assert torch.equal(flat(model), theta) and opt.diagnostics()["counters"]["steps"] == 0
 
 
 def test_a_loss_of_the_wrong_type_is_refused_with_what_it_must_be():
-    opt = kalmanopt.create("koala++", _model().parameters())
+    opt = kalmanopt.create("koala++", tiny_model().parameters())
     with pytest.raises(TypeError, match="the loss must be a floating-point tensor of per-sample losses"):
         opt.step(loss=(torch.ones(3), 2))
     with pytest.raises(TypeError, match="floating-point"):
@@ -173,29 +139,29 @@ def test_a_loss_of_the_wrong_type_is_refused_with_what_it_must_be():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_scalar_mean_with_an_online_R_warns_once_that_R_follows_its_square(preset):
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create(preset, model.parameters(), r=None)
     with pytest.warns(RuntimeWarning, match=r"R follows mean²") as record:
         for k in range(3):
-            opt.step(loss=_backward(opt, model, k).mean())
+            opt.step(loss=backward_losses(opt, model, k).mean())
     assert sum("R follows mean²" in str(w.message) for w in record) == 1
     for kwargs, loss in (({"r": None}, lambda losses: losses), ({"r": 1.0}, lambda losses: losses.mean())):
-        model = _model()
+        model = tiny_model()
         opt = kalmanopt.create(preset, model.parameters(), **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            opt.step(loss=loss(_backward(opt, model, 0)))
+            opt.step(loss=loss(backward_losses(opt, model, 0)))
 
 
 def test_update_with_per_sample_losses_as_the_statistic_names_the_statistic():
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create("koala++", model.parameters())
-    losses = _backward(opt, model, 0)
+    losses = backward_losses(opt, model, 0)
     opt.predict()
-    theta = _flat(model)
+    theta = flat(model)
     with pytest.raises(ValueError, match=r"loss statistic s_k \(one number: 'second_moment'"):
         opt.update(losses.mean(), losses)
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat(model), theta)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -203,9 +169,9 @@ def test_statistics_are_computed_in_at_least_float32(dtype):
     losses = torch.full((8,), 300.0, dtype=dtype)  # 300² overflows float16
     statistic = kalmanopt.loss_statistic(losses, "second_moment")
     assert statistic.dtype == torch.float32 and statistic.item() == 90000.0
-    model = _model(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32)
     opt = kalmanopt.create("koala++", model.parameters())
-    _backward(opt, model, 0)
+    backward_losses(opt, model, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(loss=losses)
@@ -223,9 +189,9 @@ def test_parameters_on_the_meta_device_are_refused_at_construction():
 
 # ----------------------------------------------------------------------------- checkpoints
 def _trained(preset: str, **kwargs):
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create(preset, model.parameters(), **kwargs)
-    _train(opt, model, range(3))
+    train(opt, model, range(3))
     return model, opt
 
 
@@ -285,14 +251,14 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(preset, case):
     model, opt = _trained(preset)
     saved = copy.deepcopy(opt.state_dict())
     edit(saved)
-    theta, state = _flat(model), _filter_state(opt)
+    theta, state = flat(model), _filter_state(opt)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         opt.load_state_dict(saved)
-    assert _same(_filter_state(opt), state) and torch.equal(_flat(model), theta)
+    assert _same(_filter_state(opt), state) and torch.equal(flat(model), theta)
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
-    _train(opt, model, range(3, 4))
-    assert bool(torch.isfinite(_flat(model)).all())
+    train(opt, model, range(3, 4))
+    assert bool(torch.isfinite(flat(model)).all())
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -315,9 +281,9 @@ def test_a_valid_checkpoint_with_global_granularity_round_trips(preset):
     fresh_model = copy.deepcopy(model)
     fresh = kalmanopt.create(preset, fresh_model.parameters(), granularity="global")
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
-    _train(opt, model, range(3, 5))
-    _train(fresh, fresh_model, range(3, 5))
-    assert torch.equal(_flat(model), _flat(fresh_model))
+    train(opt, model, range(3, 5))
+    train(fresh, fresh_model, range(3, 5))
+    assert torch.equal(flat(model), flat(fresh_model))
 
 
 # ----------------------------------------------------------------------------- engine behaviour
@@ -325,47 +291,47 @@ def test_a_valid_checkpoint_with_global_granularity_round_trips(preset):
 def test_a_nan_loss_at_the_first_step_is_identical_to_skipping_that_batch(preset, implementation):
     runs = []
     for nan_first in (True, False):
-        model = _model()
+        model = tiny_model()
         opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if nan_first:
-                losses = _backward(opt, model, 99)
+                losses = backward_losses(opt, model, 99)
                 opt.step(loss=torch.full_like(losses, math.nan))
-            _train(opt, model, range(4))
-        runs.append((_flat(model), _filter_state(opt)))
+            train(opt, model, range(4))
+        runs.append((flat(model), _filter_state(opt)))
     assert torch.equal(runs[0][0], runs[1][0]) and _same(runs[0][1], runs[1][1])
 
 
 def _counters(opt) -> dict:
-    return {path: t.clone() for path, t in _tensors(opt.state_dict()["state"]) if not t.is_floating_point()}
+    return {path: t.clone() for path, t in state_tensors(opt.state_dict()["state"]) if not t.is_floating_point()}
 
 
 @pytest.mark.parametrize("api", ["step", "two-phase"])
 @pytest.mark.parametrize("preset,implementation", CASES)
 def test_a_step_without_any_gradient_changes_nothing_and_warns_once(preset, implementation, api):
-    model = _model()
+    model = tiny_model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     opt.zero_grad()  # backward forgotten
-    theta, state, counters = _flat(model), _filter_state(opt), _counters(opt)
+    theta, state, counters = flat(model), _filter_state(opt), _counters(opt)
     with pytest.warns(RuntimeWarning, match="found no gradient") as record:
         for k in range(2):
-            losses = _losses(model, k).detach()
+            losses = tiny_losses(model, k).detach()
             if api == "step":
                 opt.step(loss=losses)
             else:
                 opt.predict()  # (stands: the step API already predicted; nothing to do)
                 assert opt.update(losses.mean(), kalmanopt.loss_statistic(losses, "second_moment")) is False
     assert len([w for w in record if "gradient" in str(w.message)]) == 1
-    assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state) and _same(_counters(opt), counters)
+    assert torch.equal(flat(model), theta) and _same(_filter_state(opt), state) and _same(_counters(opt), counters)
     # the run goes on as if those calls never happened
-    reference = _model()
+    reference = tiny_model()
     ref_opt = kalmanopt.create(preset, reference.parameters(), implementation=implementation)
-    _train(ref_opt, reference, range(2))
-    _train(opt, model, range(2, 4))
-    _train(ref_opt, reference, range(2, 4))
-    assert torch.equal(_flat(model), _flat(reference))
+    train(ref_opt, reference, range(2))
+    train(opt, model, range(2, 4))
+    train(ref_opt, reference, range(2, 4))
+    assert torch.equal(flat(model), flat(reference))
 
 
 @pytest.mark.parametrize("preset,implementation", CASES)
@@ -373,30 +339,30 @@ def test_update_without_predict_equals_predict_then_update_or_raises(preset, imp
     """Where the predict leaves θ alone, update() predicts itself; where it moves θ (KOALA-M), it raises."""
     runs = []
     for explicit in (True, False):
-        model = _model()
+        model = tiny_model()
         opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
         for k in range(3):
             if explicit:
                 opt.predict()
-            losses = _backward(opt, model, k)
-            theta, state = _flat(model), _filter_state(opt)
+            losses = backward_losses(opt, model, k)
+            theta, state = flat(model), _filter_state(opt)
             try:
                 opt.update(losses.mean(), kalmanopt.loss_statistic(losses, "second_moment"))
             except RuntimeError as exc:  # raising is allowed, if it says why, and changes nothing
                 assert preset == "koala-m" and not explicit and k == 0
                 assert "call opt.predict() before the forward and backward pass" in str(exc)
-                assert torch.equal(_flat(model), theta) and _same(_filter_state(opt), state)
+                assert torch.equal(flat(model), theta) and _same(_filter_state(opt), state)
                 return
-        runs.append(_flat(model))
+        runs.append(flat(model))
     assert preset != "koala-m"
     assert torch.equal(runs[0], runs[1])
 
 
 def test_torch_compile_of_step_works_or_raises_a_clear_error():
-    model = _model(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32)
     opt = kalmanopt.create("koala++", model.parameters())
     compiled = torch.compile(opt.step, backend="eager")
-    losses = _backward(opt, model, 0)
+    losses = backward_losses(opt, model, 0)
     try:
         compiled(loss=losses)
     except Exception as exc:  # noqa: BLE001 - what matters is which error

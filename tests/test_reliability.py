@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, PRESETS
+from conformance import flat
 
 import kalmanopt
 from kalmanopt.covariance.product import GUARD_EPS
 
 PRODUCT_PRESETS = ["koala++", "koala++-ns", "koala++-lr"]
-
-
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
@@ -51,10 +50,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-
-
 # ----------------------------------------------------------------------------- non-finite input
 @pytest.mark.parametrize("preset,implementation", CASES)
 @pytest.mark.parametrize("kind", ["loss", "statistic", "gradient", "inf-gradient"])
@@ -67,7 +62,7 @@ def test_non_finite_input_skips_the_step_warns_once_and_counts(preset, implement
         opt.zero_grad()
         losses.mean().backward()
         opt.step(loss=losses)
-    theta, state = _flat(model), _state(opt)
+    theta, state = flat(model), _state(opt)
     counters = opt.diagnostics()["counters"]
     x, y = _batch(10)
     messages: list[list[str]] = []
@@ -92,7 +87,7 @@ def test_non_finite_input_skips_the_step_warns_once_and_counts(preset, implement
     # a warning the first time (one per kind: a NaN sample makes the loss and the statistic non-finite)
     assert 1 <= len(messages[0]) <= 2 and all("skipped" in m for m in messages[0])
     assert messages[1] == []  # once per kind
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat(model), theta)
     assert _same(_state(opt), state)
     after = opt.diagnostics()["counters"]
     assert after["nonfinite_steps"] == counters["nonfinite_steps"] + 2
@@ -118,7 +113,7 @@ def test_a_skipped_step_leaves_no_trace_in_the_run(preset):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 opt.step(loss=losses)
-        results.append(_flat(model))
+        results.append(flat(model))
     assert torch.equal(results[0], results[1])
 
 
@@ -142,7 +137,7 @@ def test_two_phase_api_skipped_update_leaves_no_trace(preset):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 applied = opt.update(losses.mean() if k != 3 else torch.tensor(math.inf), statistic)
             assert applied == (k != 3)
-        results.append(_flat(model))
+        results.append(flat(model))
     assert torch.equal(results[0], results[1])
 
 
@@ -155,7 +150,7 @@ def test_strict_raises_non_finite_error_and_changes_nothing(preset):
     opt.zero_grad()
     losses.mean().backward()
     opt.step(loss=losses)
-    theta, state = _flat(model), _state(opt)
+    theta, state = flat(model), _state(opt)
     losses = _losses(model, x, y)
     opt.zero_grad()
     losses.mean().backward()
@@ -165,7 +160,7 @@ def test_strict_raises_non_finite_error_and_changes_nothing(preset):
     with pytest.raises(kalmanopt.NonFiniteError, match="non-finite loss"):
         opt.update(math.nan, 1.0)
     assert isinstance(kalmanopt.NonFiniteError("x"), FloatingPointError)
-    assert torch.equal(_flat(model), theta) and _same(_state(opt), state)
+    assert torch.equal(flat(model), theta) and _same(_state(opt), state)
     assert opt.diagnostics()["counters"]["nonfinite_steps"] == 0
 
 
@@ -227,7 +222,7 @@ def test_guard_does_not_change_healthy_runs(preset):
             losses.mean().backward()
             opt.step(loss=losses)
         assert opt.diagnostics()["counters"]["guard_restarts"] == 0
-        runs.append(_flat(model))
+        runs.append(flat(model))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -242,7 +237,7 @@ def test_a_negative_loss_does_not_move_the_weights(preset, implementation):
     opt.zero_grad()
     losses.mean().backward()
     opt.step(loss=losses)
-    theta = _flat(model)
+    theta = flat(model)
     losses = _losses(model, x, y)
     opt.zero_grad()
     losses.mean().backward()
@@ -251,7 +246,7 @@ def test_a_negative_loss_does_not_move_the_weights(preset, implementation):
         opt.step(loss=-losses.detach() - 1.0)
     if implementation == "reference":  # the reference path warns (a host sync the fast paths avoid)
         assert any("the loss is negative" in str(w.message) for w in caught)
-    moved = _flat(model) - theta
+    moved = flat(model) - theta
     if preset == "koala-m":
         # only the predict of the next step moves θ (by the velocity u, unchanged by the zero step)
         velocities = torch.cat([opt.state[p]["u"] for p in model.parameters()])

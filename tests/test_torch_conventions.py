@@ -7,6 +7,7 @@ CPU; ``tests/test_torch_generic.py`` runs torch's own generic tests on top.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pickle
 import warnings
@@ -14,6 +15,8 @@ import warnings
 import pytest
 import torch
 from cases import CASES, PRESETS
+from conformance import flat
+from tiny_problem import tiny_losses, tiny_model, train
 
 import kalmanopt
 from kalmanopt.options import GROUP_OPTIONS, OPTIONS, implementation_from_torch_flags
@@ -21,29 +24,8 @@ from kalmanopt.options import GROUP_OPTIONS, OPTIONS, implementation_from_torch_
 #: the engine rewrite fixes these; the tests flip to passing then (strict xfail)
 PRODUCT_PRESETS = ("koala++", "koala++-ns", "koala++-lr")
 
-
-def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(dtype)
-
-
-def _losses(model: torch.nn.Module, k: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(k)
-    dtype = next(model.parameters()).dtype
-    x, y = torch.randn(8, 4, generator=g).to(dtype), torch.randn(8, 2, generator=g).to(dtype)
-    return ((model(x) - y) ** 2).mean(dim=1)
-
-
-def _train(opt, model, steps: range) -> None:
-    for k in steps:
-        losses = _losses(model, k)
-        opt.zero_grad()
-        losses.mean().backward()
-        opt.step(loss=losses)
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+#: the shared small model, in float32 unless a test asks for another dtype
+_model = functools.partial(tiny_model, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- 1. load-state-dict hooks
@@ -51,7 +33,7 @@ def _flat(model) -> torch.Tensor:
 def test_load_state_dict_runs_torch_pre_and_post_hooks_in_order(preset, implementation):
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     saved = opt.state_dict()
     calls = []
 
@@ -74,7 +56,7 @@ def test_load_state_dict_runs_torch_pre_and_post_hooks_in_order(preset, implemen
     opt.load_state_dict(saved)
     assert calls == ["pre-edit", "pre-replace", ("post", 0.25)]
     assert opt.param_groups[0]["lr"] == 0.25
-    _train(opt, model, range(2, 3))
+    train(opt, model, range(2, 3))
 
 
 def test_a_refused_state_runs_no_post_hook():
@@ -94,7 +76,7 @@ def test_a_copied_optimizer_steps_identically_to_the_original(preset, implementa
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation, strict=True,
                            track_diagnostics=True, loss_statistic="variance", r=None)
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     bundle = {"model": model, "opt": opt}
     if how == "deepcopy":
         copied = copy.deepcopy(bundle)
@@ -110,9 +92,9 @@ def test_a_copied_optimizer_steps_identically_to_the_original(preset, implementa
         assert repr(getattr(opt_c, name)) == repr(getattr(opt, name)), name
     assert {k for k in opt.__dict__ if not k.startswith("_")} == {k for k in opt_c.__dict__ if not k.startswith("_")}
     assert all(p in opt_c.state or not opt.state[q] for p, q in zip(model_c.parameters(), model.parameters()))
-    _train(opt, model, range(2, 5))
-    _train(opt_c, model_c, range(2, 5))
-    assert torch.equal(_flat(model), _flat(model_c))
+    train(opt, model, range(2, 5))
+    train(opt_c, model_c, range(2, 5))
+    assert torch.equal(flat(model), flat(model_c))
     assert opt.diagnostics() == opt_c.diagnostics()
 
 
@@ -124,8 +106,8 @@ def test_a_one_element_tensor_lr_steps_as_the_float(preset):
         model = _model()
         opt = kalmanopt.create(preset, model.parameters(), lr=lr)
         assert opt.param_groups[0]["lr"] == 0.5 and isinstance(opt.param_groups[0]["lr"], float)
-        _train(opt, model, range(3))
-        runs.append(_flat(model))
+        train(opt, model, range(3))
+        runs.append(flat(model))
     assert all(torch.equal(runs[0], run) for run in runs[1:])
 
 
@@ -149,12 +131,12 @@ def test_param_names_survive_loading_as_in_torch(named_saved, named_loaded):
     model = _model()
     source = model.named_parameters() if named_saved else model.parameters()
     opt = kalmanopt.create("koala++", source)
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     saved = copy.deepcopy(opt.state_dict())
     target = model.named_parameters() if named_loaded else model.parameters()
     opt2 = kalmanopt.create("koala++", target)
     opt2.load_state_dict(saved)
-    _train(opt2, model, range(2, 3))
+    train(opt2, model, range(2, 3))
     assert opt2.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
@@ -197,7 +179,7 @@ def test_filter_state_is_kept_in_the_parameter_precision_at_least_float32(preset
 def test_no_empty_per_parameter_state_entries(preset, implementation):
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     assert all(len(entry) > 0 for entry in opt.state.values())
 
 
@@ -206,7 +188,7 @@ def test_no_empty_per_parameter_state_entries(preset, implementation):
 def test_a_state_dict_without_options_and_with_int_counters_loads_and_steps(preset, implementation):
     model = _model()
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation, granularity="layer")
-    _train(opt, model, range(2))
+    train(opt, model, range(2))
     reference = copy.deepcopy({"model": model, "opt": opt})
     old = copy.deepcopy(opt.state_dict())
     for group in old["param_groups"]:
@@ -221,9 +203,9 @@ def test_a_state_dict_without_options_and_with_int_counters_loads_and_steps(pres
     assert {name: opt.param_groups[0][name] for name in GROUP_OPTIONS} == \
         {name: reference["opt"].param_groups[0][name] for name in GROUP_OPTIONS}
     assert opt.state["group0"]["steps"].dtype == torch.int64
-    _train(opt, model, range(2, 4))
-    _train(reference["opt"], reference["model"], range(2, 4))
-    assert torch.equal(_flat(model), _flat(reference["model"]))
+    train(opt, model, range(2, 4))
+    train(reference["opt"], reference["model"], range(2, 4))
+    assert torch.equal(flat(model), flat(reference["model"]))
     assert opt.diagnostics()["counters"]["steps"] == 4
 
 
@@ -237,13 +219,13 @@ def test_a_closure_returning_a_python_number_is_a_scalar_loss(preset, implementa
 
         def closure(model=model, opt=opt, as_number=as_number):
             opt.zero_grad()
-            loss = _losses(model, 0).mean()
+            loss = tiny_losses(model, 0).mean()
             loss.backward()
             return loss.item() if as_number else loss
 
         result = opt.step(closure)
         assert isinstance(result, float) == as_number
-        runs.append(_flat(model))
+        runs.append(flat(model))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -345,7 +327,7 @@ def _scaled_run(preset: str, implementation: str, *, scaler: bool, overflow_at: 
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
     amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if scaler else None
     for k in range(4):
-        losses = _losses(model, k)
+        losses = tiny_losses(model, k)
         opt.zero_grad()
         if amp is None:
             losses.mean().backward()
@@ -380,7 +362,7 @@ def test_a_grad_scaler_overflow_skips_the_step_and_changes_nothing(preset, imple
     stopped_opt = kalmanopt.create(preset, stopped.parameters(), implementation=implementation)
     stopped_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     for k in range(3):
-        losses = _losses(stopped, k)
+        losses = tiny_losses(stopped, k)
         stopped_opt.zero_grad()
         stopped_amp.scale(losses.mean()).backward()
         stopped_amp.step(stopped_opt, loss=losses.detach())
@@ -427,7 +409,7 @@ def test_unscale_then_clip_then_scaler_step_equals_the_plain_clipped_step():
         opt = kalmanopt.create("koala++", model.parameters())
         amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
         for k in range(3):
-            losses = _losses(model, k)
+            losses = tiny_losses(model, k)
             opt.zero_grad()
             if scaled:
                 amp.scale(losses.mean()).backward()
