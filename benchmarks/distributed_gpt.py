@@ -10,14 +10,17 @@ On the CPU (gloo), a smoke test with a tiny model::
 
 Each rank trains its own slice of every global batch of random tokens (no data is downloaded),
 the model's blocks and the root sharded with ``fully_shard``; the optimizers see DTensor shards.
-Rank 0 prints one row per optimizer: the median seconds per step after the warm-up, tokens per
-second over all ranks, and the peak memory per rank (CUDA: ``max_memory_allocated``, the largest
-over the ranks; CPU: the peak resident set size of the process).
+Rank 0 prints one row per optimizer: the median seconds per step after the warm-up over several
+rounds (the optimizers alternate, so a slow spell of the machine does not favour one), tokens per
+second over all ranks, and the peak memory per rank (CUDA: ``max_memory_allocated`` beyond what was
+allocated when the run began, the largest over the ranks and rounds; CPU: the peak resident set size of
+the process), and what a run leaves allocated once its model and optimizer are dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import resource
@@ -84,13 +87,21 @@ class Row:
     tokens_per_second: float
     peak_memory_gib: float
     final_loss: float
+    left_gib: float = 0.0
 
 
-def _peak_memory(device: torch.device) -> float:
-    """This rank's peak memory in GiB (CUDA: allocated by torch; CPU: the process's peak RSS)."""
+def _peak_memory(device: torch.device, start: int) -> float:
+    """This rank's peak memory in GiB (CUDA: allocated by torch beyond ``start`` bytes, what was allocated
+    when the run began; CPU: the process's peak RSS)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # (kB on Linux)
+
+
+def _allocated(device: torch.device) -> int:
+    """Bytes allocated by torch on ``device`` after a garbage collection (0 on the CPU)."""
+    gc.collect()
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _optimizer(name: str, params: list, device: torch.device, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -102,62 +113,88 @@ def _optimizer(name: str, params: list, device: torch.device, args: argparse.Nam
 
 
 def run_benchmark(args: argparse.Namespace) -> list[Row]:
-    """Train each optimizer for ``args.steps`` steps on this rank (the process group is initialised)."""
-    from torch.distributed.fsdp import fully_shard
-
+    """Train each optimizer ``args.rounds`` times for ``args.steps`` timed steps on this rank (the process group
+    is initialised); the rows' times are medians over all rounds, their memory the largest peak."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    layers, heads, width, vocab, context = MODELS[args.model]
+    context = MODELS[args.model][4]
+    times: dict[str, list[float]] = {name: [] for name in args.optimizers}
+    peaks: dict[str, float] = dict.fromkeys(args.optimizers, 0.0)
+    left: dict[str, float] = dict.fromkeys(args.optimizers, 0.0)
+    losses_at_end: dict[str, float] = {}
+    for round_index in range(args.rounds):  # (alternating order: a slow spell of the machine hits both)
+        order = args.optimizers if round_index % 2 == 0 else args.optimizers[::-1]
+        for name in order:
+            seconds, peak, loss, kept = _train(name, args, device, rank)
+            times[name] += seconds
+            peaks[name] = max(peaks[name], peak)
+            left[name] = max(left[name], kept)
+            losses_at_end[name] = loss
     rows = []
     for name in args.optimizers:
-        torch.manual_seed(0)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        model = GPT(layers, heads, width, vocab, context).to(device)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        opt = _optimizer(name, list(model.parameters()), device, args)
-        generator = torch.Generator().manual_seed(1000 + rank)
-        times, loss = [], math.nan
-        for step in range(args.warmup + args.steps):
-            tokens = torch.randint(0, vocab, (args.batch, context + 1), generator=generator).to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(tokens[:, :-1])
-            losses = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
-                                     reduction="none").view(args.batch, context).mean(1)
-            opt.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            if name == "adamw":
-                opt.step()
-            else:
-                opt.step(loss=losses.detach())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-            loss = float(losses.detach().mean())
-        per_step = statistics.median(times)
-        peak = torch.tensor([_peak_memory(device)], device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        rows.append(Row(name, per_step, args.batch * context * world / per_step, float(peak), loss))
-        del model, opt
+        per_step = statistics.median(times[name])
+        memory = torch.tensor([peaks[name], left[name]], device=device)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        rows.append(Row(name, per_step, args.batch * context * world / per_step, float(memory[0]),
+                        losses_at_end[name], float(memory[1])))
     return rows
+
+
+def _train(name: str, args: argparse.Namespace, device: torch.device,
+           rank: int) -> tuple[list[float], float, float, float]:
+    """One fresh model and optimizer: the timed steps' seconds, this rank's peak memory, the last loss, and
+    the GiB still allocated once the model and the optimizer are dropped (0: nothing outlives the run)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers, heads, width, vocab, context = MODELS[args.model]
+    torch.manual_seed(0)
+    start = _allocated(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = GPT(layers, heads, width, vocab, context).to(device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = _optimizer(name, list(model.parameters()), device, args)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    times, loss = [], math.nan
+    for step in range(args.warmup + args.steps):
+        tokens = torch.randint(0, vocab, (args.batch, context + 1), generator=generator).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
+                                 reduction="none").view(args.batch, context).mean(1)
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        if name == "adamw":
+            opt.step()
+        else:
+            opt.step(loss=losses.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - began)
+        loss = float(losses.detach().mean())
+    peak = _peak_memory(device, start)
+    del model, opt, logits, losses
+    return times, peak, loss, (_allocated(device) - start) / 2 ** 30
 
 
 def table(rows: list[Row], args: argparse.Namespace, world: int, device: str) -> str:
     """The rows as a Markdown table, with KOALA++'s ratios to AdamW's."""
     memory = "peak GiB / GPU" if device != "cpu" else "peak RSS GiB / rank"
     lines = [f"GPT-2 {args.model}, FSDP2 over {world} ranks ({device}), {args.batch} × {MODELS[args.model][4]} "
-             f"tokens per rank and step, median of {args.steps} steps after {args.warmup}",
-             "", f"| optimizer | s / step | tokens / s | {memory} | last loss |", "|---|---|---|---|---|"]
+             f"tokens per rank and step, median of {args.rounds} × {args.steps} steps "
+             f"(each run after {args.warmup} untimed; the optimizers alternate)",
+             "", f"| optimizer | s / step | tokens / s | {memory} | left after the run (GiB) | last loss |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.optimizer} | {r.seconds_per_step:.4f} | {r.tokens_per_second:,.0f} | "
-                     f"{r.peak_memory_gib:.3f} | {r.final_loss:.3f} |")
+                     f"{r.peak_memory_gib:.3f} | {r.left_gib:.3f} | {r.final_loss:.3f} |")
     by = {r.optimizer: r for r in rows}
     if "adamw" in by and "koala++" in by:
         k, a = by["koala++"], by["adamw"]
@@ -175,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every optimizer, in alternating order (the median is over all rounds)")
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "koala++"], choices=("adamw", "koala++"))
     parser.add_argument("--lr-adamw", type=float, default=3e-4)
     parser.add_argument("--lr-koala", type=float, default=1.0)

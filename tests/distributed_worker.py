@@ -159,6 +159,8 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
                     counts: list[int] = []
                     train(model, opt, dtype, range(STEPS), rank, count=counts)
                     out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
+                    if engine == "fused":  # whether the generated kernels ran (not the torch operations)
+                        out[("kernels", str(dtype), mode, preset)] = ran_kernels(opt)
     for mode in ("ddp", "fsdp"):
         model = wrap(make_model(torch.float64), mode)
         opt = kalmanopt.create("koala++", model.parameters(), implementation=nan_engine, **HP)
@@ -166,6 +168,13 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
             __import__("warnings").simplefilter("ignore")
             train(model, opt, torch.float64, range(STEPS), rank, nan_step=1)
         out[("nan", mode)] = ([full(p) for p in model.parameters()], opt.diagnostics()["counters"])
+
+
+def ran_kernels(opt: kalmanopt.KalmanOptimizer) -> bool:
+    """Whether the fused engine ran its generated kernels on the optimizer's group (it keeps a plan)."""
+    from kalmanopt.engines import _ENGINES
+
+    return any(engine.runs_kernels(opt, opt.param_groups[0]) for engine in _ENGINES["fused"])
 
 
 def scenario_equality(rank: int, out: dict, *_: str) -> None:
@@ -288,7 +297,8 @@ def scenario_benchmark(rank: int, out: dict, *_: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import distributed_gpt as bench
 
-    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2"])
+    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2",
+                             "--rounds", "1"])
     rows = bench.run_benchmark(args)
     out["benchmark"] = ([r.__dict__ for r in rows], bench.table(rows, args, WORLD, "cpu"))
 

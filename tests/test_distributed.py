@@ -143,6 +143,19 @@ def test_two_gpus_equal_one_gpu_on_the_global_batch(two_gpus, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset", w.PRESETS)
+def test_the_fused_kernels_run_on_fsdp_shards_as_on_whole_tensors(two_gpus, preset):
+    """The fused engine runs its generated kernels on DTensor shards wherever it runs them on DDP's whole
+    tensors (no fall-back to the torch operations because a parameter is sharded)."""
+    for rank in range(w.WORLD):
+        for dtype in w.DTYPES:
+            ddp, fsdp = (two_gpus[rank][("kernels", str(dtype), mode, preset)] for mode in ("ddp", "fsdp"))
+            assert fsdp == ddp, (rank, dtype, ddp, fsdp)
+            if preset.startswith("koala++"):
+                assert fsdp, (rank, dtype)
+
+
+@pytest.mark.gpu
 def test_a_nan_loss_on_one_gpu_skips_the_step_on_both(two_gpus):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -237,3 +237,33 @@ def test_bfloat16_parameters_keep_float32_state():
     for p in fast.param_groups[0]["params"]:
         assert fast.state[p]["v"].dtype == torch.float32 and fast.state[p]["H"].dtype == torch.float32
     assert relative_error(got.float(), want.float()) <= 2e-2  # bf16 rounding of θ may differ by an ulp
+
+
+def train_and_forget(preset: str, implementation: str, device: str, steps: int = 8) -> list:
+    """Train a small model, drop the model and the optimizer; weak references to its parameters and state."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4)).to(device)
+    opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
+    for _ in range(steps):  # (on CUDA, enough steps for a captured and replayed step)
+        losses = model(torch.randn(16, 64, device=device)).pow(2).mean(1)
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        opt.step(loss=losses.detach())
+    refs = [weakref.ref(p) for p in model.parameters()]
+    refs += [weakref.ref(t) for entry in opt.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+    del model, opt, losses
+    import gc
+
+    gc.collect()
+    return refs
+
+
+@pytest.mark.parametrize("implementation", ["reference", "foreach"])
+@pytest.mark.parametrize("preset", ["koala++", "koala-m"])
+def test_a_deleted_optimizer_keeps_no_parameter_or_state_alive(preset, implementation):
+    """Engines are shared by every optimizer of the process: what they cache per optimizer goes with it
+    (an ablation trains many optimizers in one process)."""
+    refs = train_and_forget(preset, implementation, "cpu")
+    assert len(refs) > 4 and all(r() is None for r in refs)

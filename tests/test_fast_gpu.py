@@ -316,3 +316,21 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
     for a, b in zip(models[1].parameters(), models[0].parameters()):
         assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= 1e-10
     assert opts[1].diagnostics()["counters"] == opts[0].diagnostics()["counters"]
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+@pytest.mark.parametrize("preset", ["koala++", "koala-m"])
+def test_a_deleted_optimizer_leaves_no_gpu_memory_behind(preset, implementation):
+    """The fused engine's per-optimizer plans, staging buffers and captured graphs go with the optimizer:
+    parameters and state are freed, and the allocated memory returns to where it was (small tables of
+    sizes and offsets excepted)."""
+    from test_fast import train_and_forget
+
+    train_and_forget(preset, implementation, CUDA)  # (compiles; fills the process-wide caches)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        refs = train_and_forget(preset, implementation, CUDA)
+        assert all(r() is None for r in refs)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before <= 64 * 1024

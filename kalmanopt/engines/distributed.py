@@ -23,6 +23,7 @@ process filters its own loss), or a ``ProcessGroup``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -45,6 +46,7 @@ def _dist() -> Any:
     return dist
 
 
+@functools.lru_cache(maxsize=1)
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
@@ -53,7 +55,13 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+#: tensor types that are never DTensors (checked first: the fused engine asks for every parameter each step)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_dtensor(t: Any) -> bool:
+    if type(t) in _PLAIN:
+        return False
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -172,14 +180,26 @@ def _payload_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
+_ROWS: dict[tuple, Tensor] = {}
+
+
 def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor]]:
-    """Per group: its reductions, their names and the indices of its sharded layers (groups with any)."""
+    """Per group: its reductions, their names and the indices of its sharded layers (groups with any).
+
+    The index tensors are cached (a copy to the device each step would wait for the passes before it).
+    """
     out = []
     for work, red, *_ in works:
-        rows = [i for i, f in enumerate(work.flats) if getattr(f, "sharded", False)]
+        rows = tuple(i for i, sharded in enumerate(work.sharded) if sharded)
         if rows and red:
             device = next(iter(red.values())).device
-            out.append((red, list(red), torch.tensor(rows, dtype=torch.int64, device=device)))
+            key = (rows, str(device))
+            index = _ROWS.get(key)
+            if index is None:
+                if len(_ROWS) > 64:
+                    _ROWS.clear()
+                index = _ROWS[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+            out.append((red, list(red), index))
     return out
 
 

@@ -101,7 +101,7 @@ def _contexts(opt: KalmanOptimizer) -> list[tuple[Any, GroupContext]]:
     for index, group in enumerate(opt.param_groups):
         engine = resolve_engine(opt.filter, group)
         ctx = GroupContext(opt.filter, group, opt._group_state(index), functools.partial(opt._layers, index),
-                           diagnostics=opt.track_diagnostics, state=opt.state)
+                           diagnostics=opt.track_diagnostics, state=opt.state, owner=opt)
         out.append((engine, ctx))
     return out
 

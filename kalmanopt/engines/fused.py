@@ -11,9 +11,10 @@ distinct declaration and cached (:mod:`kalmanopt.engines.triton_source`):
     apply    per chunk of a layer that updates: the programs, in reverse chunk order (what the
              reduction pass read last is still in L2)
 
-A part is fast here without touching the engine: it only declares. Groups the kernels cannot
-address (a global layer of several tensors, non-contiguous parameters or gradients, mixed dtypes)
-run on the multi-tensor torch operations of :class:`~kalmanopt.engines.torch_ops.TorchEngine`.
+A part is fast here without touching the engine: it only declares. DTensor parameters (FSDP2) run on
+their local shards; the step driver sums the sharded layers' partial reductions over the ranks between
+the passes. Groups the kernels cannot address (a global layer of several tensors, mixed dtypes) run on
+the multi-tensor torch operations of :class:`~kalmanopt.engines.torch_ops.TorchEngine`.
 Triton is imported only when a fused step first runs.
 """
 
@@ -21,14 +22,15 @@ from __future__ import annotations
 
 import importlib.util
 import operator
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
 from kalmanopt.contract import Batch, contract_gap
-from kalmanopt.engines.distributed import is_sharded
-from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, has_gradient
+from kalmanopt.engines.distributed import is_sharded, local_tensor
+from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _sizes, _Work, has_gradient, local_numel
 from kalmanopt.layers import Layer
 from kalmanopt.program import Assign, Reduction, hp_coefficients
 
@@ -71,6 +73,16 @@ class _Chunks:
         self.layer_last = to_device([f + c for f, c in zip(firsts, counts)], torch.int64)
 
 
+def _theta(layer: Layer) -> Tensor:
+    """The layer's parameter as the kernels address it: its local shard for a DTensor (FSDP2)."""
+    return local_tensor(layer.params[0]).detach()
+
+
+def _grad(p: Tensor) -> Tensor | None:
+    """A parameter's gradient as the kernels address it (its local shard for a DTensor), or None."""
+    return None if p.grad is None else local_tensor(p.grad)
+
+
 def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
     """Why the kernels cannot address these layers directly, or None."""
     if not layers:
@@ -80,13 +92,16 @@ def _eligible(layers: Sequence[Layer], with_grads: bool) -> str | None:
         if len(layer.params) != 1:
             return "a global layer of several tensors"
         p = layer.params[0]
-        if is_sharded(p):  # (the torch path runs the local shards)
-            return "a sharded DTensor parameter"
         if p.dtype != dtype:
             return "mixed parameter dtypes"
         if with_grads and (p.grad is None or p.grad.dtype != p.dtype):
             return "a missing or differently typed gradient"
     return None
+
+
+def _sharded(layers: Sequence[Layer]) -> list[bool]:
+    """Per layer: whether it is a DTensor split over ranks (the kernels then run on its local shard)."""
+    return [is_sharded(layer.params[0]) for layer in layers]
 
 
 class _Staging:
@@ -98,30 +113,32 @@ class _Staging:
         self.theta: dict[int, Tensor] = {}
         self.grad: dict[int, Tensor] = {}
         for i, layer in enumerate(layers):
-            p = layer.params[0]
+            p = _theta(layer)
             if not p.is_contiguous():
                 self.theta[i] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-            if with_grads and (not p.grad.is_contiguous() or i in self.theta):
+            if with_grads and (not _grad(layer.params[0]).is_contiguous() or i in self.theta):
                 self.grad[i] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
     def thetas(self, layers: Sequence[Layer]) -> list[Tensor]:
-        return [self.theta.get(i, layer.params[0].detach()) for i, layer in enumerate(layers)]
+        return [self.theta.get(i, _theta(layer)) for i, layer in enumerate(layers)]
 
     def grads(self, layers: Sequence[Layer]) -> list[Tensor]:
-        return [self.grad.get(i, layer.params[0].grad) for i, layer in enumerate(layers)]
+        return [self.grad.get(i, _grad(layer.params[0])) for i, layer in enumerate(layers)]
 
     def fill(self, layers: Sequence[Layer]) -> None:
         for i, buf in self.theta.items():
-            buf.copy_(layers[i].params[0].detach())
+            buf.copy_(_theta(layers[i]))
         for i, buf in self.grad.items():
-            buf.copy_(layers[i].params[0].grad)
+            buf.copy_(_grad(layers[i].params[0]))
 
     def write_back(self, layers: Sequence[Layer]) -> None:
         for i, buf in self.theta.items():
-            layers[i].params[0].detach().copy_(buf)
+            _theta(layers[i]).copy_(buf)
 
 
-_SLOTS: dict[tuple, tuple[Tensor, Tensor]] = {}
+#: offset tables by the tensors' addresses (only the table is kept: holding a tensor would keep its memory,
+#: and FSDP2 hands new gradient buffers every step)
+_SLOTS: dict[tuple, Tensor] = {}
 #: whether an offset table (by id) has only multiples of 16 from a 16-byte aligned base
 _SLOT_ALIGNED: dict[int, bool] = {}
 
@@ -136,7 +153,7 @@ def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tens
     key = (ptrs, base.dtype, str(device))
     cached = _SLOTS.get(key)
     if cached is not None:
-        return base, cached[1]
+        return base, cached
     size = base.element_size()
     offsets = [(p - ptrs[0]) // size for p in ptrs]
     host = torch.tensor(offsets, dtype=torch.int64)
@@ -146,7 +163,7 @@ def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tens
     if len(_SLOTS) > 256:
         _SLOTS.clear()
         _SLOT_ALIGNED.clear()
-    _SLOTS[key] = (base, table)
+    _SLOTS[key] = table
     _SLOT_ALIGNED[id(table)] = ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets)
     return base, table
 
@@ -161,9 +178,17 @@ class FusedEngine(TorchEngine):
     def __init__(self) -> None:
         super().__init__(host_branches=False)
         self._chunks: dict[tuple, _Chunks] = {}
-        self._steady_plans: dict[int, _SteadyPlan] = {}
         self._verdicts: dict[tuple, str | None] = {}
-        self._predict_staging: dict[tuple, _Staging] = {}
+        # per optimizer (weakly: its plans and staging buffers go with it): the groups' steady plans
+        # (by id of the group) and the predict's staging buffers
+        self._steady_plans: weakref.WeakKeyDictionary[Any, dict[int, _SteadyPlan]] = weakref.WeakKeyDictionary()
+        self._predict_staging: weakref.WeakKeyDictionary[Any, dict[tuple, _Staging]] = \
+            weakref.WeakKeyDictionary()
+
+    def runs_kernels(self, owner: Any, group: dict[str, Any]) -> bool:
+        """Whether the optimizer ``owner``'s ``group`` keeps a plan of the generated kernels (its updates run
+        them, not the torch operations of the fallback)."""
+        return id(group) in self._steady_plans.get(owner, {})
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         params = group["params"]
@@ -205,15 +230,18 @@ class FusedEngine(TorchEngine):
             like = ctx.group_state["R"]
             staging = _Staging(active, with_grads=True)
             slots = self._slots(active, plan.table, staging, with_grads=True)
-            steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([x.numel for x in active], like.device),
-                                 complete=len(active) == len(ctx.layers), staging=staging)
-            if steady.complete and ctx.state is not None:
-                self._steady_plans[id(ctx.group)] = steady
+            steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([local_numel(x) for x in active],
+                                                                             like.device),
+                                 complete=len(active) == len(ctx.layers), staging=staging,
+                                 numel=_sizes([x.numel for x in active], like.device))
+            if steady.complete and ctx.state is not None and ctx.owner is not None:
+                self._steady_plans.setdefault(ctx.owner, {})[id(ctx.group)] = steady
             n_none = len(ctx.layers) - len(active)
         else:
             created = [False] * len(steady.layers)
             n_none = 0
-        active, slots, chunks = steady.layers, steady.slots, steady.chunks
+        active, chunks = steady.layers, steady.chunks
+        slots = steady.bind(active)
         steady.staging.fill(active)
         like = ctx.group_state["R"]
         hp = hp_coefficients(ctx.group)
@@ -226,11 +254,10 @@ class FusedEngine(TorchEngine):
         sums = kernels.layer_sums(chunks, partials, len(active))
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
-        numel = chunks.numel[: len(active)]
-        work = _Work(ctx, [], None, hp, n_none=n_none)  # type: ignore[arg-type]
+        work = _Work(ctx, [], None, hp, n_none=n_none, sharded=steady.sharded)  # type: ignore[arg-type]
         work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()),
                           staging=steady.staging)
-        return work, red, scalars, numel
+        return work, red, scalars, steady.numel
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
         """What a captured step depends on (the steady plan and the buffers' addresses), or None if the
@@ -243,7 +270,7 @@ class FusedEngine(TorchEngine):
 
     def _steady(self, ctx: GroupContext, plan: Any) -> _SteadyPlan | None:
         """The cached plan of this group if it still fits this step (host checks only), refreshed."""
-        steady = self._steady_plans.get(id(ctx.group))
+        steady = self._steady_plans.get(ctx.owner, {}).get(id(ctx.group)) if ctx.owner is not None else None
         if steady is None or steady.plan is not plan or ctx.state is None:
             return None
         return steady if steady.fits(ctx) else None
@@ -281,14 +308,14 @@ class FusedEngine(TorchEngine):
         self._ensure_state(plan.table, layers, ctx.group)
         like = ctx.group_state["R"]
         hp = hp_coefficients(ctx.group)
-        numels = [layer.numel for layer in layers]
-        chunks = self._chunk_tables(numels, like.device)
+        chunks = self._chunk_tables([local_numel(layer) for layer in layers], like.device)
         key = (id(ctx.group), tuple(id(layer.params[0]) for layer in layers))
-        staging = self._predict_staging.get(key)
+        kept = self._predict_staging.setdefault(ctx.owner, {}) if ctx.owner is not None else {}
+        staging = kept.get(key)
         if staging is None:  # (kept: a replayed step reads the same buffers)
-            if len(self._predict_staging) > 64:
-                self._predict_staging.clear()
-            staging = self._predict_staging[key] = _Staging(layers, with_grads=False)
+            if len(kept) > 64:
+                kept.clear()
+            staging = kept[key] = _Staging(layers, with_grads=False)
         staging.fill(layers)
         slots = self._slots(layers, plan.table, staging, with_grads=False)
         kernels = _kernels((), plan.reductions, plan.program, plan.outputs, slots.keys())
@@ -299,8 +326,8 @@ class FusedEngine(TorchEngine):
             kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
         sums = kernels.layer_sums(chunks, partials, len(layers)) if red_names else partials[:0]
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
-        numel = chunks.numel[: len(layers)]
-        work = _Work(ctx, [], None, hp)  # type: ignore[arg-type]
+        numel = _sizes([layer.numel for layer in layers], like.device)
+        work = _Work(ctx, [], None, hp, sharded=_sharded(layers))  # type: ignore[arg-type]
         work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels, staging=staging)
         return work, red, numel
 
@@ -330,7 +357,7 @@ class FusedEngine(TorchEngine):
     @staticmethod
     def _slots(layers: list[Layer], table: Any, staging: _Staging,
                with_grads: bool) -> dict[str, tuple[Tensor, Tensor]]:
-        device = layers[0].params[0].device
+        device = _theta(layers[0]).device
         slots = {"theta": _slot(staging.thetas(layers), device)}
         if with_grads:
             slots["g"] = _slot(staging.grads(layers), device)
@@ -343,15 +370,21 @@ class _SteadyPlan:
     """A group's layers, slots and chunk tables, reused while the parameters, gradients and state stay put."""
 
     def __init__(self, ctx: GroupContext, plan: Any, layers: list[Layer], slots: dict[str, tuple[Tensor, Tensor]],
-                 chunks: _Chunks, complete: bool, staging: _Staging) -> None:
-        self.plan, self.layers, self.slots, self.chunks, self.complete = plan, layers, slots, chunks, complete
+                 chunks: _Chunks, complete: bool, staging: _Staging, numel: Tensor) -> None:
+        self.plan, self.layers, self.chunks, self.complete = plan, layers, chunks, complete
+        # the gradients' slot keeps its offset table only: a gradient held from one step to the next would
+        # keep its memory through the next backward (FSDP2's reduce-scatter buffers)
+        self.slots = {k: v for k, v in slots.items() if k != "g"}
+        self.g_table = slots["g"][1]
         self.staging = staging
+        self.numel = numel  # the layers' sizes (whole, where the chunk tables hold the local shards')
+        self.sharded = _sharded(layers)
         self.params = ctx.group["params"]
         self.n = len(self.params)
         self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
         self.refs = self._refs(ctx)
-        self.theta_ptrs = [p.data_ptr() for p in self.params]
-        self.grad_ptrs = [p.grad.data_ptr() if p.grad is not None else 0 for p in self.params]
+        self.theta_ptrs = [local_tensor(p).data_ptr() for p in self.params]
+        self.grad_ptrs = [g.data_ptr() if g is not None else 0 for g in map(_grad, self.params)]
 
     def _refs(self, ctx: GroupContext) -> list[Any]:
         self.dicts = list(map(ctx.state.get, self.params))  # type: ignore[union-attr]
@@ -362,7 +395,7 @@ class _SteadyPlan:
         params = ctx.group["params"]
         if params is not self.params or len(params) != self.n or ctx.group["granularity"] != "layer":
             return False
-        grads = [p.grad for p in params]
+        grads = list(map(_grad, params))
         if any(g is None for g in grads):
             return False
         dicts = list(map(ctx.state.get, params))  # type: ignore[union-attr]
@@ -370,7 +403,7 @@ class _SteadyPlan:
             return False
         if not all(map(operator.is_, (d.get(k) for d in dicts for k in self.keys), self.refs)):
             return False
-        if [p.data_ptr() for p in params] != self.theta_ptrs:
+        if [local_tensor(p).data_ptr() for p in params] != self.theta_ptrs:
             return False
         ptrs = [g.data_ptr() for g in grads]
         if ptrs != self.grad_ptrs:
@@ -378,9 +411,15 @@ class _SteadyPlan:
             staged = self.staging.grad
             if not all(g.dtype == dtype and (i in staged or g.is_contiguous()) for i, g in enumerate(grads)):
                 return False
-            self.slots["g"] = _slot(self.staging.grads(self.layers), grads[0].device)
+            self.g_table = _slot(self.staging.grads(self.layers), grads[0].device)[1]
             self.grad_ptrs = ptrs
         return True
+
+    def bind(self, layers: list[Layer]) -> dict[str, tuple[Tensor, Tensor]]:
+        """This step's slots: the kept ones and the gradients' (their base is this step's first gradient)."""
+        slots = {"theta": self.slots["theta"], "g": (self.staging.grads(layers)[0], self.g_table)}
+        slots.update(self.slots)  # (the kernels' argument order: θ, g, then the state)
+        return slots
 
 
 def _aligned(slots: dict[str, tuple[Tensor, Tensor]]) -> bool:

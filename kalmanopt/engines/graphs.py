@@ -81,7 +81,8 @@ def graphed_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -
     token_of = getattr(engine, "graph_token", None)
     if token_of is None:
         return False
-    ctx = GroupContext(opt.filter, group, opt._group_state(0), lambda: opt._layers(0), state=opt.state)
+    ctx = GroupContext(opt.filter, group, opt._group_state(0), lambda: opt._layers(0), state=opt.state,
+                       owner=opt)
     token = token_of(ctx)
     sg = _GRAPHS.get(opt)
     if token is None or sg is None or sg.key != key or sg.token != token:

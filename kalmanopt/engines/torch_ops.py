@@ -57,14 +57,17 @@ class GroupContext:
             steady state may never need them).
         diagnostics: whether per-layer diagnostics are recorded.
         state: the optimizer's per-parameter state mapping (read by engines that cache per-step plans).
+        owner: the optimizer the group belongs to: engines that cache per-step plans key them weakly by it
+            (the plans go with the optimizer), and cache nothing without one.
     """
 
     def __init__(self, composition: Composition, group: dict[str, Any], group_state: dict,
                  layers: Sequence[Layer] | Callable[[], Sequence[Layer]], diagnostics: bool = False,
-                 state: Mapping[Any, Any] | None = None) -> None:
+                 state: Mapping[Any, Any] | None = None, owner: Any = None) -> None:
         self.composition, self.group, self.group_state = composition, group, group_state
         self.diagnostics = diagnostics
         self.state = state
+        self.owner = owner
         self._layers = layers
 
     @property
@@ -126,6 +129,8 @@ class _Work:
     hp: dict[str, float]
     n_none: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per row of the reductions: whether the layer is sharded over ranks (its sums are this rank's part)
+    sharded: list[bool] = field(default_factory=list)
 
 
 class TorchEngine:
@@ -198,7 +203,7 @@ class TorchEngine:
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
         numel = _sizes([f.layer.numel for f in flats], like.device)
-        work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active))
+        work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active), sharded=[f.sharded for f in flats])
         work.extra["created"] = (created, plan.table.layer_keys)
         return work, red, scalars, numel
 
@@ -301,7 +306,7 @@ class TorchEngine:
         table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
         red = {name: table[:, i] for i, name in enumerate(names)}
         numel = _sizes([f.layer.numel for f in flats], like.device)
-        return _Work(ctx, flats, program, hp), red, numel
+        return _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats]), red, numel
 
     def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
         """The predict's batched coefficients and group state (compiled on CUDA)."""
