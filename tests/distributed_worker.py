@@ -46,10 +46,17 @@ def engines(preset: str) -> tuple[str, ...]:
     return tuple(e for e in ENGINES if usable[e] is None)
 
 
+def mlp(seed: int) -> torch.nn.Sequential:
+    """The tests' small MLP (float32, on the CPU), initialised from ``seed``: its shapes do not divide
+    evenly over two ranks (uneven shards), and its one-row last layer leaves rank 1 an empty shard."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+                               torch.nn.Linear(3, 1))
+
+
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
-    """A small MLP whose shapes do not divide evenly over two ranks (uneven shards)."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype).to(device())
+    """:func:`mlp` (seed 0) in ``dtype`` on this process's device."""
+    return mlp(0).to(dtype).to(device())
 
 
 def device() -> torch.device:
@@ -63,7 +70,7 @@ def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of ``step`` (the same on every rank and in the one-process run)."""
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(GLOBAL_BATCH, 1, generator=g, dtype=torch.float64).to(dtype)
     return x.to(device()), y.to(device())
 
 
@@ -258,9 +265,7 @@ def resume(preset: str, path: str, rank: int) -> list[torch.Tensor]:
     from kalmanopt.engines.distributed import load_checkpoint
 
     dtype = torch.float64
-    torch.manual_seed(1)
-    model = wrap(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype),
-                 "fsdp")
+    model = wrap(mlp(1).to(dtype), "fsdp")
     opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
     state = model.state_dict()
     load_checkpoint(opt, path, state)

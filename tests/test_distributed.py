@@ -193,8 +193,7 @@ def test_checkpoints_reshard_between_two_ranks_and_one(checkpoints, preset):
         assert _rel(ranks[rank][("saved", preset)], ref) <= 1e-10  # two ranks, uninterrupted
         assert _rel(ranks[rank][("loaded", preset)], ref) <= 1e-10  # one process saved, two ranks resumed
     # two ranks saved, one process resumes
-    torch.manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    model = w.mlp(5).double()
     opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
     state = model.state_dict()
     with warnings.catch_warnings():
@@ -214,7 +213,7 @@ def four_ranks(launched):
 
 @pytest.mark.parametrize("preset", w.CHECKPOINT_PRESETS)
 def test_a_checkpoint_of_two_ranks_resumes_on_four(four_ranks, preset):
-    """Resharding 2 → 4 (one rank holds an empty shard of the 3-row layer): the uninterrupted run's result."""
+    """Resharding 2 → 4 (empty shards of the 3-row and the 1-row layers): the uninterrupted run's result."""
     ref = w.reference_run(preset, "foreach", torch.float64)
     for rank, out in enumerate(four_ranks):
         assert _rel(out[("reloaded", preset)], ref) <= 1e-10, (preset, rank)
@@ -292,3 +291,15 @@ def test_without_torch_distributed_the_step_is_unchanged():
         w.train(model, opt, torch.float64, range(3), None)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_the_equality_script_reports_every_row_within_the_tolerance(equality):
+    """benchmarks/distributed_equality.py's table (docs/distributed.md) from this launch's ranks."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import distributed_equality
+
+    rows = [line.split("|")[1:-1] for line in distributed_equality.table(equality).splitlines()
+            if line.startswith("| float")]
+    assert len(rows) == len(w.DTYPES) * 2
+    for dtype, mode, worst, where, tolerance, identical in rows:
+        assert float(worst) <= float(tolerance) and identical.strip() == "yes", (dtype, mode, where)
