@@ -267,3 +267,23 @@ def test_a_deleted_optimizer_keeps_no_parameter_or_state_alive(preset, implement
     (an ablation trains many optimizers in one process)."""
     refs = train_and_forget(preset, implementation, "cpu")
     assert len(refs) > 4 and all(r() is None for r in refs)
+
+
+def test_an_offset_table_keeps_its_alignment_when_the_cache_of_tables_is_cleared():
+    """The fused engine's offset tables (CPU-testable helpers): offsets from the first tensor, cached by
+    address; whether a table may take the aligned kernel variant stays with the table when the cache,
+    which FSDP2's new gradient buffers each step can fill, is cleared."""
+    from kalmanopt.engines import fused
+
+    storage = torch.zeros(16 * 400)
+    views = [storage[:16], storage[32:48], storage[64:80]]
+    base, table = fused._slot(views, torch.device("cpu"))
+    assert base is views[0] and table.tolist() == [0, 32, 64]
+    assert fused._slot(views, torch.device("cpu"))[1] is table  # cached
+    for i in range(300):  # other addresses, past the cache's bound: it is cleared
+        fused._slot([storage[16 * (i + 5):], storage[:1]], torch.device("cpu"))
+    assert fused._slot(views, torch.device("cpu"))[1] is not table  # (the cache forgot it)
+    assert storage.data_ptr() % 16 == 0
+    assert fused._aligned({"theta": (base, table)})  # the table in use still takes the aligned kernels
+    odd = [storage[1:17], storage[4:20]]  # offsets not multiples of 16 elements
+    assert not fused._aligned({"theta": (base, table), "g": fused._slot(odd, torch.device("cpu"))})

@@ -139,8 +139,9 @@ class _Staging:
 #: offset tables by the tensors' addresses (only the table is kept: holding a tensor would keep its memory,
 #: and FSDP2 hands new gradient buffers every step)
 _SLOTS: dict[tuple, Tensor] = {}
-#: whether an offset table (by id) has only multiples of 16 from a 16-byte aligned base
-_SLOT_ALIGNED: dict[int, bool] = {}
+#: the attribute an offset table carries: whether its offsets are multiples of 16 elements from a 16-byte
+#: aligned base (kept on the table itself, so that clearing the cache never forgets it for a table in use)
+_ALIGNED = "_kalmanopt_aligned"
 
 
 def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -162,9 +163,8 @@ def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tens
     table = host.to(device, non_blocking=True)
     if len(_SLOTS) > 256:
         _SLOTS.clear()
-        _SLOT_ALIGNED.clear()
     _SLOTS[key] = table
-    _SLOT_ALIGNED[id(table)] = ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets)
+    setattr(table, _ALIGNED, ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets))
     return base, table
 
 
@@ -424,7 +424,7 @@ class _SteadyPlan:
 
 def _aligned(slots: dict[str, tuple[Tensor, Tensor]]) -> bool:
     """Whether every slot's base is 16-byte aligned and every offset a multiple of 16 elements."""
-    return all(_SLOT_ALIGNED.get(id(table), False) for _, table in slots.values())
+    return all(getattr(table, _ALIGNED, False) for _, table in slots.values())
 
 
 def _pow2(n: int) -> int:
