@@ -16,8 +16,6 @@ four steps) across 1, 2 and 4 processes and compares with the uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -30,48 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import distributed_worker as w  # noqa: E402
-
-import kalmanopt  # noqa: E402
-from kalmanopt.engines import distributed  # noqa: E402
-
-#: the tests' tolerances (``tests/test_distributed.py``)
-TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
-
-
-def relative_difference(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """The largest difference of any tensor from its reference, relative to the reference's largest entry."""
-    return max(float((a.detach() - b).abs().max() / b.abs().max()) for a, b in zip(params, ref))
-
-
-def launch(scenarios: str, out: Path, base: Path, world: int = w.WORLD) -> tuple[dict, ...]:
-    """``scenarios`` of the worker on ``world`` CPU ranks (checkpoints under ``base``); each rank's results."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DISTRIBUTED_WORKER_WORLD=str(world))
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed_worker.py"), scenarios, str(out),
-                           str(base)], env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"the ranks failed:\n{done.stderr[-4000:]}")
-    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world))
-
-
-def save_one_process_checkpoints(base: Path) -> None:
-    """What one process saves after two steps (``base/one/<preset>``), for the ranks to resume."""
-    for preset in w.CHECKPOINT_PRESETS:
-        model = w.make_model(torch.float64)
-        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
-        w.train(model, opt, torch.float64, range(2), None)
-        distributed.save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
-
-
-def resume_in_one_process(preset: str, path: Path) -> list[torch.Tensor]:
-    """Load what two ranks saved into one process (a model of other initial values) and train on."""
-    model = w.mlp(5).double()
-    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
-    state = model.state_dict()
-    distributed.load_checkpoint(opt, str(path), state)
-    model.load_state_dict(state)
-    w.train(model, opt, torch.float64, range(2, w.STEPS), None)
-    return list(model.parameters())
+from distributed_worker import relative_difference  # noqa: E402
 
 
 def checkpoint_table(two: tuple[dict, ...], four: tuple[dict, ...], base: Path) -> str:
@@ -81,7 +38,7 @@ def checkpoint_table(two: tuple[dict, ...], four: tuple[dict, ...], base: Path) 
         ref = w.reference_run(preset, "foreach", torch.float64)
         rows = [("—", "2 (uninterrupted)", [r[("saved", preset)] for r in two]),
                 ("1", "2", [r[("loaded", preset)] for r in two]),
-                ("2", "1", [resume_in_one_process(preset, base / "two" / preset)]),
+                ("2", "1", [w.resume_in_one_process(preset, base / "two" / preset)]),
                 ("2", "4", [r[("reloaded", preset)] for r in four])]
         for saved, resumed, runs in rows:
             worst = max(relative_difference(params, ref) for params in runs)
@@ -110,7 +67,7 @@ def table(ranks: tuple[dict, ...]) -> str:
                                 worst, where = diff, f"{preset} {engine}"
                         identical &= all(torch.equal(a, b) for a, b in zip(ranks[0][key][0], ranks[1][key][0]))
                 lines.append(f"| {str(dtype).replace('torch.', '')} | {mode} | {worst:.2e} | {where} | "
-                             f"{TOLERANCE[dtype]:.0e} | {'yes' if identical else 'no'} |")
+                             f"{w.TOLERANCE[str(dtype)]:.0e} | {'yes' if identical else 'no'} |")
     return "\n".join(lines)
 
 
@@ -120,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch.distributed.checkpoint in one process says so)
         base = Path(folder)
-        save_one_process_checkpoints(base)
-        two = launch("equality,checkpoint", base / "two-ranks", base)
-        four = launch("reload", base / "four-ranks", base, world=4)
+        w.save_one_process_checkpoints(base)
+        two = w.launch("equality,checkpoint", base / "two-ranks", str(base))
+        four = w.launch("reload", base / "four-ranks", str(base), world=4)
         print(table(two))
         print()
         print(checkpoint_table(two, four, base))

@@ -24,6 +24,8 @@ import kalmanopt  # noqa: E402
 PRESETS = ("koala++", "koala++-lr", "koala++-ns", "koala-diag", "koala-m", "koala-v")
 ENGINES = ("reference", "foreach")
 DTYPES = (torch.float32, torch.float64)
+#: how far a distributed run may land from one process on the same global batch (relative), by dtype name
+TOLERANCE = {str(torch.float32): 1e-6, str(torch.float64): 1e-10}
 STEPS = 4
 GLOBAL_BATCH = 8
 #: the number of ranks of a launch (``DISTRIBUTED_WORKER_WORLD`` in the environment: 2 unless set)
@@ -345,6 +347,52 @@ def bad_input(rank: int) -> dict:
     except TypeError as e:
         errors["option"] = str(e)
     return errors
+
+
+# ---------------------------------------------------------------------- for the parent process (tests, benchmarks)
+def launch(scenarios: str, out: Path, *args: str, world: int = WORLD) -> tuple[dict, ...]:
+    """Run ``scenarios`` (comma-separated) on ``world`` forked ranks (gloo, or NCCL for ``cuda``); each
+    rank's results. ``args`` reach the scenarios (a folder of checkpoints)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", DISTRIBUTED_WORKER_WORLD=str(world))
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), scenarios, str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the ranks of {scenarios!r} failed:\n{done.stderr[-4000:]}")
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world))
+
+
+def relative_difference(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """The largest difference of any tensor from its reference, relative to the reference's largest entry."""
+    return max(float((a.detach() - b).abs().max() / b.abs().max()) for a, b in zip(params, ref))
+
+
+def save_one_process_checkpoints(base: Path) -> None:
+    """What one process saves after two steps (``base/one/<preset>``), for the ranks to resume."""
+    from kalmanopt.engines.distributed import save_checkpoint
+
+    for preset in CHECKPOINT_PRESETS:
+        model = make_model(torch.float64)
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        train(model, opt, torch.float64, range(2), None)
+        save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
+
+
+def resume_in_one_process(preset: str, path: Path) -> list[torch.Tensor]:
+    """Load what ranks saved at ``path`` into one process (a model of other initial values) and train the
+    steps after it; the parameters."""
+    from kalmanopt.engines.distributed import load_checkpoint
+
+    model = mlp(5).double()
+    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+    state = model.state_dict()
+    load_checkpoint(opt, str(path), state)
+    model.load_state_dict(state)
+    train(model, opt, torch.float64, range(2, STEPS), None)
+    return list(model.parameters())
 
 
 def main(rank: int, scenario: str, out_dir: str, *args: str) -> None:

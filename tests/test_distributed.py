@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -22,15 +20,8 @@ import kalmanopt
 from kalmanopt.engines import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _launch(scenario: str, out: Path, *args: str, world: int = w.WORLD) -> tuple[dict, ...]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DISTRIBUTED_WORKER_WORLD=str(world))
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed_worker.py"), scenario, str(out), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world))
+_launch = w.launch
+_rel = w.relative_difference
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +30,7 @@ def launched(tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch.distributed.checkpoint in one process says so)
-        for preset in w.CHECKPOINT_PRESETS:
-            model = w.make_model(torch.float64)
-            opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
-            w.train(model, opt, torch.float64, range(2), None)
-            distributed.save_checkpoint(opt, str(base / "one" / preset), model.state_dict())
+        w.save_one_process_checkpoints(base)
     return base, _launch("equality,checkpoint,runner,benchmark", base / "out", str(base))
 
 
@@ -52,11 +39,7 @@ def equality(launched):
     return launched[1]
 
 
-def _rel(params, ref) -> float:
-    return max(float((a.detach() - b).abs().max() / b.abs().max()) for a, b in zip(params, ref))
-
-
-TOLERANCE = {str(torch.float32): 1e-6, str(torch.float64): 1e-10}
+TOLERANCE = w.TOLERANCE
 CASES = [(str(dtype), mode, preset, engine) for dtype in w.DTYPES for mode in ("ddp", "fsdp") for preset in w.PRESETS
          for engine in w.engines(preset) if not (mode == "fsdp" and preset in w.PER_LAYER)]
 
@@ -193,15 +176,10 @@ def test_checkpoints_reshard_between_two_ranks_and_one(checkpoints, preset):
         assert _rel(ranks[rank][("saved", preset)], ref) <= 1e-10  # two ranks, uninterrupted
         assert _rel(ranks[rank][("loaded", preset)], ref) <= 1e-10  # one process saved, two ranks resumed
     # two ranks saved, one process resumes
-    model = w.mlp(5).double()
-    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **w.HP)
-    state = model.state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        distributed.load_checkpoint(opt, str(base / "two" / preset), state)
-    model.load_state_dict(state)
-    w.train(model, opt, torch.float64, range(2, w.STEPS), None)
-    assert _rel(list(model.parameters()), ref) <= 1e-10
+        resumed = w.resume_in_one_process(preset, base / "two" / preset)
+    assert _rel(resumed, ref) <= 1e-10
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ APIs, across checkpoints from one implementation to another.
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -241,8 +243,6 @@ def test_bfloat16_parameters_keep_float32_state():
 
 def train_and_forget(preset: str, implementation: str, device: str, steps: int = 8) -> list:
     """Train a small model, drop the model and the optimizer; weak references to its parameters and state."""
-    import weakref
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4)).to(device)
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation)
@@ -254,8 +254,6 @@ def train_and_forget(preset: str, implementation: str, device: str, steps: int =
     refs = [weakref.ref(p) for p in model.parameters()]
     refs += [weakref.ref(t) for entry in opt.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
     del model, opt, losses
-    import gc
-
     gc.collect()
     return refs
 
