@@ -8,9 +8,11 @@ APIs, across checkpoints from one implementation to another.
 from __future__ import annotations
 
 import gc
+import re
 import sys
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +231,7 @@ def _per_layer_composition() -> kalmanopt.Composition:
 
 
 def test_cpu_fast_path_does_not_import_triton():
+    sys.modules.pop("kalmanopt.engines.triton_source", None)  # (other tests generate source without a GPU)
     _train("koala++", "foreach", steps=2)
     assert "kalmanopt.engines.triton_source" not in sys.modules
 
@@ -285,3 +288,69 @@ def test_an_offset_table_keeps_its_alignment_when_the_cache_of_tables_is_cleared
     assert fused._aligned({"theta": (base, table)})  # the table in use still takes the aligned kernels
     odd = [storage[1:17], storage[4:20]]  # offsets not multiples of 16 elements
     assert not fused._aligned({"theta": (base, table), "g": fused._slot(odd, torch.device("cpu"))})
+
+
+def _kernel_traffic(source: str, kernel: str) -> tuple[set[str], set[str]]:
+    """The pointers a generated kernel loads from and stores to (``p_<slot>``), from its source."""
+    parts = source.split("def ")
+    body = next((p for p in parts if p.startswith(f"{kernel}_kernel(")), "")
+    return set(re.findall(r"tl\.load\(p_(\w+) \+ idx", body)), set(re.findall(r"tl\.store\(p_(\w+) \+ idx", body))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+@pytest.mark.parametrize("preset", kalmanopt.presets())
+def test_memory_traffic_is_what_the_generated_kernels_load_and_store(preset, weight_decay):
+    """``memory_traffic`` counts exactly the vectors the generated Triton source loads and stores, pass by pass
+    (the source is generated without a GPU)."""
+    from kalmanopt.contract import predict_plan, update_plan
+    from kalmanopt.engines.fused import memory_traffic
+    from kalmanopt.engines.triton_source import source_for
+
+    opt = kalmanopt.create(preset, torch.nn.Linear(3, 2).parameters(), weight_decay=weight_decay)
+    group = opt.param_groups[0]
+    traffic = memory_traffic(opt.filter, group)
+    safe = {"theta": "theta", "g": "g"}
+    up = update_plan(opt.filter, group)
+    vectors = [f"state.{e.name}" for e in up.table.vectors]
+    safe.update({v: v.replace(".", "_") for v in vectors})
+    source = source_for(up.pre, up.reductions, up.program, up.outputs, ["theta", "g", *vectors])[0]
+    assert {safe[k] for k in traffic.update_reduce} == _kernel_traffic(source, "reduce")[0]
+    assert ({safe[k] for k in traffic.update_reads}, {safe[k] for k in traffic.update_writes}) == \
+        _kernel_traffic(source, "apply")
+    pp = predict_plan(opt.filter, group)
+    source = source_for((), pp.reductions, pp.program, pp.outputs, ["theta", *vectors])[0] if pp.moves else ""
+    assert {safe[k] for k in traffic.predict_reduce} == _kernel_traffic(source, "reduce")[0]
+    assert ({safe[k] for k in traffic.predict_reads}, {safe[k] for k in traffic.predict_writes}) == \
+        _kernel_traffic(source, "apply")
+
+
+def test_memory_traffic_of_koala_plus_plus_and_koala_m():
+    """KOALA++: two passes, 10 accesses per parameter (11 with weight decay, which reads θ in the reduction
+    pass); KOALA-M: its predict sweeps twice more; a part that does not meet the contract is refused."""
+    from kalmanopt.engines.fused import memory_traffic
+
+    def traffic(preset: str, **kw):
+        opt = kalmanopt.create(preset, torch.nn.Linear(3, 2).parameters(), **kw)
+        return memory_traffic(opt.filter, opt.param_groups[0])
+
+    plain, decayed = traffic("koala++", weight_decay=0.0), traffic("koala++", weight_decay=1e-4)
+    assert (plain.accesses, plain.passes, decayed.accesses) == (10, 2, 11)
+    assert plain.update_reduce == ("g", "state.H", "state.v") and "theta" in decayed.update_reduce
+    momentum = traffic("koala-m", weight_decay=0.0)
+    assert (momentum.accesses, momentum.passes) == (14, 4)
+    assert momentum.predict_reduce == ("state.w_bar", "theta")
+    with pytest.raises(ValueError, match="does not run on the fused engine"):
+        memory_traffic(_per_layer_composition(), {"weight_decay": 0.0})
+
+
+def test_the_memory_traffic_table_of_the_benchmarks_page_is_the_scripts_output():
+    """docs/benchmarks.md's traffic table is what benchmarks/memory_traffic.py prints from the page's own GPU
+    table: the counts follow the declarations (a part changed without the page fails here)."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    import memory_traffic
+
+    page = root / "docs" / "benchmarks.md"
+    want = memory_traffic.table(memory_traffic.traffic_rows(), memory_traffic.measured(page, "GPT-2 medium"),
+                                "GPT-2 medium")
+    assert want in page.read_text()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Vec
 
-__all__ = ["kernels_for", "Kernels", "source_for"]
+__all__ = ["kernels_for", "Kernels", "source_for", "slot_traffic"]
 
 
 def _name(key: str, slots: Sequence[str], assigned: set[str]) -> str:
@@ -130,16 +130,43 @@ def _prologue(kernel: str, slot_args: list[str], extra: str, reverse: bool) -> l
     return lines
 
 
+class _Passes:
+    """What the two kernels of a declaration compute: each one's body, the slots it reads and the
+    coefficient columns it takes; the apply kernel's stores."""
+
+    def __init__(self, pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
+                 outputs: Sequence[str], slots: Sequence[str]) -> None:
+        w = _Writer(slots)
+        self.reduce_body = [w.assign(a) for a in pre]
+        self.terms = [w.expr(r.expr) for r in reductions]
+        self.reduce_reads, self.reduce_coefs = list(w.read_slots), list(w.coefs)
+        w = _Writer(slots)
+        self.apply_body = [w.assign(a) for a in tuple(pre) + tuple(program)]
+        self.apply_reads = list(w.read_slots)
+        self.written = [k for k in outputs if k in w.assigned and k in slots]
+        self.apply_slots = list(dict.fromkeys(self.apply_reads + self.written))
+        self.apply_coefs = list(w.coefs)
+
+
+def slot_traffic(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
+                 outputs: Sequence[str], slots: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """The slots the generated reduce kernel reads, and those the apply kernel reads and writes (one access
+    per element each; empty where the declaration has no such kernel)."""
+    passes = _Passes(pre, reductions, program, outputs, slots)
+    if not reductions:
+        passes.reduce_reads = []
+    if not program:
+        return passes.reduce_reads, [], []
+    return passes.reduce_reads, passes.apply_reads, passes.written
+
+
 def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
                outputs: Sequence[str], slots: Sequence[str]) -> tuple[str, list[str], list[str], list[str], list[str]]:
     """The module source and, for each kernel, the coefficient columns and the slots it passes."""
     out = [_HEADER]
+    passes = _Passes(pre, reductions, program, outputs, slots)
     # ---------------------------------------------------------------- reduce
-    w = _Writer(slots)
-    body = [w.assign(a) for a in pre]
-    terms = [w.expr(r.expr) for r in reductions]
-    reduce_slots = list(w.read_slots)
-    reduce_coefs = list(w.coefs)
+    reduce_slots, reduce_coefs, body, terms = passes.reduce_reads, passes.reduce_coefs, passes.reduce_body, passes.terms
     if reductions:
         lines = _prologue("reduce", [f"b_{_safe(k)}, o_{_safe(k)}" for k in reduce_slots], "partials", False)
         lines += _chunk_bounds(reduce_slots, reduce_coefs, "    ")
@@ -153,18 +180,14 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
         lines += [f"    tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))" for i in range(len(reductions))]
         out.append("\n".join(lines) + "\n")
     # ---------------------------------------------------------------- apply
-    w = _Writer(slots)
-    body = [w.assign(a) for a in tuple(pre) + tuple(program)]
-    written = [k for k in outputs if k in w.assigned and k in slots]
-    apply_slots = list(dict.fromkeys(w.read_slots + written))
-    apply_coefs = list(w.coefs)
+    body, written, apply_slots, apply_coefs = passes.apply_body, passes.written, passes.apply_slots, passes.apply_coefs
     if program:
         lines = _prologue("apply", [f"b_{_safe(k)}, o_{_safe(k)}" for k in apply_slots], "unused", True)
         lines += ["    if tl.load(skip + layer) == 0:"]
         lines += _chunk_bounds(apply_slots, apply_coefs, "        ")
         for masked in (False, True):
             lines += _loop_head(masked, "        ")
-            lines += _loads(w.read_slots, masked, " " * 16)
+            lines += _loads(passes.apply_reads, masked, " " * 16)
             lines += [" " * 16 + line for line in body]
             mask = ", mask=m" if masked else ""
             lines += [" " * 16 + f"tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty){mask})"
