@@ -201,6 +201,12 @@ def scenario_cuda(rank: int, out: dict, *_: str) -> None:
     equality_runs(rank, out, lambda preset: CUDA_ENGINES, "fused")
 
 
+def scenario_interpreted(rank: int, out: dict, *_: str) -> None:
+    """The fused engine on CPU ranks, its kernels run by Triton's interpreter (the launch sets
+    ``TRITON_INTERPRET=1``): :func:`scenario_equality`'s runs on it."""
+    equality_runs(rank, out, lambda preset: ("fused",), "fused")
+
+
 CHECKPOINT_PRESETS = ("koala++", "koala-m")
 
 
@@ -350,19 +356,28 @@ def bad_input(rank: int) -> dict:
 
 
 # ---------------------------------------------------------------------- for the parent process (tests, benchmarks)
-def launch(scenarios: str, out: Path, *args: str, world: int = WORLD) -> tuple[dict, ...]:
+def launch(scenarios: str, out: Path, *args: str, world: int = WORLD,
+           env: dict[str, str] | None = None) -> tuple[dict, ...]:
     """Run ``scenarios`` (comma-separated) on ``world`` forked ranks (gloo, or NCCL for ``cuda``); each
-    rank's results. ``args`` reach the scenarios (a folder of checkpoints)."""
+    rank's results. ``args`` reach the scenarios (a folder of checkpoints); ``env`` adds to the ranks'
+    environment."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", DISTRIBUTED_WORKER_WORLD=str(world))
+    path = os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", DISTRIBUTED_WORKER_WORLD=str(world), **(env or {}))
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), scenarios, str(out), *args],
                           env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the ranks of {scenarios!r} failed:\n{done.stderr[-4000:]}")
     return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world))
+
+
+def predict_collectives(preset: str) -> int:
+    """A predict's all-reduces per step: only sharded layers under dynamics with predict reductions need one."""
+    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.ones(2))])
+    return 1 if opt.filter.dynamics.predict_reductions(opt.param_groups[0]) else 0
 
 
 def relative_difference(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:

@@ -61,21 +61,15 @@ def test_ddp_ranks_are_bit_identical(equality):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), case
 
 
-def _predict_collectives(preset: str) -> int:
-    """A predict's all-reduce: only sharded layers under dynamics with predict reductions need one."""
-    opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.ones(2))])
-    return 1 if opt.filter.dynamics.predict_reductions(opt.param_groups[0]) else 0
-
-
 def test_exactly_one_collective_per_step(equality):
     for case in CASES:
         _, mode, preset, _ = case
-        k = _predict_collectives(preset) if mode == "fsdp" else 0
+        k = w.predict_collectives(preset) if mode == "fsdp" else 0
         # the first step also runs the first predict
         expected = [1 + 2 * k] + [1 + k] * (w.STEPS - 1)
         for rank in range(w.WORLD):
             assert equality[rank][case][1] == expected, (case, rank)
-    assert _predict_collectives("koala-m") == 1 and _predict_collectives("koala++") == 0
+    assert w.predict_collectives("koala-m") == 1 and w.predict_collectives("koala++") == 0
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
@@ -116,7 +110,7 @@ def test_two_gpus_equal_one_gpu_on_the_global_batch(two_gpus, case):
     dtype_name, mode, preset, engine = case
     dtype = torch.float32 if dtype_name == str(torch.float32) else torch.float64
     ref = _on_one_gpu(preset, engine, dtype)
-    k = _predict_collectives(preset) if mode == "fsdp" else 0
+    k = w.predict_collectives(preset) if mode == "fsdp" else 0
     for rank in range(w.WORLD):
         params, counts = two_gpus[rank][case]
         assert _rel(params, ref) <= TOLERANCE[dtype_name], (case, rank, _rel(params, ref))

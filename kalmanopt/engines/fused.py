@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import operator
+import os
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -38,7 +39,7 @@ from kalmanopt.program import Assign, Reduction, hp_coefficients
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
 
-__all__ = ["FusedEngine", "CONFIG", "triton_available", "MemoryTraffic", "memory_traffic"]
+__all__ = ["FusedEngine", "CONFIG", "triton_available", "interpreting", "MemoryTraffic", "memory_traffic"]
 
 #: launch configuration: elements per program (chunk), per block, warps per program
 CONFIG = {"chunk": 8192, "block": 1024, "warps": 4}
@@ -104,6 +105,13 @@ def memory_traffic(composition: Composition, group: Mapping[str, Any], diagnosti
 def triton_available() -> bool:
     """Whether Triton can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` in the environment): the fused
+    engine then also runs on CPU tensors where ``implementation="fused"`` is asked for, the same generated
+    kernels executed by Triton on the host (slowly: for tests of the kernels without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
 class _Chunks:
@@ -250,7 +258,8 @@ class FusedEngine(TorchEngine):
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         params = group["params"]
-        key = (id(composition), id(params), len(params), tuple(str(p.device) for p in params[:1]))
+        key = (id(composition), id(params), len(params), tuple(str(p.device) for p in params[:1]),
+               group.get("implementation"))
         if key in self._verdicts:
             return self._verdicts[key]
         verdict = self._unsupported(composition, group)
@@ -265,7 +274,8 @@ class FusedEngine(TorchEngine):
             return gap
         params = group["params"]
         devices = sorted({str(p.device) for p in params})
-        if any(not d.startswith("cuda") for d in devices):
+        interpreted = devices == ["cpu"] and group.get("implementation") == "fused" and interpreting()
+        if any(not d.startswith("cuda") for d in devices) and not interpreted:
             return (f"fused kernels need CUDA tensors, the parameters are on {', '.join(devices) or 'no device'}; "
                     "use implementation='foreach' (any device) or None")
         if len(devices) > 1:
