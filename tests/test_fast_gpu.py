@@ -1,9 +1,17 @@
 """The fused (Triton) and multi-tensor paths on CUDA: equal to the reference path, no host sync
-in a step, capturable in a CUDA graph, non-finite steps masked on the device."""
+in a step, capturable in a CUDA graph, non-finite steps masked on the device.
+
+With ``KALMANOPT_FUSED_TEST_DEVICE=cpu`` and ``TRITON_INTERPRET=1`` in the environment the same tests run on
+the CPU, the fused engine's kernels executed by Triton's interpreter (``tests/test_fused_interpreted.py``
+runs them so); the tests of what only a GPU has (host syncs, CUDA graphs, CUDA memory) are skipped there.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -14,9 +22,17 @@ from test_fast import FAST_PRESETS, GRADS, SHAPES, TOLERANCE, _shaped_run, _trai
 
 import kalmanopt
 
-pytestmark = pytest.mark.gpu
+#: where the tests run: "cuda", or "cpu" with the fused kernels in Triton's interpreter
+CUDA = os.environ.get("KALMANOPT_FUSED_TEST_DEVICE", "cuda")
 
-CUDA = "cuda"
+pytestmark = [pytest.mark.gpu] if CUDA == "cuda" else []
+#: a test of what only a GPU has (host synchronisation, CUDA graphs, CUDA memory)
+needs_cuda = pytest.mark.skipif(CUDA != "cuda", reason="a GPU-only property (the interpreter runs on the CPU)")
+
+
+def _synchronize() -> None:
+    if CUDA == "cuda":
+        torch.cuda.synchronize()
 
 
 def _compare_states(fast: kalmanopt.KalmanOptimizer, ref: kalmanopt.KalmanOptimizer, tol: float) -> None:
@@ -90,6 +106,7 @@ def test_fused_equals_reference_on_drawn_shapes(chunk, block, preset, shapes, da
 
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+@needs_cuda
 def test_step_does_not_synchronise(implementation, preset):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(CUDA)
     opt = kalmanopt.create(preset, model.parameters(), implementation=implementation, weight_decay=1e-4)
@@ -114,6 +131,7 @@ def test_step_does_not_synchronise(implementation, preset):
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+@needs_cuda
 def test_fused_step_captures_in_a_cuda_graph(preset):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in ((37, 19), (19,), (5, 3, 3), ())]
@@ -153,9 +171,10 @@ def test_nonfinite_gradient_skips_the_step_on_the_device(preset):
     for p in params:
         p.grad = torch.randn_like(p)
     params[0].grad[1, 2] = float("inf")
-    opt.step(loss=torch.rand(5, device=CUDA))
-    torch.cuda.synchronize()
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):  # reported at a later step
+    with _reported("non-finite gradient", at_once=True):
+        opt.step(loss=torch.rand(5, device=CUDA))
+    _synchronize()
+    with _reported("non-finite gradient", at_once=False):  # a GPU reports at a later step
         params[0].grad[1, 2] = float("nan")
         opt.step(loss=torch.rand(5, device=CUDA))
     assert all(torch.equal(a, b) for a, b in zip(params, before))
@@ -168,13 +187,23 @@ def test_nonfinite_gradient_skips_the_step_on_the_device(preset):
                 assert torch.equal(after[key][name], t), (key, name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step(loss=torch.tensor([float("nan"), 1.0], device=CUDA))
-        torch.cuda.synchronize()
-        with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        with _reported("non-finite loss", at_once=True):
+            opt.step(loss=torch.tensor([float("nan"), 1.0], device=CUDA))
+        _synchronize()
+        with _reported("non-finite loss", at_once=False):
             opt.step(loss=torch.rand(5, device=CUDA))
 
 
+def _reported(message: str, at_once: bool) -> Any:
+    """Expect the warning ``message`` here: a GPU step reports it at a later step (it never waits for the
+    device), a CPU step at once (its flags are free to read); where it is not expected, nothing."""
+    if at_once == (CUDA != "cuda"):
+        return pytest.warns(RuntimeWarning, match=message)
+    return contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+@needs_cuda
 def test_grad_scaler_on_the_fused_engine_skips_overflows_without_a_host_sync(preset):
     """GradScaler hands the scale and the overflow flag to the step: a power-of-two scale equals the unscaled
     run bit for bit, an overflow skips the step on the device, and ``scaler.step`` never synchronises."""
@@ -245,6 +274,8 @@ def test_cuda_checkpoint_resumes_across_implementations(preset, first, second):
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+@pytest.mark.skipif(CUDA != "cuda", reason="Triton's interpreter converts float32 to bfloat16 by truncation (a GPU "
+                    "rounds to nearest, as this test requires)")
 def test_bfloat16_parameters_fused(preset):
     """bf16 parameters keep float32 state; θ is rounded to nearest, as the reference path's copy_."""
     want, _ = _train(preset, "reference", dtype=torch.bfloat16, steps=3, device=CUDA)
@@ -256,6 +287,7 @@ def test_bfloat16_parameters_fused(preset):
     assert relative_error(got.float(), want.float()) <= 8e-3  # at most about two bf16 ulps
 
 
+@needs_cuda
 def test_none_picks_fused_on_cuda():
     from kalmanopt.engines import resolve_engine as resolve_implementation
 
@@ -285,6 +317,7 @@ def test_fused_non_contiguous_parameters(preset):
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
+@needs_cuda
 def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(preset):
     """The fused engine replays a captured step once steady (kalmanopt.engines.graphs); η changing every
     step, gradient buffers that move, a hyper-parameter change and a non-finite loss must not make it
@@ -320,6 +353,7 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
 
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 @pytest.mark.parametrize("preset", ["koala++", "koala-m"])
+@needs_cuda
 def test_a_deleted_optimizer_leaves_no_gpu_memory_behind(preset, implementation):
     """The fused engine's per-optimizer plans, staging buffers and captured graphs go with the optimizer:
     parameters and state are freed, and the allocated memory returns to where it was (small tables of
