@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -194,6 +194,19 @@ def test_nonfinite_gradient_skips_the_step_on_the_device(preset):
             opt.step(loss=torch.rand(5, device=CUDA))
 
 
+@contextlib.contextmanager
+def _syncs_refused(refused: bool = True) -> Iterator[None]:
+    """Inside, a host synchronisation raises (CUDA's sync debug mode); nothing to refuse on the CPU."""
+    if CUDA != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error" if refused else 0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def _reported(message: str, at_once: bool) -> Any:
     """Expect the warning ``message`` here: a GPU step reports it at a later step (it never waits for the
     device), a CPU step at once (its flags are free to read); where it is not expected, nothing."""
@@ -203,15 +216,15 @@ def _reported(message: str, at_once: bool) -> Any:
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
-@needs_cuda
 def test_grad_scaler_on_the_fused_engine_skips_overflows_without_a_host_sync(preset):
     """GradScaler hands the scale and the overflow flag to the step: a power-of-two scale equals the unscaled
-    run bit for bit, an overflow skips the step on the device, and ``scaler.step`` never synchronises."""
+    run bit for bit, an overflow skips the step on the device, and ``scaler.step`` never synchronises (on a
+    GPU; the CPU has nothing to synchronise with)."""
     def run(scaled: bool, overflow_at: int | None = None) -> tuple[torch.nn.Module, kalmanopt.KalmanOptimizer]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(CUDA)
         opt = kalmanopt.create(preset, model.parameters(), implementation="fused")
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12, growth_interval=1000)
+        scaler = torch.amp.GradScaler(CUDA, init_scale=2.0 ** 12, growth_interval=1000)
         gen = torch.Generator(device=CUDA).manual_seed(1)
         for k in range(6):
             x = torch.randn(16, 32, device=CUDA, generator=gen)
@@ -225,11 +238,8 @@ def test_grad_scaler_on_the_fused_engine_skips_overflows_without_a_host_sync(pre
             scaler.scale(losses.mean()).backward()
             if k == overflow_at:
                 model[0].weight.grad[0, 0] = float("inf")
-            torch.cuda.set_sync_debug_mode("error" if k >= 3 else 0)
-            try:
+            with _syncs_refused(k >= 3):
                 scaler.step(opt, loss=losses.detach())
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
             scaler.update()
         return model, opt
 
