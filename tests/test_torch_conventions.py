@@ -273,7 +273,8 @@ def test_conflicting_or_non_boolean_torch_flags_are_refused(kwargs, error, match
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of the CUDA-only engine")
-def test_fused_true_on_the_cpu_says_why_it_cannot_run():
+def test_fused_true_on_the_cpu_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (Triton's interpreter would run it on the CPU)
     with pytest.raises(ValueError, match="implementation 'fused' cannot run"):
         kalmanopt.create("koala++", _model().parameters(), fused=True)
 

@@ -61,11 +61,12 @@ def _load_builtin() -> None:
 
 
 def available_implementations(composition: Composition, group: dict[str, Any]) -> dict[str, str | None]:
-    """For each engine name, ``None`` if usable for the group, else why not."""
+    """For each engine name, ``None`` if usable for the group when asked for by name, else why not."""
     _load_builtin()
     result: dict[str, str | None] = {}
     for name in IMPLEMENTATIONS:
-        reasons = [engine.unsupported(composition, group) for engine in _ENGINES[name]]
+        asked = {**group, "implementation": name}
+        reasons = [engine.unsupported(composition, asked) for engine in _ENGINES[name]]
         if not reasons:
             result[name] = "not available in this installation"
         elif any(r is None for r in reasons):

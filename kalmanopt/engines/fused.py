@@ -259,7 +259,7 @@ class FusedEngine(TorchEngine):
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         params = group["params"]
         key = (id(composition), id(params), len(params), tuple(str(p.device) for p in params[:1]),
-               group.get("implementation"))
+               group.get("implementation"), interpreting())
         if key in self._verdicts:
             return self._verdicts[key]
         verdict = self._unsupported(composition, group)
@@ -323,8 +323,8 @@ class FusedEngine(TorchEngine):
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
         work = _Work(ctx, [], None, hp, n_none=n_none, sharded=steady.sharded)  # type: ignore[arg-type]
-        work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels, created=(created, ()),
-                          staging=steady.staging)
+        work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels,
+                          created=(created, plan.table.layer_keys), staging=steady.staging)
         return work, red, scalars, steady.numel
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
@@ -362,6 +362,7 @@ class FusedEngine(TorchEngine):
         self._commit_group(ctx.group_state, b)
         b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
         self._commit_counters(ctx.group_state, b)
+        self._forget_skipped_new_state(layers, work, b)  # (CPU tensors only: the interpreter)
 
     # ------------------------------------------------------------------ predict
     def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:

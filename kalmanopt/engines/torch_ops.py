@@ -228,14 +228,17 @@ class TorchEngine:
         self._commit_group(ctx.group_state, b)
         b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
         self._commit_counters(ctx.group_state, b)
+        self._forget_skipped_new_state([f.layer for f in work.flats], work, b)
+
+    def _forget_skipped_new_state(self, layers: Sequence[Layer], work: _Work, b: Batch) -> None:
+        """As if never touched: a layer skipped at its first update keeps no state (free to check on the CPU;
+        elsewhere its state stays at its initial values, which mark "no update yet")."""
         created, keys = work.extra.get("created", ((), ()))
         if any(created) and self._host(b.like):
-            # as if never touched: a layer skipped at its first update keeps no state (free to check on
-            # the CPU; elsewhere its state stays at its initial values, which mark "no update yet")
-            for f, new, skipped in zip(work.flats, created, b.skip.tolist()):
+            for layer, new, skipped in zip(layers, created, b.skip.tolist()):
                 if new and skipped:
                     for key in keys:
-                        f.layer.state.pop(key, None)
+                        layer.state.pop(key, None)
 
     def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
                       b: Batch) -> None:

@@ -10,6 +10,7 @@ The generated module is written to a cache folder and imported, once per distinc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -229,16 +230,18 @@ class Kernels:
         for k in self.reduce_slots:
             args += list(slots[k])
         args += [table, partials, chunks.n_chunks]
-        self.module.reduce_kernel[(chunks.n_chunks,)](
-            *args, NC=table.shape[1], NR=partials.shape[1], S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
-            BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
+        with _launching():
+            self.module.reduce_kernel[(chunks.n_chunks,)](
+                *args, NC=table.shape[1], NR=partials.shape[1], S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
+                BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
 
     def layer_sums(self, chunks: Any, partials: Tensor, n_layers: int) -> Tensor:
         """Per-layer sums ``[layers, reductions]`` of the reduce kernel's per-chunk partials."""
         out = torch.empty(n_layers, partials.shape[1], dtype=partials.dtype, device=partials.device)
         if n_layers:
-            self.module.layer_sum_kernel[(n_layers,)](partials, chunks.layer_first, chunks.layer_last, out,
-                                                      NR=partials.shape[1], ROWS=64)
+            with _launching():
+                self.module.layer_sum_kernel[(n_layers,)](partials, chunks.layer_first, chunks.layer_last, out,
+                                                          NR=partials.shape[1], ROWS=64)
         return out
 
     def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
@@ -249,9 +252,22 @@ class Kernels:
         for k in self.apply_slots:
             args += list(slots[k])
         args += [table, table, chunks.n_chunks]
-        self.module.apply_kernel[(chunks.n_chunks,)](
-            *args, NC=table.shape[1], NR=1, S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
-            BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
+        with _launching():
+            self.module.apply_kernel[(chunks.n_chunks,)](
+                *args, NC=table.shape[1], NR=1, S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
+                BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
+
+
+def _launching() -> Any:
+    """Around a launch: in Triton's interpreter, numpy's floating-point warnings off (a GPU makes ∞ and NaN
+    silently; the step's own checks report what matters)."""
+    from kalmanopt.engines.fused import interpreting
+
+    if interpreting():
+        import numpy
+
+        return numpy.errstate(all="ignore")
+    return contextlib.nullcontext()
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:
