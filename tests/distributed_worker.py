@@ -12,6 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -378,6 +379,16 @@ def predict_collectives(preset: str) -> int:
     """A predict's all-reduces per step: only sharded layers under dynamics with predict reductions need one."""
     opt = kalmanopt.create(preset, [torch.nn.Parameter(torch.ones(2))])
     return 1 if opt.filter.dynamics.predict_reductions(opt.param_groups[0]) else 0
+
+
+def assert_the_nan_step_was_skipped_on_every_rank(ranks: Sequence[dict], ref: list[torch.Tensor]) -> None:
+    """The ``("nan", mode)`` runs of :func:`equality_runs`: on every rank one step counted as non-finite and
+    skipped, and the parameters equal to ``ref`` (one process skipping the same step)."""
+    for mode in ("ddp", "fsdp"):
+        for rank, out in enumerate(ranks):
+            params, counters = out[("nan", mode)]
+            assert counters["nonfinite_steps"] == 1 and counters["steps"] == STEPS - 1, (mode, rank, counters)
+            assert relative_difference(params, ref) <= 1e-10, (mode, rank)
 
 
 def relative_difference(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
