@@ -180,26 +180,15 @@ def _payload_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-_ROWS: dict[tuple, Tensor] = {}
-
-
 def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor]]:
-    """Per group: its reductions, their names and the indices of its sharded layers (groups with any).
+    """Per group: its reductions, their names and the indices of its sharded layers (groups with any)."""
+    from kalmanopt.engines.torch_ops import device_int64
 
-    The index tensors are cached (a copy to the device each step would wait for the passes before it).
-    """
     out = []
     for work, red, *_ in works:
-        rows = tuple(i for i, sharded in enumerate(work.sharded) if sharded)
+        rows = [i for i, sharded in enumerate(work.sharded) if sharded]
         if rows and red:
-            device = next(iter(red.values())).device
-            key = (rows, str(device))
-            index = _ROWS.get(key)
-            if index is None:
-                if len(_ROWS) > 64:
-                    _ROWS.clear()
-                index = _ROWS[key] = torch.tensor(rows, dtype=torch.int64, device=device)
-            out.append((red, list(red), index))
+            out.append((red, list(red), device_int64(rows, next(iter(red.values())).device)))
     return out
 
 

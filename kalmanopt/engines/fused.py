@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kalmanopt.contract import Batch, contract_gap, predict_plan, update_plan
 from kalmanopt.engines.distributed import is_sharded, local_tensor
-from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _sizes, _Work, has_gradient, local_numel
+from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, device_int64, has_gradient, local_numel
 from kalmanopt.layers import Layer
 from kalmanopt.program import Assign, Reduction, hp_coefficients
 
@@ -93,18 +93,22 @@ def memory_traffic(composition: Composition, group: Mapping[str, Any], diagnosti
     if gap is not None:
         raise ValueError(f"the composition does not run on the fused engine: {gap}")
     update = update_plan(composition, group, diagnostics)
-    vectors = [f"state.{e.name}" for e in update.table.vectors]
     reduce, reads, writes = slot_traffic(update.pre, update.reductions, update.program, update.outputs,
-                                         ["theta", "g", *vectors])
+                                         _slot_names(update.table, with_grads=True))
     predict = predict_plan(composition, group)
-    moves = slot_traffic((), predict.reductions, predict.program, predict.outputs, ["theta", *vectors]) \
-        if predict.moves else ([], [], [])
+    moves = slot_traffic((), predict.reductions, predict.program, predict.outputs,
+                         _slot_names(predict.table, with_grads=False)) if predict.moves else ([], [], [])
     return MemoryTraffic(*(tuple(x) for x in (reduce, reads, writes, *moves)))
 
 
 def triton_available() -> bool:
     """Whether Triton can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def _slot_names(table: Any, with_grads: bool) -> list[str]:
+    """The vectors a kernel can address, in the order of its arguments: θ, g (an update), the state table's."""
+    return ["theta", *(["g"] if with_grads else []), *(f"state.{e.name}" for e in table.vectors)]
 
 
 def interpreting() -> bool:
@@ -301,7 +305,7 @@ class FusedEngine(TorchEngine):
             steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([local_numel(x) for x in active],
                                                                              like.device),
                                  complete=len(active) == len(ctx.layers), staging=staging,
-                                 numel=_sizes([x.numel for x in active], like.device))
+                                 numel=device_int64([x.numel for x in active], like.device))
             if steady.complete and ctx.state is not None and ctx.owner is not None:
                 self._steady_plans.setdefault(ctx.owner, {})[id(ctx.group)] = steady
             n_none = len(ctx.layers) - len(active)
@@ -395,7 +399,7 @@ class FusedEngine(TorchEngine):
             kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
         sums = kernels.layer_sums(chunks, partials, len(layers)) if red_names else partials[:0]
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
-        numel = _sizes([layer.numel for layer in layers], like.device)
+        numel = device_int64([layer.numel for layer in layers], like.device)
         work = _Work(ctx, [], None, hp, sharded=_sharded(layers))  # type: ignore[arg-type]
         work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels, staging=staging)
         return work, red, numel
@@ -427,12 +431,15 @@ class FusedEngine(TorchEngine):
     def _slots(layers: list[Layer], table: Any, staging: _Staging,
                with_grads: bool) -> dict[str, tuple[Tensor, Tensor]]:
         device = _theta(layers[0]).device
-        slots = {"theta": _slot(staging.thetas(layers), device)}
-        if with_grads:
-            slots["g"] = _slot(staging.grads(layers), device)
-        for e in table.vectors:
-            slots[f"state.{e.name}"] = _slot([layer.state[e.name] for layer in layers], device)
-        return slots
+
+        def tensors(name: str) -> list[Tensor]:
+            if name == "theta":
+                return staging.thetas(layers)
+            if name == "g":
+                return staging.grads(layers)
+            return [layer.state[name.removeprefix("state.")] for layer in layers]
+
+        return {name: _slot(tensors(name), device) for name in _slot_names(table, with_grads)}
 
 
 class _SteadyPlan:

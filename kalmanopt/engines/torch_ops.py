@@ -202,7 +202,7 @@ class TorchEngine:
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
-        numel = _sizes([f.layer.numel for f in flats], like.device)
+        numel = device_int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active), sharded=[f.sharded for f in flats])
         work.extra["created"] = (created, plan.table.layer_keys)
         return work, red, scalars, numel
@@ -308,7 +308,7 @@ class TorchEngine:
         names = [r.name for r in plan.reductions]
         table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
         red = {name: table[:, i] for i, name in enumerate(names)}
-        numel = _sizes([f.layer.numel for f in flats], like.device)
+        numel = device_int64([f.layer.numel for f in flats], like.device)
         return _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats]), red, numel
 
     def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
@@ -322,19 +322,21 @@ class TorchEngine:
         self._commit_group(work.ctx.group_state, b)
 
 
-_SIZES: dict[tuple, Tensor] = {}
+_INT64: dict[tuple, Tensor] = {}
 
 
-def _sizes(numels: list[int], device: torch.device) -> Tensor:
-    """The layer sizes as an int64 device tensor (cached; copied without blocking from pinned memory)."""
-    key = (tuple(numels), str(device))
-    t = _SIZES.get(key)
+def device_int64(values: Sequence[int], device: torch.device) -> Tensor:
+    """Integers (layer sizes, row indices) as an int64 tensor on ``device``, cached by value and never to be
+    written: a step asks for the same ones again, and a copy to the device each time would wait for the work
+    queued before it (the first one is copied from pinned memory, without blocking)."""
+    key = (tuple(values), str(device))
+    t = _INT64.get(key)
     if t is None:
-        host = torch.tensor(numels, dtype=torch.int64)
+        host = torch.tensor(list(values), dtype=torch.int64)
         t = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-        if len(_SIZES) > 256:
-            _SIZES.clear()
-        _SIZES[key] = t
+        if len(_INT64) > 256:
+            _INT64.clear()
+        _INT64[key] = t
     return t
 
 
