@@ -346,17 +346,29 @@ def gpu_tables(args) -> str:
                          f"{r['peak_mib']:.0f} |")
         lines.append(f"| {set_name} | | | floor: 7 accesses / 11 accesses | {floor7:.3f} / {floor11:.3f} | | | | |")
     if args.training:
+        rounds = max(1, args.rounds)
         lines += ["", "End-to-end training step (forward, backward, optimizer; small GPT in fp32 with batch "
-                  "64 × 256 tokens, ResNet-50 in bf16 autocast with batch 64 at 224²):", "",
-                  "| model | params (M) | optimizer | step (ms) | × AdamW fused |", "|---|---|---|---|---|"]
+                  "64 × 256 tokens, ResNet-50 in bf16 autocast with batch 64 at 224²)"
+                  + (f"; median over {rounds} rounds, the two optimizers' order alternating, of each round's "
+                     "median, and the rounds' range" if rounds > 1 else "") + ":", "",
+                  "| model | params (M) | optimizer | step (ms) | × AdamW fused | rounds' range (ms) |",
+                  "|---|---|---|---|---|---|"]
+        optimizers = ("AdamW fused", "KOALA++ fused")
         for model_name in ("small GPT", "ResNet-50"):
-            rows = [training_step_time(model_name, o, device, args.warmup, args.repeats)
-                    for o in ("AdamW fused", "KOALA++ fused")]
-            for r in rows:
-                print(f"  {model_name:10s} {r['optimizer']:14s} {r['ms']:8.2f} ms", flush=True)
-                lines.append(f"| {model_name} | {r['params'] / 1e6:.1f} | {r['optimizer']} | {r['ms']:.2f} | "
-                             f"{r['ms'] / rows[0]['ms']:.3f} |")
-            torch.cuda.empty_cache()
+            per_round: dict[str, list[float]] = {o: [] for o in optimizers}
+            n_params = 0
+            for r in range(rounds):
+                for o in (optimizers if r % 2 == 0 else optimizers[::-1]):
+                    row = training_step_time(model_name, o, device, args.warmup, args.repeats)
+                    per_round[o].append(row["ms"])
+                    n_params = row["params"]
+                    print(f"  {model_name:10s} {o:14s} round {r + 1}: {row['ms']:8.2f} ms", flush=True)
+                    torch.cuda.empty_cache()
+            adam = statistics.median(per_round[optimizers[0]])
+            for o in optimizers:
+                ms = statistics.median(per_round[o])
+                lines.append(f"| {model_name} | {n_params / 1e6:.1f} | {o} | {ms:.2f} | {ms / adam:.3f} | "
+                             f"{min(per_round[o]):.2f}–{max(per_round[o]):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +424,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--training", action="store_true", help="also time end-to-end training steps")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="training steps: time each optimizer this many times, in alternating order")
     parser.add_argument("--slow-foreach", action="store_true", help="time the foreach paths on the GPT-2 sets too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

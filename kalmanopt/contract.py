@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.program import Assign, Reduction, State, Vec
+from kalmanopt.program import Assign, Reduction, State, Vec, coefficients_read
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,6 +135,26 @@ def contract_gap(composition: Composition) -> str | None:
         reason = gap() if gap is not None else "it does not declare the two-pass contract"
         if reason is not None:
             return f"the {kind} {type(part).__name__} does not meet the two-pass contract: {reason}"
+    return _ride_gap(composition)
+
+
+def _ride_gap(composition: Composition) -> str | None:
+    """What keeps a dynamics that declares ``predict_rides_on_update`` from riding, or None."""
+    d = composition.dynamics
+    if not getattr(d, "predict_rides_on_update", False):
+        return None
+    specs = composition.hyperparameters()
+    hp = {name: spec.default for name, spec in specs.items()}
+    program = tuple(d.predict_program(hp))
+    read = coefficients_read(a.expr for a in program)
+    missing = [name for name in read if name not in specs]
+    if missing:
+        return (f"the dynamics {type(d).__name__} declares predict_rides_on_update, but its predict program reads "
+                f"the coefficient column(s) {', '.join(map(repr, missing))}, which are not hyper-parameters (a "
+                f"riding program runs before predict_coefficients; valid: {sorted(specs)})")
+    if not program:
+        return (f"the dynamics {type(d).__name__} declares predict_rides_on_update, but its predict has no "
+                "element-wise program to ride")
     return None
 
 
@@ -163,6 +183,8 @@ class PredictPlan:
     reductions: tuple[Reduction, ...]
     program: tuple[Assign, ...]
     outputs: tuple[str, ...]
+    #: whether the program may run in the update's element-wise pass (``Dynamics.predict_rides_on_update``)
+    rides: bool = False
 
     @property
     def moves(self) -> bool:
@@ -199,7 +221,8 @@ def predict_plan(composition: Composition, hp: Mapping[str, Any]) -> PredictPlan
     """The reductions and program of a predict (the dynamics' move)."""
     d = composition.dynamics
     program = tuple(d.predict_program(hp))
-    return PredictPlan(state_table(composition), tuple(d.predict_reductions(hp)), program, _outputs(program))
+    return PredictPlan(state_table(composition), tuple(d.predict_reductions(hp)), program, _outputs(program),
+                       rides=bool(program) and getattr(d, "predict_rides_on_update", False))
 
 
 def _finite(t: Tensor) -> Tensor:

@@ -34,6 +34,12 @@ class Dynamics(Part, ABC):
     state_dim: int = 1
     #: whether the predict moves the parameters (the step API then leaves θ̂_{k+1} in them)
     moves_parameters: bool = False
+    #: whether the predict's element-wise program may ride on the update's element-wise pass when a predict
+    #: follows the update at once (``step()``): true for a program whose coefficients are hyper-parameters
+    #: only (it cannot wait for :meth:`predict_coefficients`, which needs the predict's reductions). An engine
+    #: then sums the predict's reductions over the updated vectors and moves them in the same pass, one sweep
+    #: over the parameters instead of three; the two-phase API still runs the predict on its own.
+    predict_rides_on_update: bool = False
 
     def contract_gap(self) -> str | None:
         """``None``: every dynamics meets the contract (its methods have working defaults)."""
@@ -91,6 +97,7 @@ class Momentum(Dynamics):
 
     state_dim = 2
     moves_parameters = True
+    predict_rides_on_update = True  # (its move reads the hyper-parameter a only)
     hyperparameters = (
         HyperParameter("a", 0.9, Range(0.0, 1.0, high_open=True), "decay of the velocity, F = [[1, 1], [0, a]]"),
         HyperParameter("qw", 0.01, Range(0.0), "initial process noise of the weights (adapted online)"),

@@ -74,6 +74,58 @@ def test_cuda_paths_equal_reference(implementation, preset, dtype, weight_decay,
     _compare_states(fast, ref, 100 * TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_riding_predict_runs_in_the_updates_pass_and_equals_the_reference(dtype, monkeypatch):
+    """KOALA-M under ``step()``: its predict rides on the update's element-wise pass (one reduction and one
+    element-wise kernel a step, not two of each), with the reference path's result through a layer skipped
+    for its zero gradient, a non-finite step (nothing moves) and a step with a parameter without gradient
+    (then the predict runs on its own)."""
+    from kalmanopt.engines import triton_source
+
+    launches: list[str] = []
+    for kind in ("reduce", "apply"):
+        original = getattr(triton_source.Kernels, f"launch_{kind}")
+
+        def counted(self, *args, _original=original, _kind=kind, **kw):
+            launches.append(_kind)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(triton_source.Kernels, f"launch_{kind}", counted)
+    runs = {}
+    for implementation in ("reference", "fused"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 300),
+                                    torch.nn.Linear(300, 3)).to(dtype=dtype, device=CUDA)
+        opt = kalmanopt.create("koala-m", model.parameters(), implementation=implementation, weight_decay=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        per_step = []
+        for k in range(7):
+            x = torch.randn(16, 6, generator=gen, dtype=dtype).to(CUDA)
+            losses = model(x).square().mean(1)
+            opt.zero_grad()
+            losses.mean().backward()
+            if k == 2:
+                model[0].weight.grad.zero_()  # that layer is skipped, the others update; every layer predicts
+            if k == 3:
+                model[2].bias.grad[0] = float("nan")  # the step is skipped: nothing moves
+            if k == 4:
+                model[3].bias.grad = None  # a layer without gradient: the predict runs on its own
+            launches.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(loss=losses)
+            _synchronize()
+            per_step.append((launches.count("reduce"), launches.count("apply")))
+        runs[implementation] = (torch.cat([p.detach().flatten() for p in model.parameters()]), opt, per_step)
+    (want, ref, _), (got, fused, per_step) = runs["reference"], runs["fused"]
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+    _compare_states(fused, ref, 100 * TOLERANCE[dtype])
+    assert fused.diagnostics()["counters"] == ref.diagnostics()["counters"]
+    # the first step: a predict of its own before the update; step 4: the layer without gradient
+    assert per_step[0] == (2, 2) and per_step[4] == (2, 2)
+    assert all(per_step[k] == (1, 1) for k in (1, 2, 3, 5, 6)), per_step
+
+
 @pytest.mark.parametrize("preset", FAST_PRESETS)
 def test_fused_global_granularity_equals_reference(preset):
     want, _ = _train(preset, "reference", granularity="global", weight_decay=1e-3, device=CUDA)

@@ -7,6 +7,7 @@ random vectors and random coefficients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -128,3 +129,26 @@ def test_bad_programs_are_refused_with_what_is_wrong():
         Vec("a") * "2"
     with pytest.raises(TypeError, match="target of an assignment"):
         Assign("theta", Vec("g"))  # type: ignore[arg-type]
+
+
+def test_a_riding_predict_that_reads_a_computed_coefficient_is_refused_with_the_column_it_reads():
+    """A dynamics that declares ``predict_rides_on_update`` while its predict program reads a column of
+    ``predict_coefficients`` (computed from the predict's own reductions) would be run with a value that
+    does not exist yet: the composition does not meet the contract, and the message names the column."""
+    from kalmanopt.dynamics import Momentum
+
+    class Reckless(Momentum):
+        def predict_coefficients(self, b):
+            super().predict_coefficients(b)
+            b.coef["pull"] = b.red["dist2"] * 0.0
+
+        def predict_program(self, hp):
+            return [Assign(Vec("theta"), Vec("theta") + Coef("pull") * State("u"))]
+
+    composition = dataclasses.replace(kalmanopt.get_preset("koala-m").build(), dynamics=Reckless())
+    gap = kalmanopt.contract.contract_gap(composition)
+    assert gap is not None and "predict_rides_on_update" in gap and "'pull'" in gap
+    with pytest.raises(ValueError, match="'pull'"):
+        kalmanopt.KalmanOptimizer(torch.nn.Linear(2, 1).parameters(), composition, implementation="foreach")
+    composition.dynamics.predict_rides_on_update = False  # (an honest declaration meets it)
+    assert kalmanopt.contract.contract_gap(composition) is None

@@ -96,12 +96,13 @@ def _watch(opt: KalmanOptimizer, device: torch.device) -> _Watch:
     return watch
 
 
-def _contexts(opt: KalmanOptimizer) -> list[tuple[Any, GroupContext]]:
+def _contexts(opt: KalmanOptimizer, ride_predict: bool = False, ridden: bool = False) -> list[tuple[Any, GroupContext]]:
     out = []
     for index, group in enumerate(opt.param_groups):
         engine = resolve_engine(opt.filter, group)
         ctx = GroupContext(opt.filter, group, opt._group_state(index), functools.partial(opt._layers, index),
-                           diagnostics=opt.track_diagnostics, state=opt.state, owner=opt)
+                           diagnostics=opt.track_diagnostics, state=opt.state, owner=opt,
+                           ride_predict=ride_predict, ridden=ridden)
         out.append((engine, ctx))
     return out
 
@@ -152,11 +153,14 @@ def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, dev
     return code
 
 
-def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
-    """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked)."""
+def run_predict(opt: KalmanOptimizer, ok: Tensor | None, ridden: bool = False) -> None:
+    """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked).
+
+    ``ridden``: it follows an update run with ``ride_predict`` (an engine may have moved the state already).
+    """
     if ok is not None and ok.device.type == "cpu" and not bool(ok):
         return  # (free to read on the CPU: a skipped step creates no state either)
-    contexts = _contexts(opt)
+    contexts = _contexts(opt, ridden=ridden)
     works = [engine.reduce_predict(ctx) for engine, ctx in contexts]
     distributed.synchronize_predict(opt, works)  # sharded layers: their sums over the ranks
     for (engine, ctx), (work, red, numel) in zip(contexts, works):
@@ -173,13 +177,14 @@ def run_predict(opt: KalmanOptimizer, ok: Tensor | None) -> None:
 
 
 def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None,
-               lr: Tensor | None = None) -> Tensor:
+               lr: Tensor | None = None, ride_predict: bool = False) -> Tensor:
     """The update phase of every group; returns the step's code (see :mod:`kalmanopt.contract`).
 
     ``code``: bits already known to skip the step (the first step's input check), or None. ``lr``: η_k as
     a 0-d device tensor for a one-group optimizer (what a replayed CUDA graph reads), or None.
+    ``ride_predict``: ``run_predict(..., ridden=True)`` follows at once (``step()``).
     """
-    contexts = _contexts(opt)
+    contexts = _contexts(opt, ride_predict=ride_predict)
     device = _device(opt)
     works = []
     for engine, ctx in contexts:
@@ -251,8 +256,8 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
     amp = grad_scaler_code(opt)
     if amp is None and graphs.graphed_step(opt, loss, statistic):
         return
-    code = _predict_if_due_then_update(opt, loss, statistic, amp)
-    run_predict(opt, (code & CODE_SKIPS) == 0)
+    code = _predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
+    run_predict(opt, (code & CODE_SKIPS) == 0, ridden=True)
     report(opt, code)
 
 
@@ -285,10 +290,11 @@ def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
 
 
 def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None,
-                                extra: Tensor | None = None) -> Tensor:
+                                extra: Tensor | None = None, ride_predict: bool = False) -> Tensor:
     """The update, after the predict it needs where none has run yet (masked by the step's inputs).
 
     ``extra``: bits already known to skip the step (``GradScaler``'s ``found_inf``), or None.
+    ``ride_predict``: the next predict follows the update at once (see :func:`run_update`).
     """
     code = extra
     if not opt._predicted:
@@ -296,7 +302,7 @@ def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: T
         if extra is not None:
             code = code | extra
         run_predict(opt, (code & CODE_SKIPS) == 0)
-    return run_update(opt, loss, statistic, code)
+    return run_update(opt, loss, statistic, code, ride_predict=ride_predict)
 
 
 def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:

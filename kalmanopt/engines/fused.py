@@ -11,6 +11,10 @@ distinct declaration and cached (:mod:`kalmanopt.engines.triton_source`):
     apply    per chunk of a layer that updates: the programs, in reverse chunk order (what the
              reduction pass read last is still in L2)
 
+Under ``step()`` a predict that may ride on the update (``Dynamics.predict_rides_on_update``, KOALA-M's)
+runs inside the update's apply kernel: its sums over the updated vectors as partials of that kernel, its
+program after the update's; the predict phase that follows computes its coefficients only.
+
 A part is fast here without touching the engine: it only declares. DTensor parameters (FSDP2) run on
 their local shards; the step driver sums the sharded layers' partial reductions over the ranks between
 the passes. Groups the kernels cannot address (a global layer of several tensors, mixed dtypes) run on
@@ -50,7 +54,9 @@ class MemoryTraffic:
     """The per-parameter vectors one fused step reads and writes, by pass (each one access per element).
 
     ``step(loss=...)`` runs the update's reduction and element-wise passes, then the predict's where the
-    dynamics move the state (KOALA-M). For comparison, AdamW's fused step makes 7 accesses (it reads g, θ,
+    dynamics move the state, unless the predict rides on the update's element-wise pass
+    (``Dynamics.predict_rides_on_update``, KOALA-M's: then its reductions and moves happen in that pass; the
+    two-phase API runs them in passes of their own). For comparison, AdamW's fused step makes 7 accesses (it reads g, θ,
     m and v, and writes θ, m and v): on a model large enough to be bound by memory bandwidth, the ratio of
     the accesses is the floor of the ratio of the step times.
     """
@@ -96,8 +102,13 @@ def memory_traffic(composition: Composition, group: Mapping[str, Any], diagnosti
     reduce, reads, writes = slot_traffic(update.pre, update.reductions, update.program, update.outputs,
                                          _slot_names(update.table, with_grads=True))
     predict = predict_plan(composition, group)
+    if predict.rides:  # one element-wise pass for the update and the next predict
+        reduce, reads, writes = slot_traffic(update.pre, update.reductions, update.program, update.outputs,
+                                             _slot_names(update.table, with_grads=True),
+                                             (predict.reductions, predict.program, predict.outputs))
     moves = slot_traffic((), predict.reductions, predict.program, predict.outputs,
-                         _slot_names(predict.table, with_grads=False)) if predict.moves else ([], [], [])
+                         _slot_names(predict.table, with_grads=False)) \
+        if predict.moves and not predict.rides else ([], [], [])
     return MemoryTraffic(*(tuple(x) for x in (reduce, reads, writes, *moves)))
 
 
@@ -254,6 +265,9 @@ class FusedEngine(TorchEngine):
         self._steady_plans: weakref.WeakKeyDictionary[Any, dict[int, _SteadyPlan]] = weakref.WeakKeyDictionary()
         self._predict_staging: weakref.WeakKeyDictionary[Any, dict[tuple, _Staging]] = \
             weakref.WeakKeyDictionary()
+        # per optimizer: the predicts that rode on the last update, by id of the group (their sums, sizes and
+        # sharded rows), for the predict that follows it
+        self._ridden: weakref.WeakKeyDictionary[Any, dict[int, tuple]] = weakref.WeakKeyDictionary()
 
     def runs_kernels(self, owner: Any, group: dict[str, Any]) -> bool:
         """Whether the optimizer ``owner``'s ``group`` keeps a plan of the generated kernels (its updates run
@@ -290,6 +304,8 @@ class FusedEngine(TorchEngine):
 
     # ------------------------------------------------------------------ update
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
+        if ctx.owner is not None:  # (a predict that rode on an earlier update is over)
+            self._ridden.get(ctx.owner, {}).pop(id(ctx.group), None)
         plan, _ = self._update_plan(ctx)
         steady = self._steady(ctx, plan)
         if steady is None:
@@ -318,7 +334,9 @@ class FusedEngine(TorchEngine):
         like = ctx.group_state["R"]
         hp = hp_coefficients(ctx.group)
         red_names = [r.name for r in plan.reductions]
-        kernels = _kernels(plan.pre, plan.reductions, plan.program, plan.outputs, slots.keys())
+        ride = self._ride(ctx, n_none)
+        kernels = _kernels(plan.pre, plan.reductions, plan.program, plan.outputs, slots.keys(),
+                           (ride.reductions, ride.program, ride.outputs) if ride is not None else ())
         table = _coef_table(kernels.reduce_coefs, hp, {}, len(active), like)
         partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(len(red_names)), dtype=like.dtype, device=like.device)
         if chunks.n_chunks:
@@ -328,8 +346,18 @@ class FusedEngine(TorchEngine):
         scalars = {e.name: _gather_scalars(active, e.name, like) for e in plan.table.scalars}
         work = _Work(ctx, [], None, hp, n_none=n_none, sharded=steady.sharded)  # type: ignore[arg-type]
         work.extra.update(layers=active, chunks=chunks, slots=slots, kernels=kernels,
-                          created=(created, plan.table.layer_keys), staging=steady.staging)
+                          created=(created, plan.table.layer_keys), staging=steady.staging, ride=ride,
+                          numel=steady.numel)
         return work, red, scalars, steady.numel
+
+    def _ride(self, ctx: GroupContext, n_none: int) -> Any:
+        """The predict plan to run in this update's element-wise pass, or None: where the predict follows
+        at once (``ctx.ride_predict``), the dynamics' program may ride, and every layer updates (a layer
+        without a gradient would need a predict pass of its own)."""
+        if not ctx.ride_predict or ctx.owner is None or n_none:
+            return None
+        plan, _ = self._predict_plan(ctx)
+        return plan if plan.rides else None
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
         """What a captured step depends on (the steady plan and the buffers' addresses), or None if the
@@ -357,9 +385,21 @@ class FusedEngine(TorchEngine):
         like = b.like
         table = _coef_table(kernels.apply_coefs, work.hp, b.coef, len(layers), like)
         skip = b.skip.to(torch.int32)
+        ride = work.extra["ride"]
+        partials = None
+        if ride is not None:
+            # per layer: 0 update and predict, 1 the predict only (the layer is skipped), 2 nothing (the step is)
+            skip = skip + (~b.ok).to(torch.int32)
+            partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(kernels.n_ride_reductions), dtype=like.dtype,
+                                   device=like.device)
         if chunks.n_chunks and kernels.has_apply:
-            kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype, _aligned(work.extra["slots"]))
+            kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype, _aligned(work.extra["slots"]),
+                                 partials)
         work.extra["staging"].write_back(layers)
+        if ride is not None:
+            sums = kernels.layer_sums(chunks, partials, len(layers))
+            red = {r.name: sums[:, i] for i, r in enumerate(ride.reductions)}
+            self._ridden.setdefault(ctx.owner, {})[id(ctx.group)] = (red, work.extra["numel"], work.sharded)
         for name, new in b.new_layer.items():
             values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
             _scatter_scalars(layers, name, values)
@@ -370,6 +410,12 @@ class FusedEngine(TorchEngine):
 
     # ------------------------------------------------------------------ predict
     def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:
+        ridden = self._ridden.get(ctx.owner, {}).pop(id(ctx.group), None) if ctx.owner is not None else None
+        if ridden is not None and ctx.ridden:  # its passes ran in the update's: the coefficients are left
+            red, numel, sharded = ridden
+            work = _Work(ctx, [], None, hp_coefficients(ctx.group), sharded=sharded)  # type: ignore[arg-type]
+            work.extra["ridden"] = True
+            return work, red, numel
         plan, _ = self._predict_plan(ctx)
         if plan.moves:  # every layer gets its state, as on the other engines (an empty one included)
             self._ensure_state(plan.table, list(ctx.layers), ctx.group)
@@ -405,6 +451,8 @@ class FusedEngine(TorchEngine):
         return work, red, numel
 
     def apply_predict(self, work: _Work, b: Batch) -> None:
+        if work.extra.get("ridden"):
+            return self._commit_group(work.ctx.group_state, b)
         if work.extra.get("torch"):
             return super().apply_predict(work, b)
         kernels, chunks = work.extra["kernels"], work.extra["chunks"]
@@ -548,7 +596,8 @@ def _scatter_scalars(layers: list[Layer], name: str, values: Tensor) -> None:
 
 
 def _kernels(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
-             outputs: Sequence[str], slots: Any) -> Any:
+             outputs: Sequence[str], slots: Any, ride: tuple = ()) -> Any:
     from kalmanopt.engines import triton_source
 
-    return triton_source.kernels_for(tuple(pre), tuple(reductions), tuple(program), tuple(outputs), tuple(slots))
+    return triton_source.kernels_for(tuple(pre), tuple(reductions), tuple(program), tuple(outputs), tuple(slots),
+                                     tuple(tuple(x) for x in ride))

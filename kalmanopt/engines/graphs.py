@@ -100,8 +100,8 @@ def graphed_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -
         sg.lr = torch.full((), float(group["lr"]), dtype=torch.float64, device=device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            code = driver.run_update(opt, sg.loss, sg.statistic, lr=sg.lr)
-            driver.run_predict(opt, (code & CODE_SKIPS) == 0)
+            code = driver.run_update(opt, sg.loss, sg.statistic, lr=sg.lr, ride_predict=True)
+            driver.run_predict(opt, (code & CODE_SKIPS) == 0, ridden=True)
         sg.code, sg.graph = code, graph
     sg.loss.copy_(loss.detach(), non_blocking=True)  # type: ignore[union-attr]
     if statistic is not None:

@@ -59,15 +59,21 @@ class GroupContext:
         state: the optimizer's per-parameter state mapping (read by engines that cache per-step plans).
         owner: the optimizer the group belongs to: engines that cache per-step plans key them weakly by it
             (the plans go with the optimizer), and cache nothing without one.
+        ride_predict: an update: the predict of the next step follows it at once (``step()``), so an engine may
+            run a riding predict (``Dynamics.predict_rides_on_update``) in the update's element-wise pass.
+        ridden: a predict that follows such an update: an engine whose update ran it has only its
+            coefficients left to compute.
     """
 
     def __init__(self, composition: Composition, group: dict[str, Any], group_state: dict,
                  layers: Sequence[Layer] | Callable[[], Sequence[Layer]], diagnostics: bool = False,
-                 state: Mapping[Any, Any] | None = None, owner: Any = None) -> None:
+                 state: Mapping[Any, Any] | None = None, owner: Any = None, ride_predict: bool = False,
+                 ridden: bool = False) -> None:
         self.composition, self.group, self.group_state = composition, group, group_state
         self.diagnostics = diagnostics
         self.state = state
         self.owner = owner
+        self.ride_predict, self.ridden = ride_predict, ridden
         self._layers = layers
 
     @property

@@ -133,27 +133,46 @@ def _prologue(kernel: str, slot_args: list[str], extra: str, reverse: bool) -> l
 
 class _Passes:
     """What the two kernels of a declaration compute: each one's body, the slots it reads and the
-    coefficient columns it takes; the apply kernel's stores."""
+    coefficient columns it takes; the apply kernel's stores.
+
+    A riding predict (``ride``: its reductions, program and outputs) runs in the apply kernel after the
+    update's program: its sums are taken over the updated vectors (as stored: rounded to the slot's dtype),
+    then its program moves them, and every slot either program writes is stored once.
+    """
 
     def __init__(self, pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
-                 outputs: Sequence[str], slots: Sequence[str]) -> None:
+                 outputs: Sequence[str], slots: Sequence[str], ride: Ride = ()) -> None:
         w = _Writer(slots)
         self.reduce_body = [w.assign(a) for a in pre]
         self.terms = [w.expr(r.expr) for r in reductions]
         self.reduce_reads, self.reduce_coefs = list(w.read_slots), list(w.coefs)
         w = _Writer(slots)
         self.apply_body = [w.assign(a) for a in tuple(pre) + tuple(program)]
+        self.updated = [k for k in outputs if k in w.assigned and k in slots]
+        self.written = list(self.updated)
+        self.ride_terms: list[str] = []
+        self.ride_body: list[str] = []
+        if ride:
+            ride_reductions, ride_program, ride_outputs = ride
+            self.ride_terms = [w.expr(r.expr) for r in ride_reductions]
+            self.ride_body = [w.assign(a) for a in ride_program]
+            self.written += [k for k in ride_outputs if k in slots and k not in self.written]
         self.apply_reads = list(w.read_slots)
-        self.written = [k for k in outputs if k in w.assigned and k in slots]
         self.apply_slots = list(dict.fromkeys(self.apply_reads + self.written))
         self.apply_coefs = list(w.coefs)
+        self.rides = bool(ride)
+
+
+#: a predict riding on the update's element-wise pass: ``(reductions, program, outputs)``, or ``()``
+Ride = tuple
 
 
 def slot_traffic(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
-                 outputs: Sequence[str], slots: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+                 outputs: Sequence[str], slots: Sequence[str],
+                 ride: Ride = ()) -> tuple[list[str], list[str], list[str]]:
     """The slots the generated reduce kernel reads, and those the apply kernel reads and writes (one access
     per element each; empty where the declaration has no such kernel)."""
-    passes = _Passes(pre, reductions, program, outputs, slots)
+    passes = _Passes(pre, reductions, program, outputs, slots, ride)
     if not reductions:
         passes.reduce_reads = []
     if not program:
@@ -162,10 +181,16 @@ def slot_traffic(pre: Sequence[Assign], reductions: Sequence[Reduction], program
 
 
 def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
-               outputs: Sequence[str], slots: Sequence[str]) -> tuple[str, list[str], list[str], list[str], list[str]]:
-    """The module source and, for each kernel, the coefficient columns and the slots it passes."""
+               outputs: Sequence[str], slots: Sequence[str],
+               ride: Ride = ()) -> tuple[str, list[str], list[str], list[str], list[str]]:
+    """The module source and, for each kernel, the coefficient columns and the slots it passes.
+
+    With ``ride`` (a predict riding on the update, see :class:`_Passes`) the apply kernel reads a per-layer
+    flag instead of a skip mask (0: update and predict, 1: the predict only, the layer's update is
+    skipped; 2: nothing, the step is skipped) and writes the predict's per-chunk partial sums.
+    """
     out = [_HEADER]
-    passes = _Passes(pre, reductions, program, outputs, slots)
+    passes = _Passes(pre, reductions, program, outputs, slots, ride)
     # ---------------------------------------------------------------- reduce
     reduce_slots, reduce_coefs, body, terms = passes.reduce_reads, passes.reduce_coefs, passes.reduce_body, passes.terms
     if reductions:
@@ -183,16 +208,34 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
     # ---------------------------------------------------------------- apply
     body, written, apply_slots, apply_coefs = passes.apply_body, passes.written, passes.apply_slots, passes.apply_coefs
     if program:
-        lines = _prologue("apply", [f"b_{_safe(k)}, o_{_safe(k)}" for k in apply_slots], "unused", True)
-        lines += ["    if tl.load(skip + layer) == 0:"]
+        rides = passes.rides
+        lines = _prologue("apply", [f"b_{_safe(k)}, o_{_safe(k)}" for k in apply_slots],
+                          "partials" if rides else "unused", True)
+        if rides:
+            lines += ["    flag = tl.load(skip + layer)", "    if flag < 2:"]
+        else:
+            lines += ["    if tl.load(skip + layer) == 0:"]
         lines += _chunk_bounds(apply_slots, apply_coefs, "        ")
+        lines += [f"        acc{i} = tl.zeros([BLOCK], dtype=S_DT)" for i in range(len(passes.ride_terms))]
+        indent = " " * 16
         for masked in (False, True):
             lines += _loop_head(masked, "        ")
-            lines += _loads(passes.apply_reads, masked, " " * 16)
-            lines += [" " * 16 + line for line in body]
+            lines += _loads(passes.apply_reads, masked, indent)
+            if rides:
+                lines += [f"{indent}k_{_safe(k)} = v_{_safe(k)}" for k in passes.updated]
+            lines += [indent + line for line in body]
+            if rides:
+                # a layer whose update is skipped keeps its vectors; the predict sees them as stored
+                lines += [f"{indent}v_{_safe(k)} = tl.where(flag == 0, v_{_safe(k)}, k_{_safe(k)})"
+                          f".to(p_{_safe(k)}.dtype.element_ty).to(S_DT)" for k in passes.updated]
+                lines += [f"{indent}acc{i} += " + (f"tl.where(m, {t}, 0.0)" if masked else t)
+                          for i, t in enumerate(passes.ride_terms)]
+                lines += [indent + line for line in passes.ride_body]
             mask = ", mask=m" if masked else ""
-            lines += [" " * 16 + f"tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty){mask})"
+            lines += [indent + f"tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty){mask})"
                       for k in written]
+        lines += [f"        tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))"
+                  for i in range(len(passes.ride_terms))]
         out.append("\n".join(lines) + "\n")
     return "\n\n".join(out), reduce_coefs, reduce_slots, apply_coefs, apply_slots
 
@@ -215,11 +258,12 @@ class Kernels:
     """The compiled kernels of one declaration and how to launch them."""
 
     def __init__(self, module: Any, reduce_coefs: list[str], reduce_slots: list[str], apply_coefs: list[str],
-                 apply_slots: list[str], n_reductions: int) -> None:
+                 apply_slots: list[str], n_reductions: int, n_ride_reductions: int = 0) -> None:
         self.module = module
         self.reduce_coefs, self.reduce_slots = reduce_coefs, reduce_slots
         self.apply_coefs, self.apply_slots = apply_coefs, apply_slots
         self.n_reductions = n_reductions
+        self.n_ride_reductions = n_ride_reductions  # (the sums of a riding predict, from the apply kernel)
         self.has_apply = hasattr(module, "apply_kernel")
 
     def launch_reduce(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, partials: Tensor,
@@ -245,17 +289,20 @@ class Kernels:
         return out
 
     def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
-                     dtype: torch.dtype, aligned: bool = False) -> None:
+                     dtype: torch.dtype, aligned: bool = False, partials: Tensor | None = None) -> None:
+        """Launch the apply kernel; ``skip`` is the skip mask, or with a riding predict the per-layer flag and
+        ``partials`` the ``[chunks, columns]`` buffer of its sums."""
         from kalmanopt.engines.fused import CONFIG
 
         args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip]
         for k in self.apply_slots:
             args += list(slots[k])
-        args += [table, table, chunks.n_chunks]
+        args += [table, table if partials is None else partials, chunks.n_chunks]
         with _launching():
             self.module.apply_kernel[(chunks.n_chunks,)](
-                *args, NC=table.shape[1], NR=1, S_DT=_tl_dtype(dtype), CHUNK=int(CONFIG["chunk"]),
-                BLOCK=int(CONFIG["block"]), ALIGNED=aligned, num_warps=int(CONFIG["warps"]))
+                *args, NC=table.shape[1], NR=1 if partials is None else partials.shape[1], S_DT=_tl_dtype(dtype),
+                CHUNK=int(CONFIG["chunk"]), BLOCK=int(CONFIG["block"]), ALIGNED=aligned,
+                num_warps=int(CONFIG["warps"]))
 
 
 def _launching() -> Any:
@@ -290,10 +337,10 @@ def _cache_dir() -> str:
 
 @functools.lru_cache(maxsize=256)
 def kernels_for(pre: tuple[Assign, ...], reductions: tuple[Reduction, ...], program: tuple[Assign, ...],
-                outputs: tuple[str, ...], slots: tuple[str, ...]) -> Kernels:
-    """The kernels of a declaration (generated, written, imported once)."""
+                outputs: tuple[str, ...], slots: tuple[str, ...], ride: Ride = ()) -> Kernels:
+    """The kernels of a declaration (generated, written, imported once); ``ride``: a riding predict."""
     source, reduce_coefs, reduce_slots, apply_coefs, apply_slots = source_for(pre, reductions, program, outputs,
-                                                                              slots)
+                                                                              slots, ride)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = os.path.join(_cache_dir(), f"kernels_{digest}.py")
     if not os.path.exists(path):
@@ -304,4 +351,5 @@ def kernels_for(pre: tuple[Assign, ...], reductions: tuple[Reduction, ...], prog
     spec = importlib.util.spec_from_file_location(f"kalmanopt_kernels_{digest}", path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return Kernels(module, reduce_coefs, reduce_slots, apply_coefs, apply_slots, len(reductions))
+    return Kernels(module, reduce_coefs, reduce_slots, apply_coefs, apply_slots, len(reductions),
+                   len(ride[0]) if ride else 0)
