@@ -55,10 +55,10 @@ class MemoryTraffic:
 
     ``step(loss=...)`` runs the update's reduction and element-wise passes, then the predict's where the
     dynamics move the state, unless the predict rides on the update's element-wise pass
-    (``Dynamics.predict_rides_on_update``, KOALA-M's: then its reductions and moves happen in that pass; the
-    two-phase API runs them in passes of their own). For comparison, AdamW's fused step makes 7 accesses (it reads g, θ,
-    m and v, and writes θ, m and v): on a model large enough to be bound by memory bandwidth, the ratio of
-    the accesses is the floor of the ratio of the step times.
+    (``Dynamics.predict_rides_on_update``, KOALA-M's: then its reductions and moves happen in that pass;
+    the two-phase API runs them in passes of their own). For comparison, AdamW's fused step makes 7
+    accesses (it reads g, θ, m and v, and writes θ, m and v): on a model large enough to be bound by
+    memory bandwidth, the ratio of the accesses is the floor of the ratio of the step times.
     """
 
     update_reduce: tuple[str, ...]
