@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Expr", "Vec", "State", "Coef", "Const", "Assign", "Reduction", "CompiledProgram", "compile_program",
-           "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS", "hp_coefficients"]
+           "evaluate_vector", "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS",
+           "hp_coefficients"]
 
 #: the vectors the engine provides to every program: θ (the parameters), g (the gradient), H (g + wd θ)
 MEASUREMENT_VECTORS = ("theta", "g", "H")
@@ -277,8 +278,12 @@ def _fits_into(other: Tensor | Scalar, target: Tensor) -> bool:
     return other.shape == target.shape and other.dtype == target.dtype
 
 
-def _vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> Tensor | Scalar:
+def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> Tensor | Scalar:
+    """The value of ``e`` over the vectors of ``env`` (a new tensor, or a scalar where ``e`` reads none)."""
     return _evaluate(e, env, coefs)[0]
+
+
+_vector = evaluate_vector
 
 
 def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> tuple[Tensor | Scalar, bool]:

@@ -159,6 +159,65 @@ def test_foreach_equals_reference_on_drawn_shapes(preset, shapes, data, dtype):
     assert _state_error(fast, ref) <= 100 * TOLERANCE[dtype]
 
 
+@settings(max_examples=30, deadline=None)
+@given(preset=st.sampled_from(FAST_PRESETS), shapes=SHAPES, data=st.data(),
+       dtype=st.sampled_from([torch.float64, torch.float32]), weight_decay=st.sampled_from([0.0, 1e-3]),
+       cap=st.sampled_from([1, 8, 40, 1 << 23]))
+def test_buckets_of_small_layers_equal_the_layer_by_layer_masked_pass(preset, shapes, data, dtype, weight_decay, cap):
+    """Where the engine masks on the device (forced here on the CPU), layers in buckets — concatenated, sums by
+    segments, one program per bucket — end where the layer-by-layer masked pass ends: parameters, state and
+    counters, through skipped layers, missing gradients, non-finite steps and buckets cut at every size."""
+    from kalmanopt.engines import buckets, torch_ops
+
+    plan = data.draw(st.lists(st.lists(GRADS, min_size=len(shapes), max_size=len(shapes)), min_size=1,
+                              max_size=4))
+    nan_step = data.draw(st.integers(-1, len(plan) - 1))
+    runs = []
+    original_host, original_cap = torch_ops.TorchEngine._host, buckets.CONFIG["elements"]
+    try:
+        torch_ops.TorchEngine._host = lambda self, like: self.host_branches  # (the device's masked pass)
+        for elements in (0, cap):
+            buckets.CONFIG["elements"] = elements
+            gen = torch.Generator().manual_seed(len(shapes))
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+            opt = kalmanopt.create(preset, params, implementation="foreach", weight_decay=weight_decay)
+            for k, step_plan in enumerate(plan):
+                losses = torch.rand(5, generator=gen, dtype=dtype) + 0.1
+                for p, kind in zip(params, step_plan):
+                    g = torch.randn(p.shape, generator=gen, dtype=dtype)
+                    p.grad = {"random": g, "none": None, "zero": torch.zeros_like(p), "tiny": 1e-12 * g}[kind]
+                if k == nan_step and params[0].grad is not None and params[0].numel():
+                    params[0].grad.view(-1)[0] = float("nan")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    opt.step(loss=losses)
+            runs.append((params, opt))
+    finally:
+        torch_ops.TorchEngine._host, buckets.CONFIG["elements"] = original_host, original_cap
+    (want, ref), (got, fast) = runs
+    for a, b in zip(got, want):
+        if b.numel():
+            assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= TOLERANCE[dtype]
+    assert fast.diagnostics()["counters"] == ref.diagnostics()["counters"]
+    assert _state_error(fast, ref) <= 100 * TOLERANCE[dtype]
+
+
+def test_buckets_are_runs_of_one_dtype_up_to_the_cap_and_a_larger_layer_is_alone():
+    from kalmanopt.engines import buckets
+
+    def env(n, dtype=torch.float32):
+        return {"theta": torch.zeros(n, dtype=dtype)}
+
+    before = buckets.CONFIG["elements"]
+    try:
+        buckets.CONFIG["elements"] = 10
+        envs = [env(3), env(4), env(3), env(2), env(20), env(1), env(1, torch.float64), env(2, torch.float64)]
+        assert buckets.plan_buckets(envs) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 8)]
+        assert buckets.plan_buckets([]) == []
+    finally:
+        buckets.CONFIG["elements"] = before
+
+
 @pytest.mark.parametrize("preset", FAST_PRESETS)
 @pytest.mark.parametrize("first,second", [("reference", "foreach"), ("foreach", "reference")])
 def test_checkpoint_resumes_across_implementations(preset, first, second):

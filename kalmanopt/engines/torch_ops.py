@@ -28,6 +28,7 @@ from kalmanopt.contract import (
     run_update_coefficients,
     update_plan,
 )
+from kalmanopt.engines import buckets
 from kalmanopt.engines import compiled as compiled_coefficients
 from kalmanopt.engines.compiled import CompiledCoefficients
 from kalmanopt.engines.distributed import is_sharded, local_tensor
@@ -199,19 +200,41 @@ class TorchEngine:
         flats = [FlatLayer(layer, plan.table) for layer in active]
         hp = hp_coefficients(ctx.group)
         like = ctx.group_state["R"]
-        rows = []
-        for f in flats:
-            pre.run(f.env, hp)  # H_ℓ = g_ℓ + wd θ_ℓ (the measurement's vectors)
-            rows.append(torch.stack(reduce_layer(plan.reductions, f.env, hp, like)).to(like))
         names = [r.name for r in plan.reductions]
-        table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
+        table = self._sums(flats, plan.pre, pre, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
         numel = device_int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active), sharded=[f.sharded for f in flats])
         work.extra["created"] = (created, plan.table.layer_keys)
+        work.extra["pre"] = (plan.pre, pre)
         return work, red, scalars, numel
+
+    def _bucketed(self, flats: Sequence[FlatLayer], like: Tensor) -> list[tuple[int, int]] | None:
+        """The buckets of the layers where the engine masks on the device (see :mod:`buckets`), else None."""
+        if self._host(like) or len(flats) < 2 or not buckets.CONFIG["elements"]:
+            return None
+        return buckets.plan_buckets([f.env for f in flats])
+
+    def _sums(self, flats: Sequence[FlatLayer], pre_assigns: Sequence[Any], pre: CompiledProgram | None,
+              reductions: Sequence[Any], hp: dict[str, float], like: Tensor) -> Tensor:
+        """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ)."""
+        ranges = self._bucketed(flats, like) or [(i, i + 1) for i in range(len(flats))]
+        blocks = []
+        for start, stop in ranges:
+            if stop - start > 1:
+                envs = [f.env for f in flats[start:stop]]
+                lengths = device_int64([e["theta"].numel() for e in envs], like.device)
+                blocks.append(buckets.bucket_sums(envs, pre_assigns, pre, reductions, hp, lengths, like))
+                continue
+            f = flats[start]
+            if pre is not None:
+                pre.run(f.env, hp)  # (kept in the layer's env for pass 2)
+            row = torch.stack(reduce_layer(reductions, f.env, hp, like)).to(like) if reductions \
+                else like.new_zeros(0)
+            blocks.append(row[None])
+        return torch.cat(blocks) if blocks else like.new_zeros(0, len(reductions))
 
     def update_coefficients(self, composition: Composition, b: Batch) -> Batch:
         """The coefficients of all layers at once (every part's batched function; compiled on CUDA)."""
@@ -229,7 +252,7 @@ class TorchEngine:
     def apply_update(self, work: _Work, b: Batch) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
         ctx = work.ctx
-        self._run_programs(work.flats, work.program, work.hp, b)
+        self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"))
         self._commit_layer_scalars(work.flats, b)
         self._commit_group(ctx.group_state, b)
         b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
@@ -247,7 +270,9 @@ class TorchEngine:
                         layer.state.pop(key, None)
 
     def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
-                      b: Batch) -> None:
+                      b: Batch, pre: tuple[Sequence[Any], CompiledProgram] | None = None) -> None:
+        """Pass 2: ``program`` on every layer (where it updates). ``pre``: the update's pre-program, which a
+        bucket runs again on its concatenated vectors (a layer on its own kept its result from pass 1)."""
         if not flats or not program.program:
             return
         names = list(b.coef)
@@ -261,8 +286,22 @@ class TorchEngine:
             rows = table.tolist()
         else:
             keep = ~b.skip
+        in_bucket = [False] * n
+        for start, stop in self._bucketed(flats, like) or []:
+            if stop - start < 2:
+                continue
+            envs = [f.env for f in flats[start:stop]]
+            sizes = [e["theta"].numel() for e in envs]
+            buckets.run_bucket_program(envs, *(pre or ((), None)), program, hp, names, table[start:stop],
+                                       keep[start:stop], device_int64(sizes, like.device), sizes)
+            for i in range(start, stop):
+                in_bucket[i] = True
+                flats[i].commit()
+        if not host and not all(in_bucket):
             rows = [row.unbind(0) for row in table.unbind(0)]
         for i, f in enumerate(flats):
+            if in_bucket[i]:
+                continue
             coefs = dict(hp)
             coefs.update(zip(names, rows[i]))
             if host:
@@ -282,8 +321,7 @@ class TorchEngine:
             if not flats:
                 continue
             values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
-            for f, value in zip(flats, values.unbind(0)):
-                f.layer.state[name].copy_(value)
+            torch._foreach_copy_([f.layer.state[name] for f in flats], list(values.unbind(0)))
 
     @staticmethod
     def _commit_group(group_state: dict, b: Batch) -> None:
@@ -309,10 +347,8 @@ class TorchEngine:
         layers = list(ctx.layers)
         self._ensure_state(plan.table, layers, ctx.group)
         flats = [FlatLayer(layer, plan.table) for layer in layers]
-        rows = [torch.stack(reduce_layer(plan.reductions, f.env, hp, like)).to(like) if plan.reductions
-                else like.new_zeros(0) for f in flats]
         names = [r.name for r in plan.reductions]
-        table = torch.stack(rows) if rows else like.new_zeros(0, len(names))
+        table = self._sums(flats, (), None, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
         numel = device_int64([f.layer.numel for f in flats], like.device)
         return _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats]), red, numel
