@@ -208,6 +208,23 @@ def scenario_interpreted(rank: int, out: dict, *_: str) -> None:
     equality_runs(rank, out, lambda preset: ("fused",), "fused")
 
 
+def scenario_masked(rank: int, out: dict, *_: str) -> None:
+    """The foreach engine's device path on CPU ranks: masked writes and buckets of small layers (several
+    buckets of the test MLP's layers; on the CPU the engine would branch on the host instead), under
+    DDP and FSDP2 shards: :func:`scenario_equality`'s runs, kept in ``out["masked"]``."""
+    from kalmanopt.engines import buckets, torch_ops
+
+    original = torch_ops.TorchEngine._host, buckets.CONFIG["elements"]
+    torch_ops.TorchEngine._host = lambda self, like: self.host_branches
+    buckets.CONFIG["elements"] = 20
+    try:
+        masked: dict = {}
+        equality_runs(rank, masked, lambda preset: ("foreach",), "foreach")
+        out["masked"] = masked
+    finally:
+        torch_ops.TorchEngine._host, buckets.CONFIG["elements"] = original
+
+
 CHECKPOINT_PRESETS = ("koala++", "koala-m")
 
 

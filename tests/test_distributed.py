@@ -31,7 +31,7 @@ def launched(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch.distributed.checkpoint in one process says so)
         w.save_one_process_checkpoints(base)
-    return base, _launch("equality,checkpoint,runner,benchmark", base / "out", str(base))
+    return base, _launch("equality,masked,checkpoint,runner,benchmark", base / "out", str(base))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,34 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
         warnings.simplefilter("ignore")
         ref = w.reference_run("koala++", "foreach", torch.float64, nan_step=1)
     w.assert_the_nan_step_was_skipped_on_every_rank(equality, ref)
+
+
+MASKED_CASES = [(str(dtype), mode, preset) for dtype in w.DTYPES for mode in ("ddp", "fsdp") for preset in w.PRESETS
+                if not (mode == "fsdp" and preset in w.PER_LAYER)]
+
+
+@pytest.mark.parametrize("case", MASKED_CASES, ids=["-".join(c).replace("torch.", "") for c in MASKED_CASES])
+def test_the_foreach_device_path_in_buckets_on_two_ranks_equals_one_process(equality, case):
+    """The foreach engine's masked, bucketed passes (the CUDA path, forced on the CPU ranks): DDP and FSDP2
+    shards — the one-row layer's empty on rank 1 — equal to one process, one collective per step, DDP's
+    ranks bit-identical."""
+    dtype_name, mode, preset = case
+    dtype = torch.float32 if dtype_name == str(torch.float32) else torch.float64
+    ref = w.reference_run(preset, "foreach", dtype)
+    k = w.predict_collectives(preset) if mode == "fsdp" else 0
+    runs = [equality[rank]["masked"][(dtype_name, mode, preset, "foreach")] for rank in range(w.WORLD)]
+    for rank, (params, counts) in enumerate(runs):
+        assert _rel(params, ref) <= TOLERANCE[dtype_name], (case, rank, _rel(params, ref))
+        assert counts == [1 + 2 * k] + [1 + k] * (w.STEPS - 1), (case, rank, counts)
+    if mode == "ddp":
+        assert all(torch.equal(x, y) for x, y in zip(runs[0][0], runs[1][0])), case
+
+
+def test_a_nan_loss_on_one_rank_skips_the_bucketed_foreach_step_on_every_rank(equality):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = w.reference_run("koala++", "foreach", torch.float64, nan_step=1)
+    w.assert_the_nan_step_was_skipped_on_every_rank([r["masked"] for r in equality], ref)
 
 
 CUDA_CASES = [(str(dtype), mode, preset, engine) for dtype in w.DTYPES for mode in ("ddp", "fsdp")
