@@ -138,11 +138,27 @@ def contract_gap(composition: Composition) -> str | None:
     return _ride_gap(composition)
 
 
+#: the verdicts of :func:`_ride_gap`, by id of the composition (with it and its dynamics, to check identity):
+#: engines ask for the contract on every step
+_RIDE_GAPS: dict[int, tuple[Any, Any, str | None]] = {}
+
+
 def _ride_gap(composition: Composition) -> str | None:
     """What keeps a dynamics that declares ``predict_rides_on_update`` from riding, or None."""
     d = composition.dynamics
     if not getattr(d, "predict_rides_on_update", False):
         return None
+    hit = _RIDE_GAPS.get(id(composition))
+    if hit is not None and hit[0] is composition and hit[1] is d:
+        return hit[2]
+    if len(_RIDE_GAPS) > 256:
+        _RIDE_GAPS.clear()
+    gap = _find_ride_gap(composition, d)
+    _RIDE_GAPS[id(composition)] = (composition, d, gap)
+    return gap
+
+
+def _find_ride_gap(composition: Composition, d: Any) -> str | None:
     specs = composition.hyperparameters()
     hp = {name: spec.default for name, spec in specs.items()}
     program = tuple(d.predict_program(hp))

@@ -283,8 +283,6 @@ def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scal
     return _evaluate(e, env, coefs)[0]
 
 
-_vector = evaluate_vector
-
 
 def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> tuple[Tensor | Scalar, bool]:
     """(value, fresh): ``fresh`` when the value is a temporary this evaluation made, which the next
@@ -337,9 +335,9 @@ class CompiledProgram:
                 if terms is not None:
                     self._linear_in_place(x, key, terms, env, coefs)
                 else:
-                    x.copy_(_vector(expr, env, coefs))
+                    x.copy_(evaluate_vector(expr, env, coefs))
             else:
-                value = _vector(expr, env, coefs)
+                value = evaluate_vector(expr, env, coefs)
                 if not isinstance(value, Tensor) or value.dim() == 0:
                     raise ValueError(f"temporary {key!r} of a program must be a vector expression")
                 env[key] = value
@@ -399,6 +397,6 @@ def reduce_layer(reductions: Sequence[Reduction], env: Mapping[str, Tensor], coe
             x = env[e.a.key]
             out.append(torch.stack(torch.aminmax(x)).mul(0.0).sum() if x.numel() else like.new_zeros(()))
         else:
-            value = _vector(e, env, coefs)
+            value = evaluate_vector(e, env, coefs)
             out.append(value.sum() if isinstance(value, Tensor) and value.dim() else like.new_tensor(0.0))
     return out
