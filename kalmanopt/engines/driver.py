@@ -13,6 +13,11 @@ and a predict the same with the dynamics' reductions and program. A skipped step
 On an engine with ``device_step`` the check is a device mask, and the warning is deferred: the code is
 OR-ed into a device accumulator, copied without blocking to pinned memory and read on a later step
 once the copy has landed (at once on the CPU, where reading costs nothing).
+
+The entry points (``run_step``, ``run_two_phase_update``, ``run_predict``) are opaque to
+``torch.compile``: a compiled region that calls ``opt.step`` runs the step as written (its engines
+launch their own kernels and capture their own CUDA graphs), rather than having dynamo trace the
+driver's host bookkeeping, whose weak dictionaries the garbage collector may change under it.
 """
 
 from __future__ import annotations
@@ -153,6 +158,7 @@ def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, dev
     return code
 
 
+@torch.compiler.disable
 def run_predict(opt: KalmanOptimizer, ok: Tensor | None, ridden: bool = False) -> None:
     """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked).
 
@@ -241,6 +247,7 @@ def _drop_empty_global(group_state: dict) -> None:
         del group_state["global"]
 
 
+@torch.compiler.disable
 def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
     """``step``: the update for the current gradients, then the predict of the next step.
 
@@ -305,6 +312,7 @@ def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: T
     return run_update(opt, loss, statistic, code, ride_predict=ride_predict)
 
 
+@torch.compiler.disable
 def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
     """``update()`` of the two-phase API: the update (its predict must have run); whether it was applied.
 
