@@ -283,7 +283,6 @@ def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scal
     return _evaluate(e, env, coefs)[0]
 
 
-
 def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> tuple[Tensor | Scalar, bool]:
     """(value, fresh): ``fresh`` when the value is a temporary this evaluation made, which the next
     operation may then overwrite in place (one allocation per expression instead of one per operation)."""

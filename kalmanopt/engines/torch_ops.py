@@ -201,14 +201,15 @@ class TorchEngine:
         hp = hp_coefficients(ctx.group)
         like = ctx.group_state["R"]
         names = [r.name for r in plan.reductions]
-        table = self._sums(flats, plan.pre, pre, plan.reductions, hp, like)
+        ranges = self._bucketed(flats, like)
+        table = self._sums(flats, ranges, plan.pre, pre, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
         numel = device_int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active), sharded=[f.sharded for f in flats])
         work.extra["created"] = (created, plan.table.layer_keys)
-        work.extra["pre"] = (plan.pre, pre)
+        work.extra.update(pre=(plan.pre, pre), buckets=ranges)
         return work, red, scalars, numel
 
     def _bucketed(self, flats: Sequence[FlatLayer], like: Tensor) -> list[tuple[int, int]] | None:
@@ -217,12 +218,12 @@ class TorchEngine:
             return None
         return buckets.plan_buckets([f.env for f in flats])
 
-    def _sums(self, flats: Sequence[FlatLayer], pre_assigns: Sequence[Any], pre: CompiledProgram | None,
-              reductions: Sequence[Any], hp: dict[str, float], like: Tensor) -> Tensor:
-        """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ)."""
-        ranges = self._bucketed(flats, like) or [(i, i + 1) for i in range(len(flats))]
+    def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int]] | None, pre_assigns: Sequence[Any],
+              pre: CompiledProgram | None, reductions: Sequence[Any], hp: dict[str, float], like: Tensor) -> Tensor:
+        """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ), bucket by bucket
+        over ``ranges`` (:meth:`_bucketed`), else layer by layer."""
         blocks = []
-        for start, stop in ranges:
+        for start, stop in ranges or [(i, i + 1) for i in range(len(flats))]:
             if stop - start > 1:
                 envs = [f.env for f in flats[start:stop]]
                 lengths = device_int64([e["theta"].numel() for e in envs], like.device)
@@ -252,7 +253,7 @@ class TorchEngine:
     def apply_update(self, work: _Work, b: Batch) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
         ctx = work.ctx
-        self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"))
+        self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"), work.extra.get("buckets"))
         self._commit_layer_scalars(work.flats, b)
         self._commit_group(ctx.group_state, b)
         b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
@@ -270,9 +271,11 @@ class TorchEngine:
                         layer.state.pop(key, None)
 
     def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
-                      b: Batch, pre: tuple[Sequence[Any], CompiledProgram] | None = None) -> None:
-        """Pass 2: ``program`` on every layer (where it updates). ``pre``: the update's pre-program, which a
-        bucket runs again on its concatenated vectors (a layer on its own kept its result from pass 1)."""
+                      b: Batch, pre: tuple[Sequence[Any], CompiledProgram] | None = None,
+                      ranges: list[tuple[int, int]] | None = None) -> None:
+        """Pass 2: ``program`` on every layer (where it updates). ``ranges``: pass 1's buckets; ``pre``: the
+        update's pre-program, which a bucket runs again on its concatenated vectors (a layer on its own kept
+        its result from pass 1)."""
         if not flats or not program.program:
             return
         names = list(b.coef)
@@ -287,7 +290,7 @@ class TorchEngine:
         else:
             keep = ~b.skip
         in_bucket = [False] * n
-        for start, stop in self._bucketed(flats, like) or []:
+        for start, stop in ranges or []:
             if stop - start < 2:
                 continue
             envs = [f.env for f in flats[start:stop]]
@@ -348,10 +351,13 @@ class TorchEngine:
         self._ensure_state(plan.table, layers, ctx.group)
         flats = [FlatLayer(layer, plan.table) for layer in layers]
         names = [r.name for r in plan.reductions]
-        table = self._sums(flats, (), None, plan.reductions, hp, like)
+        ranges = self._bucketed(flats, like)
+        table = self._sums(flats, ranges, (), None, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
         numel = device_int64([f.layer.numel for f in flats], like.device)
-        return _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats]), red, numel
+        work = _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats])
+        work.extra["buckets"] = ranges
+        return work, red, numel
 
     def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
         """The predict's batched coefficients and group state (compiled on CUDA)."""
@@ -360,7 +366,7 @@ class TorchEngine:
 
     def apply_predict(self, work: _Work, b: Batch) -> None:
         """The predict's element-wise pass (where the step is ok) and group state."""
-        self._run_programs(work.flats, work.program, work.hp, b)
+        self._run_programs(work.flats, work.program, work.hp, b, ranges=work.extra.get("buckets"))
         self._commit_group(work.ctx.group_state, b)
 
 
