@@ -11,7 +11,7 @@ and per-layer scalar coefficients::
 Vectors are the measurement's (``theta``, ``g``, ``H``), a part's state vectors (:class:`State`),
 or temporaries defined earlier in the program. Scalars are per-layer coefficients (:class:`Coef`,
 columns the part's batched coefficient function produces) and constants. Expressions combine them
-with ``+``, ``-``, ``*``, ``/`` and :meth:`Expr.clamp_min`.
+with ``+``, ``-``, ``*``, ``/``, :meth:`Expr.clamp_min` and :meth:`Expr.sqrt`.
 
 The same program is evaluated by torch operations (the reference and multi-tensor engines,
 :func:`compile_program`) and turned into Triton source (the fused engine): a part is fast without
@@ -20,6 +20,7 @@ touching an engine. Sums over a layer (:class:`Reduction`) use the same expressi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
@@ -73,6 +74,10 @@ class Expr:
     def clamp_min(self, low: float) -> Expr:
         """max(self, low), element-wise."""
         return ClampMin(self, float(low))
+
+    def sqrt(self) -> Expr:
+        """√self, element-wise (correctly rounded on every engine; NaN below 0, as torch.sqrt)."""
+        return Sqrt(self)
 
 
 @dataclass(frozen=True, eq=True)
@@ -145,6 +150,16 @@ class ClampMin(Expr):
         return f"max({self.a!r}, {self.low!r})"
 
 
+@dataclass(frozen=True, eq=True)
+class Sqrt(Expr):
+    """√a."""
+
+    a: Expr
+
+    def __repr__(self) -> str:
+        return f"sqrt({self.a!r})"
+
+
 @dataclass(frozen=True)
 class Assign:
     """``target ← expr``: a state vector or ``theta`` is written back; any other name is a temporary."""
@@ -157,7 +172,7 @@ class Assign:
             raise TypeError(f"the target of an assignment is a Vec or State, got {type(self.target).__name__}")
         if isinstance(self.expr, (int, float)):
             object.__setattr__(self, "expr", Const(float(self.expr)))
-        if not is_vector(self.expr) and not isinstance(self.expr, (Const, Coef, BinOp, ClampMin)):
+        if not is_vector(self.expr) and not isinstance(self.expr, (Const, Coef, BinOp, ClampMin, Sqrt)):
             raise TypeError(f"the value of an assignment is an expression, got {type(self.expr).__name__}")
         if self.target.name == "g" and not isinstance(self.target, State):
             raise ValueError("'g' is the gradient; a program cannot assign it")
@@ -174,7 +189,7 @@ class Reduction:
 def _children(e: Expr) -> tuple[Expr, ...]:
     if isinstance(e, BinOp):
         return (e.a, e.b)
-    if isinstance(e, ClampMin):
+    if isinstance(e, (ClampMin, Sqrt)):
         return (e.a,)
     return ()
 
@@ -226,6 +241,9 @@ def _scalar(e: Expr, coefs: Mapping[str, Scalar]) -> Scalar:
     if isinstance(e, ClampMin):
         a = _scalar(e.a, coefs)
         return max(a, e.low) if isinstance(a, float) else a.clamp_min(e.low)
+    if isinstance(e, Sqrt):
+        a = _scalar(e.a, coefs)
+        return (math.sqrt(a) if a >= 0.0 else math.nan) if isinstance(a, float) else a.sqrt()
     raise TypeError(f"not a scalar expression: {e!r}")
 
 
@@ -300,6 +318,9 @@ def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -
     if isinstance(e, ClampMin):
         a, fresh = _evaluate(e.a, env, coefs)
         return (a.clamp_min_(e.low) if fresh else a.clamp_min(e.low)), True
+    if isinstance(e, Sqrt):
+        a, fresh = _evaluate(e.a, env, coefs)
+        return (a.sqrt_() if fresh else a.sqrt()), True
     raise TypeError(f"not an expression: {e!r}")
 
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import kalmanopt
 
-FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag", "koala++-lr", "koala-adam")
+FAST_PRESETS = ("koala++", "koala++-ns", "koala-v", "koala-m", "koala-diag", "koala++-lr", "koala-adam",
+                "koala-adam-steady")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 

@@ -5,6 +5,10 @@
 - newton: on a loss with a constant gradient the covariance reaches the steady state of the Riccati
   recursion, and the step there is Adam's, η m / √v, per coordinate (the recursion itself gets there
   too, but a coordinate far below its layer's mean information needs ~√(1/(q λ)) steps);
+- steady: each step's covariance is the fixed point of the recursion at that step's information,
+  and it is the limit the Newton iteration reaches;
+- the layer sum Σv that the coefficients read is carried as layer state and equals the sum of the
+  stored v through skipped layers and missing gradients, for every covariance update;
 - the decaying random walk is AdamW's decoupled decay; unknown options name the valid ones.
 
 The generic tests (tests/cases.py: checkpoints, finite in and out, foreach == reference) pick up
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kalmanopt
 from kalmanopt.contract import contract_gap
@@ -42,6 +48,7 @@ def test_riccati_step_is_the_exact_kalman_update_with_per_coordinate_information
     v0 = torch.rand(n, generator=g, dtype=DT) + 0.1
     p0 = torch.rand(n, generator=g, dtype=DT) + 0.05
     state["m"].copy_(m0), state["v"].copy_(v0), state["p"].copy_(p0), state["k"].fill_(3.0)
+    state["vsum"].fill_(float(v0.sum()))  # the layer sum of v is state too
     before = theta.detach().clone()
     H = torch.randn(n, generator=g, dtype=DT)
     theta.grad = H.clone()
@@ -81,6 +88,74 @@ def test_steady_state_step_is_adams_on_a_constant_gradient():
     torch.testing.assert_close(p, p_hat / (1 + p_hat * lam), rtol=1e-3, atol=0)
     # and the step is Adam's −η sign(c), up to the factor 1 / (1 + √(q λ)) of the posterior
     torch.testing.assert_close(step, -1e-3 * torch.sign(c), rtol=5e-3, atol=0)
+
+
+def test_steady_covariance_is_the_fixed_point_of_the_recursion_at_each_steps_information():
+    g = torch.Generator().manual_seed(1)
+    n, q, lr, beta1, beta2, eps = 6, 0.02, 0.01, 0.8, 0.95, 1e-8
+    theta, opt = _one_param_opt("koala-adam-steady", torch.randn(n, generator=g, dtype=DT), q=q, lr=lr,
+                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0)
+    theta.grad = torch.randn(n, generator=g, dtype=DT)
+    opt.step(loss=1.0)
+    state = opt.state[theta]
+    assert "p" not in state  # no covariance state
+    m0, v0 = torch.randn(n, generator=g, dtype=DT), torch.rand(n, generator=g, dtype=DT) + 0.1
+    state["m"].copy_(m0), state["v"].copy_(v0), state["k"].fill_(3.0), state["vsum"].fill_(float(v0.sum()))
+    before = theta.detach().clone()
+    H = torch.randn(n, generator=g, dtype=DT)
+    theta.grad = H.clone()
+    opt.step(loss=1.0)
+
+    t = 4
+    c1, c2 = (1 - beta1) / (1 - beta1**t), (1 - beta2) / (1 - beta2**t)
+    m, v = m0 + c1 * (H - m0), v0 + c2 * (H * H - v0)
+    vbar = v.mean() + eps**2
+    lam = (v + eps**2) / vbar
+    # p is the fixed point of p ← (p + q) / (1 + (p + q) λ), found here by iterating the recursion itself
+    p = torch.full((n,), 0.1, dtype=DT)
+    for _ in range(20000):
+        p = (p + q) / (1 + (p + q) * lam)
+    torch.testing.assert_close(state["m"], m, rtol=1e-12, atol=0)
+    torch.testing.assert_close(state["v"], v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(state["vsum"], v.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(theta.detach(), before - lr / torch.sqrt(q * vbar) * p * m, rtol=1e-10, atol=1e-14)
+
+
+def test_steady_covariance_is_the_limit_of_the_newton_iteration():
+    c = torch.tensor([1e-3, -3e-2, 0.5, -2.0, 10.0], dtype=DT)
+    steps = {}
+    for preset in ("koala-adam", "koala-adam-steady"):
+        theta, opt = _one_param_opt(preset, torch.zeros(5, dtype=DT), q=1e-4, sigma=1e-2, weight_decay=0.0)
+        for _ in range(80):
+            before = theta.detach().clone()
+            theta.grad = c.clone()
+            opt.step(loss=1.0)
+        steps[preset] = theta.detach() - before
+    torch.testing.assert_close(steps["koala-adam"], steps["koala-adam-steady"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("covariance", ["newton", "riccati", "steady"])
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), gaps=st.lists(st.sampled_from(["grad", "none", "zero"]), min_size=1,
+                                                      max_size=12))
+def test_the_carried_layer_sum_equals_the_sum_of_the_stored_noise_estimate(covariance, seed, gaps):
+    # a missing gradient or a zero one (below the skip threshold) leaves the layer, its v and Σv alone
+    g = torch.Generator().manual_seed(seed)
+    comp = kalmanopt.compose(measurement="gradient", dynamics="decaying_random_walk", surrogate="adaptive_diagonal",
+                             covariance=covariance)
+    a = torch.nn.Parameter(torch.randn(9, generator=g, dtype=DT))
+    b = torch.nn.Parameter(torch.randn(3, 2, generator=g, dtype=DT))
+    opt = kalmanopt.KalmanOptimizer([a, b], comp, r=1.0)
+    for gap in gaps:
+        scale = float(torch.rand((), generator=g, dtype=DT)) * 10.0 ** float(torch.randint(-3, 3, (), generator=g))
+        a.grad = torch.randn(9, generator=g, dtype=DT) * scale
+        b.grad = (None if gap == "none" else torch.zeros(3, 2, dtype=DT) if gap == "zero"
+                  else torch.randn(3, 2, generator=g, dtype=DT))
+        opt.step(loss=1.0)
+    for param in (a, b):
+        state = opt.state[param]
+        if state:
+            torch.testing.assert_close(state["vsum"], state["v"].sum(), rtol=1e-12, atol=1e-300)
 
 
 def test_newton_tracks_the_steady_state_faster_than_the_recursion():
@@ -128,7 +203,7 @@ def test_zero_process_noise_does_not_move_the_weights():
 
 
 def test_unknown_options_name_the_valid_choices():
-    with pytest.raises(ValueError, match="valid choices: newton, riccati"):
+    with pytest.raises(ValueError, match="valid choices: newton, riccati, steady"):
         AdaptiveDiagonalSurrogate(covariance="exact")
     with pytest.raises(ValueError, match="valid choices: second_moment, innovation"):
         AdaptiveDiagonalSurrogate(noise="belief")

@@ -9,6 +9,8 @@ with the fading-memory gains c₁ = (1 − β₁)/(1 − β₁ᵗ), c₂ = (1 �
     v  ← v + c₂ (e − v)                          the per-coordinate noise estimate
     v̄  = mean_ℓ(v) + ε²,   λ = max((v + ε²) / v̄, λ_min)
                                                  the information of the step, per coordinate
+                                                 (Σ_ℓ v is carried as a layer scalar, Σv_k =
+                                                 (1 − c₂) Σv_{k−1} + c₂ Σe: no pass reads v for it)
     p̂  = p + q
     p  ← p̂ / (1 + p̂ λ)                          covariance="riccati": the filter's own recursion
     p̂* = min((λ p̂² + q) / (λ (2 p̂ − q)), 2 p̂),  p ← p̂* / (1 + p̂* λ)
@@ -37,7 +39,7 @@ __all__ = ["AdaptiveDiagonalSurrogate", "COVARIANCE_UPDATES", "NOISE_ESTIMATES",
 LAMBDA_MIN = 1e-8
 
 #: how the diagonal covariance follows the Riccati recursion
-COVARIANCE_UPDATES = ("newton", "riccati")
+COVARIANCE_UPDATES = ("newton", "riccati", "steady")
 #: what the per-coordinate noise estimate averages
 NOISE_ESTIMATES = ("second_moment", "innovation")
 
@@ -46,12 +48,16 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
     """P = diag(p) per layer, updated by one gradient measurement per coordinate with noise v.
 
     State per layer: m (the filtered gradient), v (the noise estimate), p (the normalised
-    covariance) and k (the number of updates, for the fading-memory gains).
+    covariance; not kept by ``covariance="steady"``), k (the number of updates, for the
+    fading-memory gains) and vsum (Σ v over the layer).
 
     Args:
         covariance: ``"newton"`` (default): one Newton step per update on the steady-state Riccati
             equation, warm-started from the last solution (Kleinman's iteration); ``"riccati"``:
-            the filter's own covariance recursion.
+            the filter's own covariance recursion; ``"steady"``: the steady state of the recursion
+            at each step's information λ (the steady-state, or frozen-gain, filter: it assumes λ
+            moves slowly against the covariance's convergence; ``sigma`` is not read, there is no
+            covariance state).
         noise: ``"second_moment"`` (default): v averages H² (Adam's second moment);
             ``"innovation"``: v averages the squared innovation (H − m)² of the gradient filter
             (AdaBelief's "belief").
@@ -85,10 +91,13 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
 
     # ------------------------------------------------------------------ the two-pass contract
     def state_table(self) -> StateTable:
-        return StateTable(vectors=(VectorState("m", 0.0, "the filtered gradient m (momentum)"),
-                                   VectorState("v", 0.0, "the per-coordinate noise estimate v"),
-                                   VectorState("p", "sigma", "the normalised variance of each parameter")),
-                          scalars=(ScalarState("k", 0.0, "the number of updates of the layer"),))
+        vectors = (VectorState("m", 0.0, "the filtered gradient m (momentum)"),
+                   VectorState("v", 0.0, "the per-coordinate noise estimate v"))
+        if self.covariance != "steady":
+            vectors += (VectorState("p", "sigma", "the normalised variance of each parameter"),)
+        return StateTable(vectors=vectors,
+                          scalars=(ScalarState("k", 0.0, "the number of updates of the layer"),
+                                   ScalarState("vsum", 0.0, "Σ v over the layer, carried by its recursion")))
 
     def _sample(self) -> Expr:
         H = Vec("H")
@@ -99,9 +108,8 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
         return H * H
 
     def reductions(self, hp: Mapping[str, Any], diagnostics: bool = False) -> tuple[Reduction, ...]:
-        # Σ v_{k-1} and Σ e (for the second moment Σ H² is the measurement's "hh")
-        red = (Reduction("vsum", State("v")),)
-        return red + ((Reduction("esum", self._sample()),) if self.noise == "innovation" else ())
+        # Σ e (for the second moment Σ H² is the measurement's "hh"); Σ v_{k-1} is layer state
+        return (Reduction("esum", self._sample()),) if self.noise == "innovation" else ()
 
     def coefficients(self, b: Any) -> None:
         hp = b.hp
@@ -113,11 +121,13 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
         c2 = (1.0 - beta2) / (1.0 - torch.pow(beta2, t))
         esum = b.red["esum"] if self.noise == "innovation" else b.red["hh"]
         n = b.numel.to(c2)
-        # v̄ = mean(v_k) + ε², from Σ v_k = (1 − c₂) Σ v_{k-1} + c₂ Σ e
-        vbar = ((1.0 - c2) * b.red["vsum"] + c2 * esum) / n.clamp_min(1.0) + eps * eps
+        # v̄ = mean(v_k) + ε², from Σ v_k = (1 − c₂) Σ v_{k-1} + c₂ Σ e (the sum of the program's v update)
+        vsum = (1.0 - c2) * b.layer["vsum"] + c2 * esum
+        vbar = vsum / n.clamp_min(1.0) + eps * eps
         b.coef.update(c1=c1, c2=c2, inv_vbar=1.0 / vbar, eps2=torch.full_like(vbar, eps * eps),
                       q=torch.full_like(vbar, q))
         b.new_layer["k"] = t
+        b.new_layer["vsum"] = vsum
         b.S = vbar
         # θ ← θ − η / √(q v̄) · p ∘ m  (q = 0: no process noise, the steady state is p = 0: no step)
         b.gain = [torch.rsqrt(q * vbar) if q > 0.0 else torch.zeros_like(vbar)]
@@ -136,9 +146,15 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
             Assign(v, (1.0 - Coef("c2")) * v + Coef("c2") * e),
             # λ = max((v_k + ε²) / v̄, λ_min)
             Assign(lam, ((v + Coef("eps2")) * Coef("inv_vbar")).clamp_min(LAMBDA_MIN)),
-            # p̂ = p + q
-            Assign(p_hat, p + q),
         ]
+        if self.covariance == "steady":
+            # the root of λ p̂² − q λ p̂ − q = 0 (p̂ = p + q at the fixed point of the recursion);
+            # p = p̂ / (1 + p̂ λ), a temporary: nothing of the covariance is stored
+            program.append(Assign(p_hat, 0.5 * q + (0.25 * q * q + q / lam).sqrt()))
+            program.append(Assign(Vec("p"), p_hat / (1.0 + p_hat * lam)))
+            return program
+        # p̂ = p + q
+        program.append(Assign(p_hat, p + q))
         if self.covariance == "newton":
             # one Newton step on λ p̂² − q λ p̂ − q = 0 (2 p̂ − q ≥ q > 0 since p ≥ 0; the floor only
             # guards q = 0, where p̂ may reach 0)
@@ -154,4 +170,4 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
 
     def direction(self, hp: Mapping[str, Any]) -> Expr:
         # P m (the gain times the innovation, up to the per-layer scale η / √(q v̄))
-        return State("p") * State("m")
+        return (Vec("p") if self.covariance == "steady" else State("p")) * State("m")

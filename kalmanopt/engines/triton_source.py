@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Vec
+from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Sqrt, Vec
 
 __all__ = ["kernels_for", "Kernels", "source_for", "slot_traffic"]
 
@@ -71,6 +71,8 @@ class _Writer:
         if isinstance(e, ClampMin):
             low = repr(float(e.low)) if _exact32(e.low) else self.coef(f"__const:{e.low!r}")
             return f"tl.maximum({self.expr(e.a)}, {low})"
+        if isinstance(e, Sqrt):
+            return f"precise_sqrt({self.expr(e.a)})"
         raise TypeError(f"cannot write {e!r} as Triton source")
 
     def assign(self, a: Assign) -> str:
@@ -81,6 +83,15 @@ class _Writer:
 
 _HEADER = '''import triton
 import triton.language as tl
+
+
+@triton.jit
+def precise_sqrt(x):
+    """√x correctly rounded, as torch's (tl.sqrt is approximate in float32; tl.sqrt_rn takes float32 only)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
 
 
 @triton.jit

@@ -99,6 +99,12 @@ def koala_adam_riccati() -> Composition:
     return _gradient_filter("koala-adam-riccati", "riccati", "second_moment")
 
 
+@register_preset("koala-adam-steady")
+def koala_adam_steady() -> Composition:
+    """``koala-adam`` with the covariance at its steady state each step: no covariance state, Adam's traffic."""
+    return _gradient_filter("koala-adam-steady", "steady", "second_moment")
+
+
 @register_preset("koala-adam-innovation")
 def koala_adam_innovation() -> Composition:
     """``koala-adam`` with the noise estimated from the gradient filter's innovations (AdaBelief's reading)."""
