@@ -215,8 +215,47 @@ def test_buckets_are_runs_of_one_dtype_up_to_the_cap_and_a_larger_layer_is_alone
         envs = [env(3), env(4), env(3), env(2), env(20), env(1), env(1, torch.float64), env(2, torch.float64)]
         assert buckets.plan_buckets(envs) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 8)]
         assert buckets.plan_buckets([]) == []
+        layers, buckets.CONFIG["layers"] = buckets.CONFIG["layers"], 2
+        try:
+            assert buckets.plan_buckets([env(1)] * 5) == [(0, 2), (2, 4), (4, 5)]
+        finally:
+            buckets.CONFIG["layers"] = layers
     finally:
         buckets.CONFIG["elements"] = before
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000) | st.sampled_from([0, 1, 31, 32, 33, 1024, 1025]), min_size=1,
+                      max_size=12),
+       n_values=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), nan_layer=st.integers(-1, 11))
+def test_bucket_sums_by_blocks_equal_each_layers_own_sum_and_keep_its_nan(sizes, n_values, seed, nan_layer):
+    """A bucket's layer sums (padded blocks, then each layer's blocks) are each layer's sum, whatever the
+    sizes (empty layers, one element, block boundaries); a NaN stays in its own layer; padding never counts."""
+    from kalmanopt.engines import buckets
+
+    gen = torch.Generator().manual_seed(seed)
+    where = buckets.Layout(sizes, torch.device("cpu"))
+    assert where.block & (where.block - 1) == 0 and buckets.BLOCK_MIN <= where.block
+    assert where.block_index.shape[1] <= max(buckets.MOST_BLOCKS, 1)
+    layers = [[torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes] for _ in range(n_values)]
+    if 0 <= nan_layer < len(sizes) and sizes[nan_layer]:
+        layers[0][nan_layer][-1] = float("nan")
+    # the padding holds what a program makes of zeros: here garbage, which the mask must drop
+    envs = [{"x": layers[0][i], "y": layers[-1][i]} for i in range(len(sizes))]
+    padded = where.padded(envs, ["x", "y"])
+    assert padded["x"].numel() == sum(n + pad for n, pad in zip(sizes, where.pads))
+    values = []
+    for j in range(n_values):
+        flat = torch.cat([torch.cat([layer, torch.full((pad,), 7.0, dtype=torch.float64)])
+                          for layer, pad in zip(layers[j], where.pads)])
+        values.append(flat)
+    got = where.layer_sums(values)
+    want = torch.tensor([[float(layers[j][i].sum()) for j in range(n_values)] for i in range(len(sizes))],
+                        dtype=torch.float64).reshape(len(sizes), n_values)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(padded["y"], torch.cat([torch.cat([layer, torch.zeros(pad, dtype=torch.float64)])
+                                                       for layer, pad in zip(layers[-1], where.pads)]),
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)

@@ -9,10 +9,11 @@ coefficient column spread over its layer's elements; a skipped layer's values ar
 per written vector. The arithmetic is the per-layer program's, element by element; only the order of
 the additions inside a layer's sums differs.
 
-A layer's sums are taken in two levels, both by ``torch.segment_reduce`` (deterministic): over pieces of
-at most :data:`PIECE` elements that never straddle two layers, then over each layer's pieces. One level
-over whole layers gives the GPU one block per layer (a bucket of a few large layers ran on a handful of
-multiprocessors: 7 ms a step on ResNet-50). Coefficients are spread by a gather through each element's
+A layer's sums are taken in two levels, in a fixed order (deterministic), for all reductions of a
+bucket at once: over blocks of a few hundred elements (each layer padded to whole blocks), then over
+each layer's blocks (:class:`Layout`). ``torch.segment_reduce`` over whole layers gives the GPU one
+thread block per layer (a bucket of a few large layers ran on a handful of multiprocessors: 7 ms a step
+on ResNet-50), and costs a few kernel launches per call. Coefficients are spread by a gather through each element's
 layer index (``torch.searchsorted`` over the layers' ends): ``torch.repeat_interleave`` writes each
 layer's run from one thread (15 ms a step on ResNet-50).
 
@@ -29,26 +30,28 @@ from torch import Tensor
 
 from kalmanopt.program import Assign, CompiledProgram, Reduction, Scalar, evaluate_vector, vectors_read
 
-__all__ = ["CONFIG", "PIECE", "Layout", "layout", "plan_buckets", "bucket_sums", "run_bucket_program"]
+__all__ = ["CONFIG", "Layout", "layout", "plan_buckets", "bucket_sums", "run_bucket_program"]
 
-#: the most elements a bucket holds (and so the largest layer that joins one); 0 turns buckets off
-CONFIG = {"elements": 1 << 23}
+#: the most elements a bucket holds (and so the largest layer that joins one; 0 turns buckets off), and
+#: the most layers
+CONFIG = {"elements": 1 << 23, "layers": 256}
 
-#: the most elements of one first-level piece of a layer's sums
-PIECE = 1 << 13
+#: the bounds of a bucket's block (:class:`Layout`), and the most blocks of one layer
+BLOCK_MIN, BLOCK_MAX, MOST_BLOCKS = 32, 1024, 1024
 
 
 def plan_buckets(envs: Sequence[Mapping[str, Tensor]]) -> list[tuple[int, int]]:
     """The ``[start, stop)`` index ranges of the buckets: consecutive layers whose vectors share a dtype and a
-    device, up to ``CONFIG["elements"]`` elements together; a larger layer is a range of its own."""
-    cap = int(CONFIG["elements"])
+    device, up to ``CONFIG["elements"]`` elements and ``CONFIG["layers"]`` layers together; a larger layer is
+    a range of its own."""
+    cap, most = int(CONFIG["elements"]), int(CONFIG["layers"])
     out: list[tuple[int, int]] = []
     start, total, kind = 0, 0, None
     for i, env in enumerate(envs):
         theta = env["theta"]
         n = theta.numel()
         this = (theta.dtype, theta.device)
-        if i > start and (this != kind or total + n > cap or n > cap):
+        if i > start and (this != kind or total + n > cap or n > cap or i - start >= most):
             out.append((start, i))
             start, total = i, 0
         kind = this
@@ -61,34 +64,73 @@ def plan_buckets(envs: Sequence[Mapping[str, Tensor]]) -> list[tuple[int, int]]:
 class Layout:
     """Where a bucket's layers lie in its concatenated vectors (made once per list of sizes and device).
 
+    Pass 1 concatenates each layer padded to whole blocks of :attr:`block` elements, so that its sums are
+    a sum over each block (one reduction of a ``[blocks, block]`` view) and then over each layer's blocks
+    (a gather through :attr:`block_index`); the padding is masked out of the summands. Pass 2
+    concatenates the layers as they are. The block is a power of two near the bucket's mean layer size,
+    from ``BLOCK_MIN`` to ``BLOCK_MAX`` (the padding stays below the bucket's size), raised where the
+    largest layer would have more than ``MOST_BLOCKS`` blocks.
+
     Attributes:
         sizes: the layers' sizes.
-        ends: the layers' end offsets (int32, on the device), for :meth:`layer_index`.
-        pieces: the sizes of the first-level pieces of the sums (int64, on the device).
-        counts: how many pieces each layer has (int64, on the device; 0 for an empty layer).
+        block: the elements of one block.
+        pads: the zeros after each layer in pass 1's vectors.
+        mask: pass 1's real elements (bool, on the device).
+        block_index: ``[layers, most blocks]``: each layer's blocks, then the index of a zero column.
+        ends: the layers' end offsets in pass 2's vectors (int32, on the device), for :meth:`layer_index`.
     """
 
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
         self.sizes = list(sizes)
         self.total = sum(self.sizes)
-        pieces: list[int] = []
-        counts: list[int] = []
-        for n in self.sizes:
-            full, rest = divmod(n, PIECE)
-            pieces += [PIECE] * full + ([rest] if rest else [])
-            counts.append(full + (1 if rest else 0))
-        ends, acc = [], 0
-        for n in self.sizes:
-            acc += n
-            ends.append(acc)
-        self.ends = _to_device(ends, torch.int32, device)
-        self.pieces = _to_device(pieces, torch.int64, device)
-        self.counts = _to_device(counts, torch.int64, device)
+        mean = self.total // max(len(self.sizes), 1)
+        block = min(max(BLOCK_MIN, 1 << max(mean.bit_length() - 1, 0)), BLOCK_MAX)
+        while -(-max(self.sizes, default=0) // block) > MOST_BLOCKS:
+            block *= 2
+        self.block = block
+        blocks = [-(-n // block) for n in self.sizes]
+        self.pads = [b * block - n for b, n in zip(blocks, self.sizes)]
+        n_blocks = sum(blocks)
+        width = max(blocks, default=0) or 1
+        rows, first = [], 0
+        for b in blocks:
+            rows.append(list(range(first, first + b)) + [n_blocks] * (width - b))
+            first += b
+        self.block_index = _to_device(rows, torch.int64, device)
+        mask = torch.ones(n_blocks * block, dtype=torch.bool)
+        for offset, n, pad in zip(_running_sums([b * block for b in blocks]), self.sizes, self.pads):
+            mask[offset + n:offset + n + pad] = False
+        self.mask = _moved(mask, device)
+        self.ends = _to_device(_running_sums(self.sizes)[1:], torch.int32, device)
+        self._zeros: dict[torch.dtype, list[Tensor | None]] = {}
 
-    def layer_sums(self, value: Tensor) -> Tensor:
-        """``[layers]``: the sum of ``value`` (the bucket's concatenated vector) over each layer."""
-        partial = torch.segment_reduce(value, "sum", lengths=self.pieces, unsafe=True)
-        return torch.segment_reduce(partial, "sum", lengths=self.counts, unsafe=True)
+    def padding(self, like: Tensor) -> list[Tensor | None]:
+        """The zeros that follow each layer in pass 1's vectors (views of one cached block; None: none)."""
+        found = self._zeros.get(like.dtype)
+        if found is None:
+            zeros = torch.zeros(self.block, dtype=like.dtype, device=like.device)
+            found = self._zeros[like.dtype] = [zeros[:pad] if pad else None for pad in self.pads]
+        return found
+
+    def padded(self, envs: Sequence[Mapping[str, Tensor]], keys: Sequence[str]) -> dict[str, Tensor]:
+        """Pass 1's vectors: the layers' vectors ``keys``, each layer followed by its padding."""
+        out = {}
+        for k in keys:
+            parts = []
+            for env, zeros in zip(envs, self.padding(envs[0][k])):
+                parts.append(env[k])
+                if zeros is not None:
+                    parts.append(zeros)
+            out[k] = torch.cat(parts)
+        return out
+
+    def layer_sums(self, values: Sequence[Tensor]) -> Tensor:
+        """``[layers, len(values)]``: the sums over each layer of ``values`` (vectors in pass 1's layout)."""
+        stacked = torch.stack(list(values))
+        stacked = torch.where(self.mask, stacked, stacked.new_zeros(()))  # (what the program made of the padding)
+        partial = stacked.view(len(values), -1, self.block).sum(-1)
+        partial = torch.cat([partial, partial.new_zeros(len(values), 1)], 1)
+        return partial[:, self.block_index].sum(-1).t()
 
     def layer_index(self) -> Tensor:
         """``[elements]``: the index of each element's layer (int32, a temporary of the bucket's size)."""
@@ -96,8 +138,19 @@ class Layout:
         return torch.searchsorted(self.ends, elements, right=True, out_int32=True)
 
 
-def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _running_sums(values: Sequence[int]) -> list[int]:
+    """[0, v₀, v₀ + v₁, …]."""
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _moved(torch.tensor(values, dtype=dtype), device)
+
+
+def _moved(host: Tensor, device: torch.device) -> Tensor:
     # from pinned memory, without blocking: the copy does not wait for the work queued before it
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
@@ -128,17 +181,18 @@ def _keys(envs: Sequence[Mapping[str, Tensor]], exprs: Sequence[Any]) -> list[st
 def bucket_sums(envs: Sequence[Mapping[str, Tensor]], pre: Sequence[Assign], pre_program: CompiledProgram | None,
                 reductions: Sequence[Reduction], hp: Mapping[str, Scalar], where: Layout, like: Tensor) -> Tensor:
     """``[layers, reductions]``: each layer's sums of the reductions, the pre-program (H) run first."""
-    env = _concatenated(envs, _keys(envs, [a.expr for a in pre] + [r.expr for r in reductions]))
+    env = where.padded(envs, _keys(envs, [a.expr for a in pre] + [r.expr for r in reductions]))
     if pre_program is not None:
         pre_program.run(env, hp)
-    cols = []
-    for r in reductions:
-        value = evaluate_vector(r.expr, env, hp)
-        if isinstance(value, Tensor) and value.dim():
-            cols.append(where.layer_sums(value).to(like))
-        else:
-            cols.append(like.new_zeros(len(envs)))
-    return torch.stack(cols, 1) if cols else like.new_zeros(len(envs), 0)
+    values = [evaluate_vector(r.expr, env, hp) for r in reductions]
+    vectors = [v for v in values if isinstance(v, Tensor) and v.dim()]
+    if not values:
+        return like.new_zeros(len(envs), 0)
+    sums = iter(where.layer_sums(vectors).to(like).unbind(1) if vectors else ())
+    # (a reduction of no vector sums to zero, as the layer-by-layer pass's; columns stacked, not indexed by a
+    # list: a list index is copied to the device from pageable memory, which synchronises)
+    return torch.stack([next(sums) if isinstance(v, Tensor) and v.dim() else like.new_zeros(len(envs))
+                        for v in values], 1)
 
 
 def run_bucket_program(envs: Sequence[dict[str, Tensor]], pre: Sequence[Assign],

@@ -213,7 +213,10 @@ class TorchEngine:
         """Create missing per-layer state; which layers got new state."""
         if not table.has_layer_state():
             return [False] * len(layers)
-        return [table.init_layer(layer.state, local_numel(layer), group, layer.dtype, layer.params[0].device)
+        keys = table.layer_keys
+        # (a layer that has its state already costs a few dictionary lookups: the common case, every step)
+        return [False if all(k in layer.state for k in keys) else
+                table.init_layer(layer.state, local_numel(layer), group, layer.dtype, layer.params[0].device)
                 for layer in layers]
 
     def _host(self, like: Tensor) -> bool:
