@@ -280,7 +280,7 @@ def training_step_time(model_name: str, optimizer: str, device, warmup: int, rep
             losses_of().mean().backward()
             opt.step()
     else:
-        opt = kalmanopt.create("koala++", model.parameters(), implementation="fused")
+        opt = kalmanopt.create(optimizer.removesuffix(" fused"), model.parameters(), implementation="fused")
 
         def step():
             opt.zero_grad(set_to_none=False)
@@ -349,11 +349,11 @@ def gpu_tables(args) -> str:
         rounds = max(1, args.rounds)
         lines += ["", "End-to-end training step (forward, backward, optimizer; small GPT in fp32 with batch "
                   "64 × 256 tokens, ResNet-50 in bf16 autocast with batch 64 at 224²)"
-                  + (f"; median over {rounds} rounds, the two optimizers' order alternating, of each round's "
+                  + (f"; median over {rounds} rounds, the optimizers' order alternating, of each round's "
                      "median, and the rounds' range" if rounds > 1 else "") + ":", "",
                   "| model | params (M) | optimizer | step (ms) | × AdamW fused | rounds' range (ms) |",
                   "|---|---|---|---|---|---|"]
-        optimizers = ("AdamW fused", "KOALA++ fused")
+        optimizers = ("AdamW fused",) + tuple(f"{preset} fused" for preset in args.training_presets)
         for model_name in ("small GPT", "ResNet-50"):
             per_round: dict[str, list[float]] = {o: [] for o in optimizers}
             n_params = 0
@@ -426,6 +426,8 @@ def main() -> None:
     parser.add_argument("--training", action="store_true", help="also time end-to-end training steps")
     parser.add_argument("--rounds", type=int, default=1,
                         help="training steps: time each optimizer this many times, in alternating order")
+    parser.add_argument("--training-presets", nargs="+", default=["koala++"],
+                        help="training steps: the presets timed against AdamW fused (on the fused engine)")
     parser.add_argument("--slow-foreach", action="store_true", help="time the foreach paths on the GPT-2 sets too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
