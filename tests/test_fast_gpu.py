@@ -378,11 +378,12 @@ def test_fused_non_contiguous_parameters(preset):
     assert relative_error(results[1], results[0]) <= 1e-10
 
 
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
 @pytest.mark.parametrize("preset", FAST_PRESETS)
 @needs_cuda
-def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(preset):
-    """The fused engine replays a captured step once steady (kalmanopt.engines.graphs); η changing every
-    step, gradient buffers that move, a hyper-parameter change and a non-finite loss must not make it
+def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(preset, implementation):
+    """The fused and foreach engines replay a captured step once steady (kalmanopt.engines.graphs); η changing
+    every step, gradient buffers that move, a hyper-parameter change and a non-finite loss must not make it
     differ from the reference engine."""
     from kalmanopt.engines import graphs
 
@@ -391,7 +392,7 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
               for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [kalmanopt.create(preset, m.parameters(), implementation=impl, weight_decay=1e-3)
-            for m, impl in zip(models, ("reference", "fused"))]
+            for m, impl in zip(models, ("reference", implementation))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + 0.1 * k)) for o in opts]
     x, y = torch.randn(32, 24, device=CUDA, dtype=torch.float64), torch.randint(0, 5, (32,), device=CUDA)
     for k in range(14):

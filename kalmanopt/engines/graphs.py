@@ -1,8 +1,10 @@
-"""Replaying a whole ``step`` of the fused engine as one CUDA graph (no host work per layer).
+"""Replaying a whole ``step`` of the fused or foreach engine as one CUDA graph (no host work per layer).
 
 A step of the fused engine launches its two generated kernels and the parts' batched coefficient
 functions: a few dozen small operations on ``[layers]`` tensors whose launch costs more host time
-than the kernels take on the GPU. Once a one-group optimizer reaches a steady state (same
+than the kernels take on the GPU; a step of the foreach engine on CUDA launches a few hundred. An
+engine takes part by ``graph_token(ctx)``: what a capture of its step depends on (buffers, plans),
+or None where its step cannot be replayed. Once a one-group optimizer reaches a steady state (same
 parameters, gradient buffers and state tensors, same hyper-parameters but η), the step is captured
 once and replayed: the loss, the statistic and η are copied into the graph's inputs, the graph runs
 the update and the next predict, and the step's code is reported as usual.

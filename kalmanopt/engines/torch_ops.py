@@ -424,3 +424,21 @@ class ForeachEngine(TorchEngine):
 
     name = "foreach"
     device_step = True
+
+    def graph_token(self, ctx: GroupContext) -> tuple | None:
+        """What a captured step of this group depends on (see :mod:`kalmanopt.engines.graphs`): the buffers of
+        its parameters, gradients, layer state and group state; None off CUDA. The device path runs no host branch and no host
+        synchronisation, so once these stay put a step is the same kernels on the same memory."""
+        params = ctx.group["params"]
+        if self.host_branches or not params or params[0].device.type != "cuda" or ctx.state is None:
+            return None
+        token: list[Any] = [id(params), ctx.group.get("granularity")]
+        token.extend((k, v.data_ptr()) for k, v in ctx.group_state.items() if isinstance(v, Tensor))
+        for p in params:
+            grad = p.grad
+            token.append(local_tensor(p).data_ptr())
+            token.append(0 if grad is None else local_tensor(grad).data_ptr())
+            state = ctx.state.get(p)
+            if state:
+                token.extend((k, v.data_ptr()) for k, v in state.items() if isinstance(v, Tensor))
+        return tuple(token)
