@@ -66,7 +66,7 @@ class Layout:
 
     Pass 1 concatenates each layer padded to whole blocks of :attr:`block` elements, so that its sums are
     a sum over each block (one reduction of a ``[blocks, block]`` view) and then over each layer's blocks
-    (a gather through :attr:`block_index`); the padding is masked out of the summands. Pass 2
+    (a gather through :attr:`block_index`); the padding is zeroed in the summands. Pass 2
     concatenates the layers as they are. The block is a power of two near the bucket's mean layer size,
     from ``BLOCK_MIN`` to ``BLOCK_MAX`` (the padding stays below the bucket's size), raised where the
     largest layer would have more than ``MOST_BLOCKS`` blocks.
@@ -75,7 +75,8 @@ class Layout:
         sizes: the layers' sizes.
         block: the elements of one block.
         pads: the zeros after each layer in pass 1's vectors.
-        mask: pass 1's real elements (bool, on the device).
+        pad_index: where pass 1's vectors hold padding (int64, on the device; fewer than ``BLOCK_MAX`` per
+            layer).
         block_index: ``[layers, most blocks]``: each layer's blocks, then the index of a zero column.
         ends: the layers' end offsets in pass 2's vectors (int32, on the device), for :meth:`layer_index`.
     """
@@ -97,10 +98,9 @@ class Layout:
             rows.append(list(range(first, first + b)) + [n_blocks] * (width - b))
             first += b
         self.block_index = _to_device(rows, torch.int64, device)
-        mask = torch.ones(n_blocks * block, dtype=torch.bool)
-        for offset, n, pad in zip(_running_sums([b * block for b in blocks]), self.sizes, self.pads):
-            mask[offset + n:offset + n + pad] = False
-        self.mask = _moved(mask, device)
+        padding = [i for offset, n, pad in zip(_running_sums([b * block for b in blocks]), self.sizes, self.pads)
+                   for i in range(offset + n, offset + n + pad)]
+        self.pad_index = _to_device(padding, torch.int64, device)
         self.ends = _to_device(_running_sums(self.sizes)[1:], torch.int32, device)
         self._zeros: dict[torch.dtype, list[Tensor | None]] = {}
 
@@ -127,7 +127,8 @@ class Layout:
     def layer_sums(self, values: Sequence[Tensor]) -> Tensor:
         """``[layers, len(values)]``: the sums over each layer of ``values`` (vectors in pass 1's layout)."""
         stacked = torch.stack(list(values))
-        stacked = torch.where(self.mask, stacked, stacked.new_zeros(()))  # (what the program made of the padding)
+        if self.pad_index.numel():  # (what the program made of the padding's zeros, NaN included, is dropped)
+            stacked.index_fill_(1, self.pad_index, 0.0)
         partial = stacked.view(len(values), -1, self.block).sum(-1)
         partial = torch.cat([partial, partial.new_zeros(len(values), 1)], 1)
         return partial[:, self.block_index].sum(-1).t()
@@ -147,10 +148,7 @@ def _running_sums(values: Sequence[int]) -> list[int]:
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return _moved(torch.tensor(values, dtype=dtype), device)
-
-
-def _moved(host: Tensor, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
     # from pinned memory, without blocking: the copy does not wait for the work queued before it
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
@@ -163,7 +161,7 @@ def layout(sizes: Sequence[int], device: torch.device) -> Layout:
     key = (tuple(sizes), str(device))
     found = _LAYOUTS.get(key)
     if found is None:
-        if len(_LAYOUTS) > 256:
+        if len(_LAYOUTS) >= 64:  # (a few per step: the buckets of the update and of the predict)
             _LAYOUTS.clear()
         found = _LAYOUTS[key] = Layout(sizes, device)
     return found

@@ -427,8 +427,9 @@ class ForeachEngine(TorchEngine):
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
         """What a captured step of this group depends on (see :mod:`kalmanopt.engines.graphs`): the buffers of
-        its parameters, gradients, layer state and group state; None off CUDA. The device path runs no host branch and no host
-        synchronisation, so once these stay put a step is the same kernels on the same memory."""
+        its parameters, gradients, layer state and group state; None off CUDA. The device path runs no host
+        branch and no host synchronisation, so once these stay put a step is the same kernels on the same
+        memory."""
         params = ctx.group["params"]
         if self.host_branches or not params or params[0].device.type != "cuda" or ctx.state is None:
             return None
