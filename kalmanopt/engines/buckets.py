@@ -13,9 +13,9 @@ A layer's sums are taken in two levels, in a fixed order (deterministic), for al
 bucket at once: over blocks of a few hundred elements (each layer padded to whole blocks), then over
 each layer's blocks (:class:`Layout`). ``torch.segment_reduce`` over whole layers gives the GPU one
 thread block per layer (a bucket of a few large layers ran on a handful of multiprocessors: 7 ms a step
-on ResNet-50), and costs a few kernel launches per call. Coefficients are spread by a gather through each element's
-layer index (``torch.searchsorted`` over the layers' ends): ``torch.repeat_interleave`` writes each
-layer's run from one thread (15 ms a step on ResNet-50).
+on ResNet-50), and costs a few kernel launches per call. Coefficients are spread by a gather through
+each element's layer index (``torch.searchsorted`` over the layers' ends): ``torch.repeat_interleave``
+writes each layer's run from one thread (15 ms a step on ResNet-50).
 
 The temporaries of a bucket are a few vectors of its size, so buckets are capped (:data:`CONFIG`); a
 layer larger than the cap runs on its own, as before.

@@ -95,29 +95,6 @@ class FlatLayer:
 
     def __init__(self, layer: Layer, table: StateTable) -> None:
         self.layer = layer
-        if not self._plain(layer, table):
-            self._general(layer, table)
-
-    def _plain(self, layer: Layer, table: StateTable) -> bool:
-        """The common layer, one contiguous plain tensor in the state precision with such a gradient (or
-        none), in a few microseconds; False for anything else."""
-        if len(layer.params) != 1:
-            return False
-        p = layer.params[0]
-        if type(p) not in _PLAIN or p.dtype not in _STATE_DTYPES or not p.is_contiguous():
-            return False
-        grad = p.grad
-        if grad is not None and (type(grad) is not Tensor or grad.dtype != p.dtype or not grad.is_contiguous()):
-            return False
-        self.sharded, self.params, self.direct = False, [p], True
-        self.theta = p.detach().view(-1)
-        g = torch.zeros_like(self.theta) if grad is None else grad.detach().view(-1)
-        self.env = {"theta": self.theta, "g": g}
-        for e in table.vectors:
-            self.env[f"state.{e.name}"] = layer.state[e.name]
-        return True
-
-    def _general(self, layer: Layer, table: StateTable) -> None:
         params = [local_tensor(p) for p in layer.params]
         grads = [None if p.grad is None else local_tensor(p.grad) for p in layer.params]
         self.sharded = any(is_sharded(p) for p in layer.params)
@@ -142,11 +119,6 @@ class FlatLayer:
         """Write θ back to the parameters (their local shards) if it is a copy."""
         if not self.direct:
             Layer(self.params, {}, self.layer.name).write(self.theta)
-
-
-#: parameter types that are never DTensors, and dtypes that are their own state precision (FlatLayer._plain)
-_PLAIN = (Tensor, torch.nn.Parameter)
-_STATE_DTYPES = (torch.float32, torch.float64)
 
 
 def local_numel(layer: Layer) -> int:
