@@ -17,6 +17,8 @@ the presets by themselves.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -35,41 +37,52 @@ def _one_param_opt(preset: str, values: torch.Tensor, **hp):
     return theta, opt
 
 
-def test_riccati_step_is_the_exact_kalman_update_with_per_coordinate_information():
-    g = torch.Generator().manual_seed(0)
-    n, q, lr, beta1, beta2, eps = 7, 0.05, 0.01, 0.8, 0.95, 1e-8
-    theta, opt = _one_param_opt("koala-adam-riccati", torch.randn(n, generator=g, dtype=DT), q=q, lr=lr,
-                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0)
+BETA1, BETA2, EPS = 0.8, 0.95, 1e-8
+
+
+def _one_step_from_an_arbitrary_state(preset: str, seed: int, n: int, q: float, lr: float,
+                                      p0: torch.Tensor | None = None) -> SimpleNamespace:
+    """One step of ``preset`` from arbitrary m, v (and p, where given) at the layer's fourth update.
+
+    Returns the optimizer's state, θ before and after the step, and the step's m, v, v̄ and λ by the plain
+    formulas.
+    """
+    g = torch.Generator().manual_seed(seed)
+    theta, opt = _one_param_opt(preset, torch.randn(n, generator=g, dtype=DT), q=q, lr=lr,
+                                beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0)
     theta.grad = torch.randn(n, generator=g, dtype=DT)
     opt.step(loss=1.0)  # creates the state
     state = opt.state[theta]
-    # an arbitrary state before the step under test
-    m0 = torch.randn(n, generator=g, dtype=DT)
-    v0 = torch.rand(n, generator=g, dtype=DT) + 0.1
-    p0 = torch.rand(n, generator=g, dtype=DT) + 0.05
-    state["m"].copy_(m0), state["v"].copy_(v0), state["p"].copy_(p0), state["k"].fill_(3.0)
+    m0, v0 = torch.randn(n, generator=g, dtype=DT), torch.rand(n, generator=g, dtype=DT) + 0.1
+    state["m"].copy_(m0), state["v"].copy_(v0), state["k"].fill_(3.0)
     state["vsum"].fill_(float(v0.sum()))  # the layer sum of v is state too
+    if p0 is not None:
+        state["p"].copy_(p0)
     before = theta.detach().clone()
     H = torch.randn(n, generator=g, dtype=DT)
     theta.grad = H.clone()
     opt.step(loss=1.0)
-
     t = 4
-    c1 = (1 - beta1) / (1 - beta1**t)
-    c2 = (1 - beta2) / (1 - beta2**t)
-    m = m0 + c1 * (H - m0)
-    v = v0 + c2 * (H * H - v0)
-    vbar = v.mean() + eps**2
-    lam = (v + eps**2) / vbar
+    c1, c2 = (1 - BETA1) / (1 - BETA1**t), (1 - BETA2) / (1 - BETA2**t)
+    m, v = m0 + c1 * (H - m0), v0 + c2 * (H * H - v0)
+    vbar = v.mean() + EPS**2
+    return SimpleNamespace(state=state, before=before, after=theta.detach(), m=m, v=v, vbar=vbar,
+                           lam=(v + EPS**2) / vbar)
+
+
+def test_riccati_step_is_the_exact_kalman_update_with_per_coordinate_information():
+    n, q, lr = 7, 0.05, 0.01
+    p0 = torch.rand(n, generator=torch.Generator().manual_seed(10), dtype=DT) + 0.05
+    r = _one_step_from_an_arbitrary_state("koala-adam-riccati", 0, n, q, lr, p0=p0)
     # the exact filter: P̂ = P + q I; P = (P̂⁻¹ + Λ)⁻¹; θ ← θ − c P m (full matrices, not the recursion)
     P_hat = torch.diag(p0) + q * torch.eye(n, dtype=DT)
-    P = torch.linalg.inv(torch.linalg.inv(P_hat) + torch.diag(lam))
+    P = torch.linalg.inv(torch.linalg.inv(P_hat) + torch.diag(r.lam))
     assert torch.allclose(P, torch.diag(torch.diagonal(P)), atol=1e-14)  # it stays diagonal
-    torch.testing.assert_close(state["p"], torch.diagonal(P), rtol=1e-12, atol=0)
-    torch.testing.assert_close(state["m"], m, rtol=1e-12, atol=0)
-    torch.testing.assert_close(state["v"], v, rtol=1e-12, atol=0)
-    want = before - lr / torch.sqrt(q * vbar) * (P @ m)
-    torch.testing.assert_close(theta.detach(), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r.state["p"], torch.diagonal(P), rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.state["m"], r.m, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.state["v"], r.v, rtol=1e-12, atol=0)
+    want = r.before - lr / torch.sqrt(q * r.vbar) * (P @ r.m)
+    torch.testing.assert_close(r.after, want, rtol=1e-12, atol=1e-14)
 
 
 def test_steady_state_step_is_adams_on_a_constant_gradient():
@@ -91,34 +104,17 @@ def test_steady_state_step_is_adams_on_a_constant_gradient():
 
 
 def test_steady_covariance_is_the_fixed_point_of_the_recursion_at_each_steps_information():
-    g = torch.Generator().manual_seed(1)
-    n, q, lr, beta1, beta2, eps = 6, 0.02, 0.01, 0.8, 0.95, 1e-8
-    theta, opt = _one_param_opt("koala-adam-steady", torch.randn(n, generator=g, dtype=DT), q=q, lr=lr,
-                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0)
-    theta.grad = torch.randn(n, generator=g, dtype=DT)
-    opt.step(loss=1.0)
-    state = opt.state[theta]
-    assert "p" not in state  # no covariance state
-    m0, v0 = torch.randn(n, generator=g, dtype=DT), torch.rand(n, generator=g, dtype=DT) + 0.1
-    state["m"].copy_(m0), state["v"].copy_(v0), state["k"].fill_(3.0), state["vsum"].fill_(float(v0.sum()))
-    before = theta.detach().clone()
-    H = torch.randn(n, generator=g, dtype=DT)
-    theta.grad = H.clone()
-    opt.step(loss=1.0)
-
-    t = 4
-    c1, c2 = (1 - beta1) / (1 - beta1**t), (1 - beta2) / (1 - beta2**t)
-    m, v = m0 + c1 * (H - m0), v0 + c2 * (H * H - v0)
-    vbar = v.mean() + eps**2
-    lam = (v + eps**2) / vbar
+    n, q, lr = 6, 0.02, 0.01
+    r = _one_step_from_an_arbitrary_state("koala-adam-steady", 1, n, q, lr)
+    assert "p" not in r.state  # no covariance state
     # p is the fixed point of p ← (p + q) / (1 + (p + q) λ), found here by iterating the recursion itself
     p = torch.full((n,), 0.1, dtype=DT)
     for _ in range(20000):
-        p = (p + q) / (1 + (p + q) * lam)
-    torch.testing.assert_close(state["m"], m, rtol=1e-12, atol=0)
-    torch.testing.assert_close(state["v"], v, rtol=1e-12, atol=0)
-    torch.testing.assert_close(state["vsum"], v.sum(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(theta.detach(), before - lr / torch.sqrt(q * vbar) * p * m, rtol=1e-10, atol=1e-14)
+        p = (p + q) / (1 + (p + q) * r.lam)
+    torch.testing.assert_close(r.state["m"], r.m, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.state["v"], r.v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.state["vsum"], r.v.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.after, r.before - lr / torch.sqrt(q * r.vbar) * p * r.m, rtol=1e-10, atol=1e-14)
 
 
 def test_steady_covariance_is_the_limit_of_the_newton_iteration():
