@@ -318,35 +318,44 @@ def gpu_tables(args) -> str:
         candidates.append(("subclass of ProductSurrogate, fused", outside_builder(OutsideProduct(), "fused")))
     if "koala-diag" in args.presets and "fused" in args.implementations:
         candidates.append(("outside part (own S formula), fused", outside_builder(OutsideDiagonal(), "fused")))
+    rounds = max(1, args.rounds)
+    if rounds > 1:
+        lines += [f"Each optimizer timed in {rounds} rounds, the order reversed in every other round (a fresh "
+                  "optimizer each time): the median of the rounds' medians, and the rounds' range.", ""]
     header = "| parameter set | tensors | params (M) | optimizer | step (ms) | × AdamW fused | % of 7-access floor " \
-             "| % of 11-access floor | peak (MiB) |"
-    lines += [header, "|" + "---|" * 9]
+             "| % of 11-access floor | peak (MiB) | rounds' range (ms) |"
+    lines += [header, "|" + "---|" * 10]
     for set_name in args.sets:
         shapes = PARAMETER_SETS[set_name]()
         n = sum(math.prod(s) for s in shapes)
         floor7 = 7 * FP32 * n / bw * 1e3
         floor11 = 11 * FP32 * n / bw * 1e3
-        results = []
-        for label, build in candidates:
-            if "foreach" in label and "koala" in label and set_name != "ResNet-50" and not args.slow_foreach:
+        timed = [(label, build) for label, build in candidates
+                 if not ("foreach" in label and "koala" in label and set_name != "ResNet-50" and not args.slow_foreach)]
+        per_round: dict[str, list[dict]] = {label: [] for label, _ in timed}
+        for r in range(rounds):
+            for label, build in (timed if r % 2 == 0 else timed[::-1]):
+                try:
+                    row = optimizer_step_time(label, build, shapes, device, args.warmup, args.repeats)
+                except Exception as error:  # report and go on with the other candidates
+                    print(f"  {set_name:13s} {label:28s} failed: {error!r}", flush=True)
+                    continue
+                per_round[label].append(row)
+                torch.cuda.empty_cache()
+                print(f"  {set_name:13s} {label:28s} round {r + 1}: {row['ms']:8.3f} ms  peak "
+                      f"{row['peak_mib']:8.1f} MiB  finite={row['finite']}", flush=True)
+        ms = {label: statistics.median(x["ms"] for x in rows) for label, rows in per_round.items() if rows}
+        adam = ms["AdamW fused"]
+        for label, rows in per_round.items():
+            if not rows:
                 continue
-            try:
-                r = optimizer_step_time(label, build, shapes, device, args.warmup, args.repeats)
-            except Exception as error:  # report and go on with the other candidates
-                print(f"  {set_name:13s} {label:28s} failed: {error!r}", flush=True)
-                continue
-            results.append(r)
-            torch.cuda.empty_cache()
-            print(f"  {set_name:13s} {label:28s} {r['ms']:8.3f} ms  peak {r['peak_mib']:8.1f} MiB  "
-                  f"finite={r['finite']}", flush=True)
-        adam = next(r["ms"] for r in results if r["name"] == "AdamW fused")
-        for r in results:
-            lines.append(f"| {set_name} | {len(shapes)} | {n / 1e6:.1f} | {r['name']} | {r['ms']:.3f} | "
-                         f"{r['ms'] / adam:.2f} | {100 * floor7 / r['ms']:.0f} % | {100 * floor11 / r['ms']:.0f} % | "
-                         f"{r['peak_mib']:.0f} |")
-        lines.append(f"| {set_name} | | | floor: 7 accesses / 11 accesses | {floor7:.3f} / {floor11:.3f} | | | | |")
+            t = ms[label]
+            spread = f"{min(x['ms'] for x in rows):.3f}–{max(x['ms'] for x in rows):.3f}" if rounds > 1 else ""
+            lines.append(f"| {set_name} | {len(shapes)} | {n / 1e6:.1f} | {label} | {t:.3f} | {t / adam:.2f} | "
+                         f"{100 * floor7 / t:.0f} % | {100 * floor11 / t:.0f} % | "
+                         f"{max(x['peak_mib'] for x in rows):.0f} | {spread} |")
+        lines.append(f"| {set_name} | | | floor: 7 accesses / 11 accesses | {floor7:.3f} / {floor11:.3f} | | | | | |")
     if args.training:
-        rounds = max(1, args.rounds)
         lines += ["", "End-to-end training step (forward, backward, optimizer; small GPT in fp32 with batch "
                   "64 × 256 tokens, ResNet-50 in bf16 autocast with batch 64 at 224²)"
                   + (f"; median over {rounds} rounds, the optimizers' order alternating, of each round's "
@@ -425,7 +434,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--training", action="store_true", help="also time end-to-end training steps")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="training steps: time each optimizer this many times, in alternating order")
+                        help="time each optimizer this many times (optimizer steps and training steps), the "
+                             "order reversed in every other round")
     parser.add_argument("--training-presets", nargs="+", default=["koala++"],
                         help="training steps: the presets timed against AdamW fused (on the fused engine)")
     parser.add_argument("--slow-foreach", action="store_true", help="time the foreach paths on the GPT-2 sets too")

@@ -3,19 +3,18 @@
 Where the ``foreach`` engine masks on the device (CUDA), running each layer's reductions and program on
 its own costs a few dozen kernel launches per layer: host-bound on a model of many small tensors. Here
 consecutive small layers of one dtype are concatenated into one vector per name, the measurement's
-pre-program and the reductions run once per bucket, and the program runs once per bucket with each
-coefficient column spread over its layer's elements; a skipped layer's values are restored with one
-``torch.where``, and the results are copied back into the layers' tensors with one multi-tensor copy
-per written vector. The arithmetic is the per-layer program's, element by element; only the order of
-the additions inside a layer's sums differs.
+pre-program and the reductions run once per bucket, and the program runs once per bucket; a skipped
+layer's values are restored with one ``torch.where``, and the results are copied back into the layers'
+tensors with one multi-tensor copy per written vector. The arithmetic is the per-layer program's,
+element by element; only the order of the additions inside a layer's sums differs.
 
-A layer's sums are taken in two levels, in a fixed order (deterministic), for all reductions of a
-bucket at once: over blocks of a few hundred elements (each layer padded to whole blocks), then over
-each layer's blocks (:class:`Layout`). ``torch.segment_reduce`` over whole layers gives the GPU one
-thread block per layer (a bucket of a few large layers ran on a handful of multiprocessors: 7 ms a step
-on ResNet-50), and costs a few kernel launches per call. Coefficients are spread by a gather through
-each element's layer index (``torch.searchsorted`` over the layers' ends): ``torch.repeat_interleave``
-writes each layer's run from one thread (15 ms a step on ResNet-50).
+Both passes hold each layer padded to whole blocks of a few hundred elements (:class:`Layout`), as a
+``[blocks, block]`` view. A layer's sums are taken in two levels, in a fixed order (deterministic): over
+each block, then over each layer's blocks. The program's coefficients are ``[blocks, 1]`` columns, one
+row per block, which broadcast over the blocks' elements: nothing of the bucket's size is gathered.
+(Measured on ResNet-50 on an H200, ``torch.segment_reduce`` over whole layers gave the GPU one thread
+block per layer, 7 ms a step, and ``torch.repeat_interleave`` of the coefficients over the elements
+wrote each layer's run from one thread, 15 ms a step.)
 
 The temporaries of a bucket are a few vectors of its size, so buckets are capped (:data:`CONFIG`); a
 layer larger than the cap runs on its own, as before.
@@ -64,21 +63,22 @@ def plan_buckets(envs: Sequence[Mapping[str, Tensor]]) -> list[tuple[int, int]]:
 class Layout:
     """Where a bucket's layers lie in its concatenated vectors (made once per list of sizes and device).
 
-    Pass 1 concatenates each layer padded to whole blocks of :attr:`block` elements, so that its sums are
-    a sum over each block (one reduction of a ``[blocks, block]`` view) and then over each layer's blocks
-    (a gather through :attr:`block_index`); the padding is zeroed in the summands. Pass 2
-    concatenates the layers as they are. The block is a power of two near the bucket's mean layer size,
-    from ``BLOCK_MIN`` to ``BLOCK_MAX`` (the padding stays below the bucket's size), raised where the
-    largest layer would have more than ``MOST_BLOCKS`` blocks.
+    Both passes concatenate each layer padded to whole blocks of :attr:`block` elements, so that its sums
+    are a sum over each block (one reduction of a ``[blocks, block]`` view) and then over each layer's
+    blocks (a gather through :attr:`block_index`), the padding zeroed in the summands; and so that a
+    per-layer coefficient is a ``[blocks, 1]`` column (a gather through :attr:`block_layer`). The block is
+    a power of two near the bucket's mean layer size, from ``BLOCK_MIN`` to ``BLOCK_MAX`` (the padding
+    stays below the bucket's size), raised where the largest layer would have more than ``MOST_BLOCKS``
+    blocks.
 
     Attributes:
         sizes: the layers' sizes.
         block: the elements of one block.
-        pads: the zeros after each layer in pass 1's vectors.
-        pad_index: where pass 1's vectors hold padding (int64, on the device; fewer than ``BLOCK_MAX`` per
+        pads: the zeros after each layer in the padded vectors.
+        pad_index: where the padded vectors hold padding (int64, on the device; fewer than ``BLOCK_MAX`` per
             layer).
         block_index: ``[layers, most blocks]``: each layer's blocks, then the index of a zero column.
-        ends: the layers' end offsets in pass 2's vectors (int32, on the device), for :meth:`layer_index`.
+        block_layer: ``[blocks]``: the layer of each block (int64, on the device).
     """
 
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
@@ -101,7 +101,7 @@ class Layout:
         padding = [i for offset, n, pad in zip(_running_sums([b * block for b in blocks]), self.sizes, self.pads)
                    for i in range(offset + n, offset + n + pad)]
         self.pad_index = _to_device(padding, torch.int64, device)
-        self.ends = _to_device(_running_sums(self.sizes)[1:], torch.int32, device)
+        self.block_layer = _to_device([li for li, b in enumerate(blocks) for _ in range(b)], torch.int64, device)
         self._zeros: dict[torch.dtype, list[Tensor | None]] = {}
 
     def padding(self, like: Tensor) -> list[Tensor | None]:
@@ -125,18 +125,26 @@ class Layout:
         return out
 
     def layer_sums(self, values: Sequence[Tensor]) -> Tensor:
-        """``[layers, len(values)]``: the sums over each layer of ``values`` (vectors in pass 1's layout)."""
-        stacked = torch.stack(list(values))
-        if self.pad_index.numel():  # (what the program made of the padding's zeros, NaN included, is dropped)
-            stacked.index_fill_(1, self.pad_index, 0.0)
-        partial = stacked.view(len(values), -1, self.block).sum(-1)
-        partial = torch.cat([partial, partial.new_zeros(len(values), 1)], 1)
+        """``[layers, len(values)]``: the sums over each layer of ``values`` (vectors in the padded layout,
+        flat or ``[blocks, block]``; their padding is overwritten with zeros)."""
+        partials = []
+        for value in values:
+            flat = value.view(-1)
+            if self.pad_index.numel():  # (what the program made of the padding's zeros, NaN included, goes)
+                flat.index_fill_(0, self.pad_index, 0.0)
+            partials.append(flat.view(-1, self.block).sum(-1))
+        partial = torch.stack(partials)  # (small: one value per block)
+        partial = torch.cat([partial, partial.new_zeros(len(partials), 1)], 1)
         return partial[:, self.block_index].sum(-1).t()
 
-    def layer_index(self) -> Tensor:
-        """``[elements]``: the index of each element's layer (int32, a temporary of the bucket's size)."""
-        elements = torch.arange(self.total, dtype=torch.int32, device=self.ends.device)
-        return torch.searchsorted(self.ends, elements, right=True, out_int32=True)
+    def blocks(self, padded: Tensor) -> Tensor:
+        """A padded vector as the ``[blocks, block]`` view the program runs on."""
+        return padded.view(-1, self.block)
+
+    def unpadded(self, blocks: Tensor) -> list[Tensor]:
+        """Each layer's values of a ``[blocks, block]`` tensor (views, the padding left out)."""
+        pieces = blocks.view(-1).split([n + pad for n, pad in zip(self.sizes, self.pads)])
+        return [piece[:n] for piece, n in zip(pieces, self.sizes)]
 
 
 def _running_sums(values: Sequence[int]) -> list[int]:
@@ -165,10 +173,6 @@ def layout(sizes: Sequence[int], device: torch.device) -> Layout:
             _LAYOUTS.clear()
         found = _LAYOUTS[key] = Layout(sizes, device)
     return found
-
-
-def _concatenated(envs: Sequence[Mapping[str, Tensor]], keys: Sequence[str]) -> dict[str, Tensor]:
-    return {k: torch.cat([env[k] for env in envs]) for k in keys}
 
 
 def _keys(envs: Sequence[Mapping[str, Tensor]], exprs: Sequence[Any]) -> list[str]:
@@ -201,17 +205,16 @@ def run_bucket_program(envs: Sequence[dict[str, Tensor]], pre: Sequence[Assign],
     ``table`` holds the bucket's rows of the coefficient columns ``names``; ``where`` its layout.
     """
     reads = [a.expr for a in pre] + [a.expr for a in program.program] + [a.target for a in program.program]
-    env = _concatenated(envs, _keys(envs, reads))
+    env = {k: where.blocks(v) for k, v in where.padded(envs, _keys(envs, reads)).items()}
     if pre_program is not None:
         pre_program.run(env, hp)
-    index = where.layer_index()
     coefs: dict[str, Scalar] = dict(hp)
     for j, name in enumerate(names):
-        coefs[name] = table[:, j].index_select(0, index)
+        coefs[name] = table[:, j].index_select(0, where.block_layer).unsqueeze(1)
     outputs = [k for k in program.outputs if k in env]
     old = {k: env[k].clone() for k in outputs}
     program.run(env, coefs)
-    kept = keep.index_select(0, index)
+    kept = keep.index_select(0, where.block_layer).unsqueeze(1)
     for k in outputs:
         new = torch.where(kept, env[k], old[k])
-        torch._foreach_copy_([e[k] for e in envs], list(new.split(where.sizes)))
+        torch._foreach_copy_([e[k] for e in envs], where.unpadded(new))
