@@ -331,6 +331,19 @@ def _axpy(x: Tensor, y: Tensor, c: Scalar) -> Tensor:
     return x.addcmul_(y, c)
 
 
+def _linear_out_of_place(terms: list[tuple[Expr, Vec]], env: Mapping[str, Tensor],
+                         coefs: Mapping[str, Scalar]) -> Tensor:
+    """Σ scalar_i · vec_i as a new tensor (a plain copy ``x = y`` binds ``y`` itself)."""
+    (s0, v0), rest = terms[0], terms[1:]
+    first = _scalar(s0, coefs)
+    if not rest and isinstance(first, float) and first == 1.0:
+        return env[v0.key]
+    value = env[v0.key] * first
+    for s, v in rest:
+        _axpy(value, env[v.key], _scalar(s, coefs))
+    return value
+
+
 class CompiledProgram:
     """A program prepared for torch evaluation: linear assignments run as in-place axpys.
 
@@ -347,10 +360,19 @@ class CompiledProgram:
             terms = _linear_terms(a.expr)
             self._steps.append((a.target.key, a.expr, terms))
 
-    def run(self, env: dict[str, Tensor], coefs: Mapping[str, Scalar]) -> None:
-        """Run the program on one layer: ``env`` maps keys to flat tensors, ``coefs`` to its scalars."""
+    def run(self, env: dict[str, Tensor], coefs: Mapping[str, Scalar], in_place: bool = True) -> None:
+        """Run the program on one layer: ``env`` maps keys to flat tensors, ``coefs`` to its scalars.
+
+        ``in_place=False``: each output is bound to a new tensor in ``env`` (what a later assignment reads)
+        and the tensor it held is left as it was (the caller keeps it where it needs the old values)."""
         for key, expr, terms in self._steps:
-            if key in self.outputs:
+            if key in self.outputs and not in_place:
+                value = _linear_out_of_place(terms, env, coefs) if terms is not None else \
+                    evaluate_vector(expr, env, coefs)
+                if not isinstance(value, Tensor) or value.shape != env[key].shape:  # (a constant, a broadcast)
+                    value = torch.empty_like(env[key]).copy_(value)
+                env[key] = value
+            elif key in self.outputs:
                 x = env[key]
                 if terms is not None:
                     self._linear_in_place(x, key, terms, env, coefs)

@@ -70,11 +70,13 @@ def _declarations(preset: str, wd: float):
     return plan, predict_plan(composition, hp)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 @pytest.mark.parametrize("preset", CONTRACT_PRESETS)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40))
-def test_in_place_program_equals_the_plain_formulas_for_every_preset(preset, wd, seed, n):
+def test_program_equals_the_plain_formulas_for_every_preset_and_out_of_place_leaves_its_inputs(preset, wd,
+                                                                                              in_place, seed, n):
     plan, pred = _declarations(preset, wd)
     gen = torch.Generator().manual_seed(seed)
     for program, outputs, extra in ((plan.full_program, plan.outputs, plan.reductions),
@@ -90,9 +92,13 @@ def test_in_place_program_equals_the_plain_formulas_for_every_preset(preset, wd,
         for a in program:
             want[a.target.key] = _naive(a.expr, want, coefs)
         got = {k: v.clone() for k, v in env.items()}
-        compile_program(program, outputs).run(got, coefs)
+        before = dict(got)
+        compile_program(program, outputs).run(got, coefs, in_place=in_place)
         for key in outputs:  # (random coefficients can make a square root NaN: NaN on both sides)
             torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, equal_nan=True)
+        if not in_place:  # every tensor the program was given still holds what it held
+            for key, tensor in before.items():
+                torch.testing.assert_close(tensor, env[key], rtol=0, atol=0, equal_nan=True)
 
 
 @settings(max_examples=25, deadline=None)

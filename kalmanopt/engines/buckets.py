@@ -2,11 +2,12 @@
 
 Where the ``foreach`` engine masks on the device (CUDA), running each layer's reductions and program on
 its own costs a few dozen kernel launches per layer: host-bound on a model of many small tensors. Here
-consecutive small layers of one dtype are concatenated into one vector per name, the measurement's
-pre-program and the reductions run once per bucket, and the program runs once per bucket; a skipped
-layer's values are restored with one ``torch.where``, and the results are copied back into the layers'
-tensors with one multi-tensor copy per written vector. The arithmetic is the per-layer program's,
-element by element; only the order of the additions inside a layer's sums differs.
+consecutive small layers of one dtype are copied into one vector per name (one multi-tensor copy), the
+measurement's pre-program and the reductions run once per bucket, and the program runs once per bucket,
+its outputs written to new vectors; where a layer is skipped the old values are kept by one
+``torch.where`` per written vector, and the results are copied back into the layers' tensors with one
+multi-tensor copy. The arithmetic is the per-layer program's, element by element; only the order of
+the additions inside a layer's sums differs.
 
 Both passes hold each layer padded to whole blocks of a few hundred elements (:class:`Layout`), as a
 ``[blocks, block]`` view. A layer's sums are taken in two levels, in a fixed order (deterministic): over
@@ -102,26 +103,22 @@ class Layout:
                    for i in range(offset + n, offset + n + pad)]
         self.pad_index = _to_device(padding, torch.int64, device)
         self.block_layer = _to_device([li for li, b in enumerate(blocks) for _ in range(b)], torch.int64, device)
-        self._zeros: dict[torch.dtype, list[Tensor | None]] = {}
-
-    def padding(self, like: Tensor) -> list[Tensor | None]:
-        """The zeros that follow each layer in pass 1's vectors (views of one cached block; None: none)."""
-        found = self._zeros.get(like.dtype)
-        if found is None:
-            zeros = torch.zeros(self.block, dtype=like.dtype, device=like.device)
-            found = self._zeros[like.dtype] = [zeros[:pad] if pad else None for pad in self.pads]
-        return found
 
     def padded(self, envs: Sequence[Mapping[str, Tensor]], keys: Sequence[str]) -> dict[str, Tensor]:
-        """Pass 1's vectors: the layers' vectors ``keys``, each layer followed by its padding."""
-        out = {}
+        """The layers' vectors ``keys`` in the padded layout (flat; the padding zeros).
+
+        One multi-tensor copy for all of them: ``torch.cat`` of a bucket's few hundred pieces ran at a
+        fifth of the copy bandwidth on an H200 (44 % of the ResNet-50 step's GPU time)."""
+        out, dst, src = {}, [], []
         for k in keys:
-            parts = []
-            for env, zeros in zip(envs, self.padding(envs[0][k])):
-                parts.append(env[k])
-                if zeros is not None:
-                    parts.append(zeros)
-            out[k] = torch.cat(parts)
+            first = envs[0][k]
+            buffer = out[k] = first.new_empty(self.total + sum(self.pads))
+            if self.pad_index.numel():
+                buffer.index_fill_(0, self.pad_index, 0.0)
+            dst += self.unpadded(buffer)
+            src += [env[k] for env in envs]
+        if dst:
+            torch._foreach_copy_(dst, src)
         return out
 
     def layer_sums(self, values: Sequence[Tensor]) -> Tensor:
@@ -212,9 +209,12 @@ def run_bucket_program(envs: Sequence[dict[str, Tensor]], pre: Sequence[Assign],
     for j, name in enumerate(names):
         coefs[name] = table[:, j].index_select(0, where.block_layer).unsqueeze(1)
     outputs = [k for k in program.outputs if k in env]
-    old = {k: env[k].clone() for k in outputs}
-    program.run(env, coefs)
+    old = {k: env[k] for k in outputs}
+    program.run(env, coefs, in_place=False)  # (the old values stay in ``old``, for the skipped layers)
     kept = keep.index_select(0, where.block_layer).unsqueeze(1)
+    dst, src = [], []
     for k in outputs:
-        new = torch.where(kept, env[k], old[k])
-        torch._foreach_copy_([e[k] for e in envs], where.unpadded(new))
+        dst += [e[k] for e in envs]
+        src += where.unpadded(torch.where(kept, env[k], old[k]))
+    if dst:
+        torch._foreach_copy_(dst, src)
