@@ -213,8 +213,13 @@ def run_bucket_program(envs: Sequence[dict[str, Tensor]], pre: Sequence[Assign],
     program.run(env, coefs, in_place=False)  # (the old values stay in ``old``, for the skipped layers)
     kept = keep.index_select(0, where.block_layer).unsqueeze(1)
     dst, src = [], []
+    olds = {id(t) for t in old.values()}
     for k in outputs:
+        new = env[k]
+        # written in place where no output's old values live in it (a new vector, or an input's copy); an
+        # output that is a plain copy of another's old values gets a new vector
+        kept_new = torch.where(kept, new, old[k], out=new) if id(new) not in olds else torch.where(kept, new, old[k])
         dst += [e[k] for e in envs]
-        src += where.unpadded(torch.where(kept, env[k], old[k]))
+        src += where.unpadded(kept_new)
     if dst:
         torch._foreach_copy_(dst, src)
