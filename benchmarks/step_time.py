@@ -14,7 +14,12 @@ Everything is measured in one process on one device, so the ratios compare like 
 Usage::
 
     python benchmarks/step_time.py --device cuda --out benchmarks.md
+    python benchmarks/step_time.py --device cuda --sets ResNet-50 --rounds 3   # host-bound: rounds
     python benchmarks/step_time.py --device cpu --threads 2 --out cpu.md
+
+``--rounds N`` times every optimizer N times, the order reversed in every other round, and reports the
+median of the rounds' medians with their range: a host-bound step moves between rounds by more than
+the ratios it is read for.
 
 It writes a Markdown table (and prints it).
 """

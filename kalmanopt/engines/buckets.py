@@ -126,7 +126,7 @@ class Layout:
         flat or ``[blocks, block]``; their padding is overwritten with zeros)."""
         partials = []
         for value in values:
-            flat = value.view(-1)
+            flat = value.reshape(-1)
             if self.pad_index.numel():  # (what the program made of the padding's zeros, NaN included, goes)
                 flat.index_fill_(0, self.pad_index, 0.0)
             partials.append(flat.view(-1, self.block).sum(-1))
