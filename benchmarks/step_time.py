@@ -297,6 +297,25 @@ def training_step_time(model_name: str, optimizer: str, device, warmup: int, rep
 
 
 # ---------------------------------------------------------------------------- main
+def in_rounds(labels: list[str], time_one: Callable[[str], dict], rounds: int, tag: str) -> dict[str, list[dict]]:
+    """Each label's timing (``time_one(label)``, a dict with ``ms``) in every round, the order reversed in every
+    other round: a host-bound step moves between rounds, and the rounds' median and range show it. A label
+    whose timing fails is reported and left out of that round."""
+    per_round: dict[str, list[dict]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            try:
+                row = time_one(label)
+            except Exception as error:  # report and go on with the others
+                print(f"  {tag:13s} {label:28s} failed: {error!r}", flush=True)
+                continue
+            per_round[label].append(row)
+            torch.cuda.empty_cache()
+            extra = f"  peak {row['peak_mib']:8.1f} MiB  finite={row['finite']}" if "peak_mib" in row else ""
+            print(f"  {tag:13s} {label:28s} round {r + 1}: {row['ms']:8.3f} ms{extra}", flush=True)
+    return per_round
+
+
 def gpu_tables(args) -> str:
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
@@ -337,18 +356,9 @@ def gpu_tables(args) -> str:
         floor11 = 11 * FP32 * n / bw * 1e3
         timed = [(label, build) for label, build in candidates
                  if not ("foreach" in label and "koala" in label and set_name != "ResNet-50" and not args.slow_foreach)]
-        per_round: dict[str, list[dict]] = {label: [] for label, _ in timed}
-        for r in range(rounds):
-            for label, build in (timed if r % 2 == 0 else timed[::-1]):
-                try:
-                    row = optimizer_step_time(label, build, shapes, device, args.warmup, args.repeats)
-                except Exception as error:  # report and go on with the other candidates
-                    print(f"  {set_name:13s} {label:28s} failed: {error!r}", flush=True)
-                    continue
-                per_round[label].append(row)
-                torch.cuda.empty_cache()
-                print(f"  {set_name:13s} {label:28s} round {r + 1}: {row['ms']:8.3f} ms  peak "
-                      f"{row['peak_mib']:8.1f} MiB  finite={row['finite']}", flush=True)
+        builds = dict(timed)
+        per_round = in_rounds(list(builds), lambda label, builds=builds, shapes=shapes: optimizer_step_time(
+            label, builds[label], shapes, device, args.warmup, args.repeats), rounds, set_name)
         ms = {label: statistics.median(x["ms"] for x in rows) for label, rows in per_round.items() if rows}
         adam = ms["AdamW fused"]
         for label, rows in per_round.items():
@@ -369,20 +379,15 @@ def gpu_tables(args) -> str:
                   "|---|---|---|---|---|---|"]
         optimizers = ("AdamW fused",) + tuple(f"{preset} fused" for preset in args.training_presets)
         for model_name in ("small GPT", "ResNet-50"):
-            per_round: dict[str, list[float]] = {o: [] for o in optimizers}
-            n_params = 0
-            for r in range(rounds):
-                for o in (optimizers if r % 2 == 0 else optimizers[::-1]):
-                    row = training_step_time(model_name, o, device, args.warmup, args.repeats)
-                    per_round[o].append(row["ms"])
-                    n_params = row["params"]
-                    print(f"  {model_name:10s} {o:14s} round {r + 1}: {row['ms']:8.2f} ms", flush=True)
-                    torch.cuda.empty_cache()
-            adam = statistics.median(per_round[optimizers[0]])
+            rows = in_rounds(list(optimizers), lambda o, model_name=model_name: training_step_time(
+                model_name, o, device, args.warmup, args.repeats), rounds, model_name)
+            times = {o: [x["ms"] for x in rows[o]] for o in optimizers}
+            n_params = rows[optimizers[0]][0]["params"]
+            adam = statistics.median(times[optimizers[0]])
             for o in optimizers:
-                ms = statistics.median(per_round[o])
+                ms = statistics.median(times[o])
                 lines.append(f"| {model_name} | {n_params / 1e6:.1f} | {o} | {ms:.2f} | {ms / adam:.3f} | "
-                             f"{min(per_round[o]):.2f}–{max(per_round[o]):.2f} |")
+                             f"{min(times[o]):.2f}–{max(times[o]):.2f} |")
     return "\n".join(lines) + "\n"
 
 
