@@ -76,6 +76,7 @@ class Layout:
         sizes: the layers' sizes.
         block: the elements of one block.
         pads: the zeros after each layer in the padded vectors.
+        padded_sizes: each layer's size with its padding (whole blocks).
         pad_index: where the padded vectors hold padding (int64, on the device; fewer than ``BLOCK_MAX`` per
             layer).
         block_index: ``[layers, most blocks]``: each layer's blocks, then the index of a zero column.
@@ -84,14 +85,14 @@ class Layout:
 
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
         self.sizes = list(sizes)
-        self.total = sum(self.sizes)
-        mean = self.total // max(len(self.sizes), 1)
+        mean = sum(self.sizes) // max(len(self.sizes), 1)
         block = min(max(BLOCK_MIN, 1 << max(mean.bit_length() - 1, 0)), BLOCK_MAX)
         while -(-max(self.sizes, default=0) // block) > MOST_BLOCKS:
             block *= 2
         self.block = block
         blocks = [-(-n // block) for n in self.sizes]
-        self.pads = [b * block - n for b, n in zip(blocks, self.sizes)]
+        self.padded_sizes = [b * block for b in blocks]
+        self.pads = [padded - n for padded, n in zip(self.padded_sizes, self.sizes)]
         n_blocks = sum(blocks)
         width = max(blocks, default=0) or 1
         rows, first = [], 0
@@ -99,7 +100,7 @@ class Layout:
             rows.append(list(range(first, first + b)) + [n_blocks] * (width - b))
             first += b
         self.block_index = _to_device(rows, torch.int64, device)
-        padding = [i for offset, n, pad in zip(_running_sums([b * block for b in blocks]), self.sizes, self.pads)
+        padding = [i for offset, n, pad in zip(_running_sums(self.padded_sizes), self.sizes, self.pads)
                    for i in range(offset + n, offset + n + pad)]
         self.pad_index = _to_device(padding, torch.int64, device)
         self.block_layer = _to_device([li for li, b in enumerate(blocks) for _ in range(b)], torch.int64, device)
@@ -112,7 +113,7 @@ class Layout:
         out, dst, src = {}, [], []
         for k in keys:
             first = envs[0][k]
-            buffer = out[k] = first.new_empty(self.total + sum(self.pads))
+            buffer = out[k] = first.new_empty(sum(self.padded_sizes))
             if self.pad_index.numel():
                 buffer.index_fill_(0, self.pad_index, 0.0)
             dst += self.unpadded(buffer)
@@ -140,7 +141,7 @@ class Layout:
 
     def unpadded(self, blocks: Tensor) -> list[Tensor]:
         """Each layer's values of a ``[blocks, block]`` tensor (views, the padding left out)."""
-        pieces = blocks.view(-1).split([n + pad for n, pad in zip(self.sizes, self.pads)])
+        pieces = blocks.view(-1).split(self.padded_sizes)
         return [piece[:n] for piece, n in zip(pieces, self.sizes)]
 
 

@@ -215,21 +215,24 @@ class TorchEngine:
         work.extra.update(pre=(plan.pre, pre), buckets=ranges)
         return work, red, scalars, numel
 
-    def _bucketed(self, flats: Sequence[FlatLayer], like: Tensor) -> list[tuple[int, int]] | None:
-        """The buckets of the layers where the engine masks on the device (see :mod:`buckets`), else None."""
+    def _bucketed(self, flats: Sequence[FlatLayer],
+                  like: Tensor) -> list[tuple[int, int, buckets.Layout | None]] | None:
+        """The buckets of the layers where the engine masks on the device (see :mod:`buckets`), each with its
+        layout (None for a layer on its own), else None."""
         if self._host(like) or len(flats) < 2 or not buckets.CONFIG["elements"]:
             return None
-        return buckets.plan_buckets([f.env for f in flats])
+        return [(start, stop, buckets.layout([f.env["theta"].numel() for f in flats[start:stop]], like.device)
+                 if stop - start > 1 else None) for start, stop in buckets.plan_buckets([f.env for f in flats])]
 
-    def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int]] | None, pre_assigns: Sequence[Any],
-              pre: CompiledProgram | None, reductions: Sequence[Any], hp: dict[str, float], like: Tensor) -> Tensor:
+    def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int, buckets.Layout | None]] | None,
+              pre_assigns: Sequence[Any], pre: CompiledProgram | None, reductions: Sequence[Any], hp: dict[str, float],
+              like: Tensor) -> Tensor:
         """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ), bucket by bucket
         over ``ranges`` (:meth:`_bucketed`), else layer by layer."""
         blocks = []
-        for start, stop in ranges or [(i, i + 1) for i in range(len(flats))]:
-            if stop - start > 1:
+        for start, stop, where in ranges or [(i, i + 1, None) for i in range(len(flats))]:
+            if where is not None:
                 envs = [f.env for f in flats[start:stop]]
-                where = buckets.layout([e["theta"].numel() for e in envs], like.device)
                 blocks.append(buckets.bucket_sums(envs, pre_assigns, pre, reductions, hp, where, like))
                 continue
             f = flats[start]
@@ -275,7 +278,7 @@ class TorchEngine:
 
     def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
                       b: Batch, pre: tuple[Sequence[Any], CompiledProgram] | None = None,
-                      ranges: list[tuple[int, int]] | None = None) -> None:
+                      ranges: list[tuple[int, int, buckets.Layout | None]] | None = None) -> None:
         """Pass 2: ``program`` on every layer (where it updates). ``ranges``: pass 1's buckets; ``pre``: the
         update's pre-program, which a bucket runs again on its concatenated vectors (a layer on its own kept
         its result from pass 1)."""
@@ -293,11 +296,10 @@ class TorchEngine:
         else:
             keep = ~b.skip
         in_bucket = [False] * n
-        for start, stop in ranges or []:
-            if stop - start < 2:
+        for start, stop, where in ranges or []:
+            if where is None:
                 continue
             envs = [f.env for f in flats[start:stop]]
-            where = buckets.layout([e["theta"].numel() for e in envs], like.device)
             buckets.run_bucket_program(envs, *(pre or ((), None)), program, hp, names, table[start:stop],
                                        keep[start:stop], where)
             for i in range(start, stop):
