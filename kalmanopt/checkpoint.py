@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -33,10 +33,26 @@ from kalmanopt.groups import checked_group_values
 from kalmanopt.layers import state_dtype
 from kalmanopt.options import GROUP_OPTIONS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.optimizer import KalmanOptimizer
+__all__ = ["CheckedState", "checked_state", "state_layout", "group_key", "CheckpointOwner"]
 
-__all__ = ["CheckedState", "checked_state", "state_layout"]
+
+def group_key(index: int) -> str:
+    """The key of group ``index``'s shared state in ``optimizer.state`` (``"group0"``, ...)."""
+    return f"group{index}"
+
+
+class CheckpointOwner(Protocol):
+    """What a checkpoint is checked against: the optimizer that loads it (:class:`~kalmanopt.CheckpointOwner`)."""
+
+    filter: Any
+    specs: Mapping[str, Any]
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    loss_statistic: str
+
+    def like(self, params: list[Tensor], **values: Any) -> Any: ...
+
+    def filter_signature(self) -> str: ...
 
 #: the sizes of the two probe parameters the state layout is read from
 PROBE_SIZES = (5, 7)
@@ -75,15 +91,13 @@ def _kind(t: Tensor) -> str:
     return "f" if t.is_floating_point() else "i"
 
 
-def _probe_state(opt: KalmanOptimizer, group: Mapping[str, Any], size: int) -> dict:
+def _probe_state(opt: CheckpointOwner, group: Mapping[str, Any], size: int) -> dict:
     """The state of a throw-away optimizer with this filter and group, over one parameter of ``size``."""
-    from kalmanopt.optimizer import KalmanOptimizer
-
     p = torch.nn.Parameter(torch.linspace(0.5, 1.5, size, dtype=torch.float64))
     values = {name: group[name] for name in opt.specs}
     values.update({name: group[name] for name in GROUP_OPTIONS})
     values["implementation"] = "reference"
-    probe = KalmanOptimizer([p], opt.filter, loss_statistic=opt.loss_statistic, **values)
+    probe = opt.like([p], strict=False, track_diagnostics=False, process_group="auto", **values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(2):  # two updates: every entry a layer keeps exists after its second
@@ -102,7 +116,7 @@ def _layout(a: Any, b: Any, sizes: tuple[int, int]) -> Any:
     return TensorSpec(shape, _kind(a))
 
 
-def state_layout(opt: KalmanOptimizer, group: Mapping[str, Any]) -> dict[str, dict]:
+def state_layout(opt: CheckpointOwner, group: Mapping[str, Any]) -> dict[str, dict]:
     """``{"group": {key: TensorSpec | {key: TensorSpec}}, "layer": {key: TensorSpec}}`` for ``group``."""
     small, large = (_probe_state(opt, group, size) for size in PROBE_SIZES)
     return {part: _layout(small[part], large[part], PROBE_SIZES) for part in ("group", "layer")}
@@ -172,7 +186,7 @@ def _group_dtype_device(params: list[Tensor]) -> tuple[torch.dtype, torch.device
     return dtype, params[0].device if params else torch.device("cpu")
 
 
-def _checked_groups(opt: KalmanOptimizer, saved_groups: Any) -> list[dict[str, Any]]:
+def _checked_groups(opt: CheckpointOwner, saved_groups: Any) -> list[dict[str, Any]]:
     if not isinstance(saved_groups, (list, tuple)):
         raise ValueError(f"'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
     if len(saved_groups) != len(opt.param_groups):
@@ -209,7 +223,7 @@ def _checked_groups(opt: KalmanOptimizer, saved_groups: Any) -> list[dict[str, A
     return new_groups
 
 
-def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
+def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
     """Check ``state_dict`` against ``opt`` and return what loading it commits; ``ValueError`` if it does not fit.
 
     Nothing of ``opt`` changes here; the returned tensors are copies on each parameter's device.
@@ -217,9 +231,9 @@ def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
     saved_filter = state_dict.get("filter")
-    if saved_filter is not None and saved_filter != opt._filter_signature():
+    if saved_filter is not None and saved_filter != opt.filter_signature():
         raise ValueError(f"the state was saved by another filter ({saved_filter}); this optimizer runs "
-                         f"{opt.filter.name!r} ({opt._filter_signature()})")
+                         f"{opt.filter.name!r} ({opt.filter_signature()})")
     new_groups = _checked_groups(opt, state_dict["param_groups"])
     saved_state = state_dict["state"]
     if not isinstance(saved_state, Mapping):
@@ -263,6 +277,6 @@ def checked_state(opt: KalmanOptimizer, state_dict: Any) -> CheckedState:
                                             filled=FILLED if isinstance(value, Mapping) else None)
         else:
             raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
-    first = new_state.get(opt._group_key(0), {})
+    first = new_state.get(group_key(0), {})
     predicted = bool(first["predicted"]) if "predicted" in first else False
     return CheckedState(new_groups, new_state, predicted)

@@ -4,12 +4,14 @@ for the product surrogates, a least-squares estimator inside the surrogate)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 from kalmanopt.covariance.base import CovarianceSurrogate, LeastSquaresEstimator
 from kalmanopt.dynamics import Dynamics
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.measurement import MeasurementModel
+from kalmanopt.plan import check_declarations, find_contract_gap
 
 __all__ = ["Composition", "LEARNING_RATE"]
 
@@ -30,7 +32,10 @@ class Composition:
 
     Raises:
         ValueError: if the parts do not fit together (e.g. a 2×2 block surrogate on random-walk
-            dynamics), naming what fits.
+            dynamics), naming what fits; :class:`~kalmanopt.plan.DeclarationError` (a ``ValueError``) if
+            a part's declarations do not (a reduction over a vector nobody makes, a program writing
+            undeclared state, a coefficient nobody provides, a gain of the wrong length), naming the
+            part and the name (:func:`~kalmanopt.plan.check_declarations`).
     """
 
     measurement: MeasurementModel
@@ -56,6 +61,15 @@ class Composition:
         if unknown:
             raise ValueError(f"defaults name unknown hyper-parameters {sorted(unknown)}; "
                              f"valid: {sorted(self.hyperparameters())}")
+        check_declarations(self)
+
+    @cached_property
+    def contract_gap(self) -> str | None:
+        """``None`` if every part meets the two-pass contract (every engine runs it), else what is missing.
+
+        Computed once: a composition and its parts are immutable values.
+        """
+        return find_contract_gap(self)
 
     @property
     def estimator(self) -> LeastSquaresEstimator | None:

@@ -9,17 +9,22 @@ anything changes, never half-way through a step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from kalmanopt.options import GROUP_OPTIONS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.optimizer import KalmanOptimizer
-
-__all__ = ["checked_group_values", "validate_groups"]
+__all__ = ["checked_group_values", "validate_groups", "GroupOwner"]
 
 
-def checked_group_values(opt: KalmanOptimizer, group: Mapping[str, Any]) -> dict[str, Any]:
+class GroupOwner(Protocol):
+    """What the checks read of the optimizer (:class:`~kalmanopt.KalmanOptimizer`)."""
+
+    filter: Any
+    specs: Mapping[str, Any]
+    param_groups: list[dict[str, Any]]
+
+
+def checked_group_values(opt: GroupOwner, group: Mapping[str, Any]) -> dict[str, Any]:
     """The normalised hyper-parameters and group options of ``group``; raises if one is invalid.
 
     numpy scalars and a 1-element tensor ``lr`` come back as Python numbers, numpy bools as bools.
@@ -43,7 +48,7 @@ def checked_group_values(opt: KalmanOptimizer, group: Mapping[str, Any]) -> dict
     return values
 
 
-def validate_groups(opt: KalmanOptimizer) -> None:
+def validate_groups(opt: GroupOwner) -> None:
     """Check every group as a step is about to read it; call it first in ``step``/``update``/``predict``.
 
     All groups are checked before any is touched: on an error nothing changes (the values stay as

@@ -13,9 +13,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from kalmanopt.contract import Batch
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.part import Part
-from kalmanopt.program import Assign, Coef, Reduction, Vec
+from kalmanopt.program import Assign, Coef, Reduction, Vec, compile_program, hp_coefficients, reduce_layer
 from kalmanopt.state import GroupState, StateTable
 
 #: a layer whose ‖g_ℓ‖₂ is below this is skipped (no state of it changes)
@@ -151,8 +152,6 @@ class MeasurementModel(Part, ABC):
 
     def measure(self, theta: Tensor, g: Tensor, loss: Tensor, hp: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """(H_ℓ, L_ℓ) of one layer, from the contract (the program and the coefficients)."""
-        from kalmanopt.program import compile_program, hp_coefficients, reduce_layer
-
         env = {"theta": theta, "g": g}
         coefs = hp_coefficients(hp)
         compile_program(self.program(hp), ()).run(env, coefs)
@@ -164,8 +163,6 @@ class MeasurementModel(Part, ABC):
 
     @staticmethod
     def _batch(group_state: dict, red: dict, statistic: Tensor | None, hp: Mapping[str, Any], loss: Tensor) -> Any:
-        from kalmanopt.contract import Batch
-
         n = next(iter(red.values())).numel() if red else 0
         if not red:
             red = {"hh": loss.new_zeros(0)}

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from kalmanopt.checkpoint import checked_state
+from kalmanopt.checkpoint import checked_state, group_key
 from kalmanopt.composition import Composition
-from kalmanopt.contract import contract_gap, state_table
-from kalmanopt.engines import driver, resolve_engine
+from kalmanopt.engines import resolve_engine, step
 from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
+from kalmanopt.engines.runtime import Runtime
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
 from kalmanopt.measurement import as_loss_tensor, split_losses, statistics_dtype
@@ -26,6 +25,7 @@ from kalmanopt.options import (
     option_defaults,
 )
 from kalmanopt.options import OPTIONS as OPTION_TABLE
+from kalmanopt.plan import contract_gap, state_table
 
 __all__ = ["KalmanOptimizer", "NonFiniteError", "GRANULARITIES", "OPTIONS", "check_parameter"]
 
@@ -127,10 +127,9 @@ class KalmanOptimizer(Optimizer):
         self.strict = OPTION_TABLE["strict"].check(strict)
         self.track_diagnostics = OPTION_TABLE["track_diagnostics"].check(track_diagnostics)
         self.process_group = OPTION_TABLE["process_group"].check(process_group)
-        self._loss_count = 1
-        self._warned: set[str] = set()
-        self._diagnostics: dict[str, dict[str, Tensor]] = {}
-        self._predicted = False
+        #: everything a step remembers for the next one: caches, flags, deferred warnings
+        #: (:class:`~kalmanopt.engines.runtime.Runtime`); the engines keep nothing of their own
+        self.runtime = Runtime()
         unknown = set(hyperparameters) - set(self.specs) - set(GROUP_OPTIONS)
         if unknown:
             raise TypeError(
@@ -191,8 +190,7 @@ class KalmanOptimizer(Optimizer):
                      strict=self.strict, track_diagnostics=self.track_diagnostics,
                      process_group=self.process_group if self.process_group is None
                      or isinstance(self.process_group, str) else "auto",
-                     _warned=set(self._warned), _diagnostics=dict(self._diagnostics),
-                     _predicted=self._predicted)
+                     runtime=self.runtime.carried())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -200,18 +198,18 @@ class KalmanOptimizer(Optimizer):
         # torch adds defaults["differentiable"]; kalmanopt has no such option (a group would inherit it)
         if "differentiable" not in self.specs:
             self.defaults.pop("differentiable", None)
-        self.__dict__.setdefault("_warned", set())
-        self.__dict__.setdefault("_diagnostics", {})
-        self.__dict__.setdefault("_predicted", False)
+        carried = self.__dict__.pop("runtime", None)
+        if not isinstance(carried, dict):  # (a pickle of the first core: its flags were attributes)
+            carried = {"predicted": self.__dict__.pop("_predicted", False),
+                       "warned": self.__dict__.pop("_warned", set()),
+                       "diagnostics": self.__dict__.pop("_diagnostics", {})}
+        self.runtime = Runtime.from_carried(carried)
         self.__dict__.setdefault("process_group", "auto")
-        self.__dict__.setdefault("_loss_count", 1)
 
-    def _group_key(self, index: int) -> str:
-        return f"group{index}"
-
-    def _group_state(self, index: int) -> dict:
-        """The shared state of group ``index``, created on first use from the parts' state tables."""
-        key = self._group_key(index)
+    def group_state(self, index: int) -> dict:
+        """The shared state of group ``index`` (``opt.state["group{index}"]``), created on first use from the
+        parts' state tables."""
+        key = group_key(index)
         state = self.state[key]
         if not state:
             group = self.param_groups[index]
@@ -228,19 +226,27 @@ class KalmanOptimizer(Optimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=device)
         return state
 
-    def _layers(self, index: int) -> list[Layer]:
+    def layers(self, index: int) -> list[Layer]:
         """The filters of group ``index``: one per tensor, or one for the whole group."""
         group = self.param_groups[index]
         params = group["params"]
         if group["granularity"] == "global":
             if not params:
                 return []
-            return [Layer(list(params), self._group_state(index).setdefault("global", {}),
-                          f"{self._group_key(index)}/global")]
+            return [Layer(list(params), self.group_state(index).setdefault("global", {}),
+                          f"{group_key(index)}/global")]
         keeps_layer_state = contract_gap(self.filter) is not None or state_table(self.filter).has_layer_state()
         # (a composition without per-layer state leaves no empty entries in ``self.state``)
-        return [Layer([p], self.state[p] if keeps_layer_state else {}, f"{self._group_key(index)}/param{i}")
+        return [Layer([p], self.state[p] if keeps_layer_state else {}, f"{group_key(index)}/param{i}")
                 for i, p in enumerate(params)]
+
+    def like(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any) -> KalmanOptimizer:
+        """A new optimizer over ``params`` running the same filter with the same options (``loss_statistic``,
+        ``strict``, ...); ``hyperparameters`` (and options) as for the constructor. Its state is its own."""
+        options: dict[str, Any] = {"loss_statistic": self.loss_statistic, "strict": self.strict,
+                                   "track_diagnostics": self.track_diagnostics, "process_group": self.process_group}
+        options.update(hyperparameters)
+        return KalmanOptimizer(params, self.filter, **options)
 
     # ------------------------------------------------------------------ the two-phase API
     @torch.no_grad()
@@ -250,10 +256,10 @@ class KalmanOptimizer(Optimizer):
         A predict that no update has consumed yet (the update was skipped on non-finite input)
         stands: calling ``predict`` again does nothing, so a skipped step leaves no trace.
         """
-        if self._predicted:
+        if self.runtime.predicted:
             return
         self.validate_groups()
-        driver.run_predict(self, None)
+        step.run_predict(self)
 
     @torch.no_grad()
     def update(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None = None) -> bool:
@@ -274,8 +280,8 @@ class KalmanOptimizer(Optimizer):
         """
         self.validate_groups()
         loss, statistic = self._as_tensors(loss_mean, loss_statistic)
-        self._loss_count = 1  # several processes: each process's mean counts once
-        return driver.run_two_phase_update(self, loss, statistic)
+        self.runtime.loss_count = 1  # several processes: each process's mean counts once
+        return step.run_two_phase_update(self, loss, statistic)
 
     # ------------------------------------------------------------------ the one-call API
     @torch.no_grad()
@@ -297,8 +303,8 @@ class KalmanOptimizer(Optimizer):
         self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)
         mean, statistic = self._split_step_loss(loss)
-        self._loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
-        driver.run_step(self, mean, statistic)
+        self.runtime.loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
+        step.run_step(self, mean, statistic)
         return loss
 
     # ------------------------------------------------------------------ internals
@@ -309,7 +315,7 @@ class KalmanOptimizer(Optimizer):
         """(L_k, s_k) of a step's loss; warns once when an online R has only the mean to follow."""
         mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
         if statistic is not None and as_loss_tensor(loss).numel() == 1:
-            self._warn_once("scalar loss", "step() was given one number (the mean loss) while R is estimated "
+            self.runtime.warn_once("scalar loss", "step() was given one number (the mean loss) while R is estimated "
                             "online (r=None), so R follows mean² rather than the second moment of the per-sample "
                             "losses; pass step(loss=per_sample_losses) (reduction='none'), or fix r")
         return mean, statistic
@@ -336,7 +342,8 @@ class KalmanOptimizer(Optimizer):
                              "update(loss_mean, loss_statistic)")
         return loss, statistic
 
-    def _gradients(self) -> list[Tensor]:
+    def gradients(self) -> list[Tensor]:
+        """The gradients of the parameters that have one (dense tensors only: a sparse one is refused)."""
         grads = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -347,13 +354,6 @@ class KalmanOptimizer(Optimizer):
                                      f"parameter {pi}); use dense gradients (e.g. nn.Embedding(sparse=False))")
                 grads.append(p.grad)
         return grads
-
-    def _warn_once(self, kind: str, message: str) -> None:
-        """Issue a ``RuntimeWarning`` the first time an event of ``kind`` happens."""
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(f"{message}; this warning is shown once per kind ({kind})", RuntimeWarning,
-                          stacklevel=4)
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, Any]:
@@ -367,22 +367,22 @@ class KalmanOptimizer(Optimizer):
         """
         counters = {name: 0 for name in COUNTERS}
         for index in range(len(self.param_groups)):
-            key = self._group_key(index)
+            key = group_key(index)
             if key in self.state:
                 for name in COUNTERS:
                     counters[name] += int(self.state[key][name])
-        layers = {name: {k: float(v) for k, v in entry.items()} for name, entry in self._diagnostics.items()}
+        layers = {name: {k: float(v) for k, v in entry.items()} for name, entry in self.runtime.diagnostics.items()}
         return {"counters": counters, "layers": layers}
 
     # ------------------------------------------------------------------ checkpoints
-    def _filter_signature(self) -> str:
+    def filter_signature(self) -> str:
         """The parts and their structural options: which filter a saved state belongs to."""
         return ", ".join(f"{kind}={part!r}" for kind, part in self.filter.parts().items() if kind != "estimator")
 
     def state_dict(self) -> dict[str, Any]:
         """The torch state dict (tensors, numbers, strings only) plus ``"filter"``: the parts that made it."""
         state = super().state_dict()
-        state["filter"] = self._filter_signature()
+        state["filter"] = self.filter_signature()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -407,7 +407,8 @@ class KalmanOptimizer(Optimizer):
         self.param_groups[:] = checked.param_groups
         self.state.clear()
         self.state.update(checked.state)
-        self._predicted = checked.predicted
+        self.runtime.forget_caches()
+        self.runtime.predicted = checked.predicted
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

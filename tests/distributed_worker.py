@@ -182,9 +182,9 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
 
 def ran_kernels(opt: kalmanopt.KalmanOptimizer) -> bool:
     """Whether the fused engine ran its generated kernels on the optimizer's group (it keeps a plan)."""
-    from kalmanopt.engines import _ENGINES
+    from kalmanopt.engines.fused import FusedEngine
 
-    return any(engine.runs_kernels(opt, opt.param_groups[0]) for engine in _ENGINES["fused"])
+    return FusedEngine.runs_kernels(opt.runtime, 0, opt.param_groups[0])
 
 
 def scenario_equality(rank: int, out: dict, *_: str) -> None:

@@ -371,22 +371,25 @@ def test_a_deleted_optimizer_keeps_no_parameter_or_state_alive(preset, implement
 
 def test_an_offset_table_keeps_its_alignment_when_the_cache_of_tables_is_cleared():
     """The fused engine's offset tables (CPU-testable helpers): offsets from the first tensor, cached by
-    address; whether a table may take the aligned kernel variant stays with the table when the cache,
-    which FSDP2's new gradient buffers each step can fill, is cleared."""
+    address in the optimizer's runtime; whether a table may take the aligned kernel variant stays with the
+    table when the cache, which FSDP2's new gradient buffers each step can fill, is cleared."""
     from kalmanopt.engines import fused
+    from kalmanopt.engines.runtime import Runtime
+
+    runtime = Runtime()  # (the cache lives in an optimizer's runtime)
 
     storage = torch.zeros(16 * 400)
     views = [storage[:16], storage[32:48], storage[64:80]]
-    base, table = fused._slot(views, torch.device("cpu"))
+    base, table = fused._slot(views, torch.device("cpu"), runtime)
     assert base is views[0] and table.tolist() == [0, 32, 64]
-    assert fused._slot(views, torch.device("cpu"))[1] is table  # cached
+    assert fused._slot(views, torch.device("cpu"), runtime)[1] is table  # cached
     for i in range(300):  # other addresses, past the cache's bound: it is cleared
-        fused._slot([storage[16 * (i + 5):], storage[:1]], torch.device("cpu"))
-    assert fused._slot(views, torch.device("cpu"))[1] is not table  # (the cache forgot it)
+        fused._slot([storage[16 * (i + 5):], storage[:1]], torch.device("cpu"), runtime)
+    assert fused._slot(views, torch.device("cpu"), runtime)[1] is not table  # (the cache forgot it)
     assert storage.data_ptr() % 16 == 0
     assert fused._aligned({"theta": (base, table)})  # the table in use still takes the aligned kernels
     odd = [storage[1:17], storage[4:20]]  # offsets not multiples of 16 elements
-    assert not fused._aligned({"theta": (base, table), "g": fused._slot(odd, torch.device("cpu"))})
+    assert not fused._aligned({"theta": (base, table), "g": fused._slot(odd, torch.device("cpu"), runtime)})
 
 
 def _kernel_traffic(source: str, kernel: str) -> tuple[set[str], set[str]]:
@@ -401,9 +404,9 @@ def _kernel_traffic(source: str, kernel: str) -> tuple[set[str], set[str]]:
 def test_memory_traffic_is_what_the_generated_kernels_load_and_store(preset, weight_decay):
     """``memory_traffic`` counts exactly the vectors the generated Triton source loads and stores, pass by pass
     (the source is generated without a GPU)."""
-    from kalmanopt.contract import predict_plan, update_plan
     from kalmanopt.engines.fused import memory_traffic
     from kalmanopt.engines.triton_source import source_for
+    from kalmanopt.plan import predict_plan, update_plan
 
     opt = kalmanopt.create(preset, torch.nn.Linear(3, 2).parameters(), weight_decay=weight_decay)
     group = opt.param_groups[0]

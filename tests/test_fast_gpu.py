@@ -385,8 +385,6 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
     """The fused and foreach engines replay a captured step once steady (kalmanopt.engines.graphs); η changing
     every step, gradient buffers that move, a hyper-parameter change and a non-finite loss must not make it
     differ from the reference engine."""
-    from kalmanopt.engines import graphs
-
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5)).to(CUDA).double()
               for _ in range(2)]
@@ -408,7 +406,7 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 opt.step(loss=losses)
             sched.step()
-    assert graphs._GRAPHS.get(opts[1]) is not None and graphs._GRAPHS[opts[1]].graph is not None
+    assert opts[1].runtime.graph is not None and opts[1].runtime.graph.graph is not None
     for a, b in zip(models[1].parameters(), models[0].parameters()):
         assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= 1e-10
     assert opts[1].diagnostics()["counters"] == opts[0].diagnostics()["counters"]

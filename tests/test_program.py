@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
-from kalmanopt.contract import predict_plan, update_plan
+from kalmanopt.plan import predict_plan, update_plan
 from kalmanopt.program import (
     Assign,
     BinOp,
@@ -35,7 +35,7 @@ from kalmanopt.program import (
 
 DT = torch.float64
 CONTRACT_PRESETS = [p for p in kalmanopt.presets()
-                    if kalmanopt.contract.contract_gap(kalmanopt.get_preset(p).build()) is None]
+                    if kalmanopt.plan.contract_gap(kalmanopt.get_preset(p).build()) is None]
 
 
 def _naive(e, env, coefs):
@@ -158,9 +158,10 @@ def test_a_riding_predict_that_reads_a_computed_coefficient_is_refused_with_the_
             return [Assign(Vec("theta"), Vec("theta") + Coef("pull") * State("u"))]
 
     composition = dataclasses.replace(kalmanopt.get_preset("koala-m").build(), dynamics=Reckless())
-    gap = kalmanopt.contract.contract_gap(composition)
+    gap = kalmanopt.plan.contract_gap(composition)
     assert gap is not None and "predict_rides_on_update" in gap and "'pull'" in gap
     with pytest.raises(ValueError, match="'pull'"):
         kalmanopt.KalmanOptimizer(torch.nn.Linear(2, 1).parameters(), composition, implementation="foreach")
-    composition.dynamics.predict_rides_on_update = False  # (an honest declaration meets it)
-    assert kalmanopt.contract.contract_gap(composition) is None
+    honest = Reckless()
+    honest.predict_rides_on_update = False  # (an honest declaration meets it)
+    assert kalmanopt.plan.contract_gap(dataclasses.replace(composition, dynamics=honest)) is None

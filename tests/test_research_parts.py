@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
-from kalmanopt.contract import contract_gap
 from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate
+from kalmanopt.plan import contract_gap
 
 DT = torch.float64
 

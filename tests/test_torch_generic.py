@@ -316,7 +316,7 @@ def _bucket_vectors(optimizer) -> int:
     """The most parameter-sized vectors the foreach engine's buckets hold in one pass of ``optimizer``'s
     step: a copy of each layer vector the pass reads, plus each vector its programs make (the outputs'
     new values and the temporaries)."""
-    from kalmanopt.contract import predict_plan, update_plan
+    from kalmanopt.plan import predict_plan, update_plan
     from kalmanopt.program import vectors_read
 
     group = optimizer.param_groups[0]

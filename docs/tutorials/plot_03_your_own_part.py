@@ -43,8 +43,8 @@ import torch
 
 import kalmanopt
 from kalmanopt.analysis import exact_ekf_update
-from kalmanopt.contract import contract_gap
 from kalmanopt.engines import available_implementations
+from kalmanopt.plan import contract_gap
 from kalmanopt.program import Vec
 from kalmanopt.runner import parse_config, run_experiment
 from kalmanopt.state import ScalarState, StateTable

@@ -193,7 +193,7 @@ class ExactEKF(KalmanOptimizer):
         for a filter that has not been updated yet."""
         out = {}
         for index, group in enumerate(self.param_groups):
-            for layer in self._layers(index):
+            for layer in self.layers(index):
                 P = layer.state.get("P")
                 if P is None:
                     P = float(group["sigma"]) * torch.eye(layer.numel, dtype=self.dtype,

@@ -3,58 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from kalmanopt.covariance.per_layer import (
+    Gain,
+    UpdateContext,
+    contract_end_update,
+    contract_gain,
+    predict_group_in_place,
+)
 from kalmanopt.part import Part
 from kalmanopt.program import Assign, Expr, Reduction
 from kalmanopt.state import StateTable
 
 __all__ = ["Gain", "UpdateContext", "CovarianceSurrogate", "LeastSquaresEstimator"]
-
-
-@dataclass
-class Gain:
-    """A layer's Kalman gain in factored form: K_i = coefficients[i] · direction.
-
-    Attributes:
-        direction: a vector of the layer's size (P̂ Hᵀ up to scale, or the raw gradient for the
-            released KOALA-V).
-        coefficients: one scalar per state component (θ; θ and u for momentum).
-        S: the innovation variance S_ℓ = H P̂ Hᵀ + R.
-        diagnostics: scalars worth logging (λ, α, w, ...), tensors.
-    """
-
-    direction: Tensor
-    coefficients: Tensor
-    S: Tensor
-    diagnostics: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class UpdateContext:
-    """What a surrogate carries across the layers of one update.
-
-    Attributes:
-        group_state: the group's shared state (a shared P lives here).
-        F: the transition matrix of the dynamics.
-        Q: the diagonal of the process noise.
-        per_layer: anything the surrogate collects per layer for its shared posterior.
-        counters: event counts for the diagnostics (guard restarts, rows dropped, ...).
-    """
-
-    group_state: dict
-    F: Tensor
-    Q: Tensor
-    per_layer: list = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def count(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to the event counter ``name``."""
-        self.counters[name] = self.counters.get(name, 0) + n
 
 
 class CovarianceSurrogate(Part, ABC):
@@ -126,8 +91,6 @@ class CovarianceSurrogate(Part, ABC):
         """P̂ = F P Fᵀ + Q for a shared P, in place (default: the contract's :meth:`predict_group`)."""
         if self.contract_gap() is not None:
             return
-        from kalmanopt.engines.reference import predict_group_in_place
-
         predict_group_in_place(self, group_state, F, Q, hp)
 
     def begin_update(self, group_state: dict, F: Tensor, Q: Tensor, hp: Mapping[str, Any]) -> UpdateContext:
@@ -143,16 +106,12 @@ class CovarianceSurrogate(Part, ABC):
         """
         if self.contract_gap() is not None:
             raise NotImplementedError(f"{type(self).__name__} must define gain() or the two-pass contract")
-        from kalmanopt.engines.reference import contract_gain
-
         return contract_gain(self, ctx, layer_state, H, g, R, hp)
 
     def end_update(self, ctx: UpdateContext, group_state: dict, hp: Mapping[str, Any]) -> None:
         """Absorb the posterior of a shared P after all layers (default: the contract's, over every layer)."""
         if self.contract_gap() is not None or not ctx.per_layer:
             return
-        from kalmanopt.engines.reference import contract_end_update
-
         contract_end_update(self, ctx, group_state, hp)
 
 

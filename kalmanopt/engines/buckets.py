@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from kalmanopt.engines.runtime import Runtime
 from kalmanopt.program import Assign, CompiledProgram, Reduction, Scalar, evaluate_vector, vectors_read
 
 __all__ = ["CONFIG", "Layout", "layout", "plan_buckets", "bucket_sums", "run_bucket_program"]
@@ -159,18 +160,10 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
-_LAYOUTS: dict[tuple, Layout] = {}
-
-
-def layout(sizes: Sequence[int], device: torch.device) -> Layout:
-    """The :class:`Layout` of a bucket of layers of ``sizes`` on ``device`` (cached: a step asks again)."""
-    key = (tuple(sizes), str(device))
-    found = _LAYOUTS.get(key)
-    if found is None:
-        if len(_LAYOUTS) >= 64:  # (a few per step: the buckets of the update and of the predict)
-            _LAYOUTS.clear()
-        found = _LAYOUTS[key] = Layout(sizes, device)
-    return found
+def layout(runtime: Runtime, sizes: Sequence[int], device: torch.device) -> Layout:
+    """The :class:`Layout` of a bucket of layers of ``sizes`` on ``device``, cached in the optimizer's runtime
+    (a step asks again)."""
+    return runtime.cached("layouts", (tuple(sizes), str(device)), lambda: Layout(sizes, device))
 
 
 def _keys(envs: Sequence[Mapping[str, Tensor]], exprs: Sequence[Any]) -> list[str]:

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch, run_predict_coefficients, run_update_coefficients
+from kalmanopt.contract import Batch
+from kalmanopt.plan import run_predict_coefficients, run_update_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
 
-__all__ = ["CompiledCoefficients", "static_hyperparameters", "CONFIG"]
+__all__ = ["CompiledCoefficients", "static_hyperparameters", "CONFIG", "CODE_CACHE"]
 
 #: ``enabled``: whether the fused engine runs the coefficient functions compiled (on CUDA); the environment
 #: variable ``KALMANOPT_COMPILE_COEFFICIENTS=0`` sets it off at import
@@ -136,3 +137,8 @@ class CompiledCoefficients:
         for name, value in zip(_OUTPUTS, out):
             setattr(b, name, value)
         return b
+
+
+#: the coefficient functions compiled so far, shared by every optimizer of the process: a cache of code (one
+#: compiled function per kind of composition, a pure function of its declarations), like torch's own
+CODE_CACHE = CompiledCoefficients()

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.optimizer import KalmanOptimizer
+from kalmanopt.engines.runtime import OptimizerView
+from kalmanopt.plan import state_table
 
 __all__ = ["AUTO", "check_process_group", "check_group_parameters", "process_group", "is_sharded",
            "local_tensor", "synchronize_update", "synchronize_predict", "all_reduce_sum"]
@@ -158,7 +158,7 @@ def _check_ranks(p: Tensor, value: Any, where: str) -> None:
                          "process_group= the group of the parameters' mesh)")
 
 
-def process_group(opt: KalmanOptimizer) -> Any | None:
+def process_group(opt: OptimizerView) -> Any | None:
     """The group the optimizer synchronises over, or ``None`` (a single process: nothing to do)."""
     group = _resolve(getattr(opt, "process_group", AUTO))
     if group is None or _dist().get_world_size(group) == 1:
@@ -182,13 +182,11 @@ def _payload_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor]]:
     """Per group: its reductions, their names and the indices of its sharded layers (groups with any)."""
-    from kalmanopt.engines.torch_ops import device_int64
-
     out = []
     for work, red, *_ in works:
         rows = [i for i, sharded in enumerate(work.sharded) if sharded]
         if rows and red:
-            out.append((red, list(red), device_int64(rows, next(iter(red.values())).device)))
+            out.append((red, list(red), work.ctx.runtime.int64(rows, next(iter(red.values())).device)))
     return out
 
 
@@ -218,7 +216,7 @@ def _reduce_tables(pieces: list[Tensor], tables: list[tuple[dict, list[str], Ten
     return out
 
 
-def synchronize_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None,
+def synchronize_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None,
                        works: Sequence[tuple]) -> tuple[Tensor, Tensor | None]:
     """The hook between pass 1 and the coefficients of an update: the global batch's L_k and s_k.
 
@@ -229,7 +227,7 @@ def synchronize_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | N
     group = process_group(opt)
     if group is None:
         return loss, statistic
-    n = float(getattr(opt, "_loss_count", 1))
+    n = float(opt.runtime.loss_count)
     # this rank's Σ ℓ, Σ ℓ², n, from its mean and statistic (one sample per rank for update(mean, s))
     second = None
     if statistic is not None:
@@ -253,7 +251,7 @@ def synchronize_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | N
     return mean, second_moment.to(statistic.dtype)
 
 
-def synchronize_predict(opt: KalmanOptimizer, works: Sequence[tuple]) -> None:
+def synchronize_predict(opt: OptimizerView, works: Sequence[tuple]) -> None:
     """The hook between a predict's reductions and its coefficients: sums sharded layers' partial sums.
 
     Nothing travels when no group has a sharded layer with predict reductions.
@@ -273,7 +271,7 @@ def synchronize_predict(opt: KalmanOptimizer, works: Sequence[tuple]) -> None:
 META = "meta"
 
 
-def _param_index(opt: KalmanOptimizer) -> list[tuple[int, Tensor, str]]:
+def _param_index(opt: OptimizerView) -> list[tuple[int, Tensor, str]]:
     """(index in the state dict, parameter, its name for messages), in torch's state-dict order."""
     out = []
     for gi, group in enumerate(opt.param_groups):
@@ -282,9 +280,7 @@ def _param_index(opt: KalmanOptimizer) -> list[tuple[int, Tensor, str]]:
     return out
 
 
-def _vector_names(opt: KalmanOptimizer) -> set[str]:
-    from kalmanopt.contract import state_table
-
+def _vector_names(opt: OptimizerView) -> set[str]:
     return {e.name for e in state_table(opt.filter).vectors}
 
 
@@ -298,7 +294,7 @@ def _as_param_shaped(flat: Tensor, p: Tensor) -> Tensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
-def checkpoint_state_dict(opt: KalmanOptimizer) -> dict[str, Any]:
+def checkpoint_state_dict(opt: OptimizerView) -> dict[str, Any]:
     """The optimizer's state as a flat dict for ``torch.distributed.checkpoint.save`` (resharding on load).
 
     Each per-layer state vector is shaped as its parameter and, for a DTensor parameter, is a DTensor
@@ -337,14 +333,14 @@ def checkpoint_state_dict(opt: KalmanOptimizer) -> dict[str, Any]:
     return out
 
 
-def _check_mesh(opt: KalmanOptimizer) -> None:
+def _check_mesh(opt: OptimizerView) -> None:
     """Every sharded parameter must live on the ranks of the optimizer's process group (``ValueError``)."""
     for _, p, where in _param_index(opt):
         if is_sharded(p):
             _check_ranks(p, getattr(opt, "process_group", AUTO), where)
 
 
-def checkpoint_template(opt: KalmanOptimizer, metadata: Any) -> dict[str, Any]:
+def checkpoint_template(opt: OptimizerView, metadata: Any) -> dict[str, Any]:
     """A dict for ``torch.distributed.checkpoint.load`` to fill: this optimizer's layout of the saved keys.
 
     ``metadata``: the checkpoint's (``FileSystemReader(path).read_metadata()``). Raises ``ValueError``
@@ -383,10 +379,10 @@ def checkpoint_template(opt: KalmanOptimizer, metadata: Any) -> dict[str, Any]:
     return template
 
 
-def load_checkpoint_state_dict(opt: KalmanOptimizer, loaded: dict[str, Any]) -> None:
+def load_checkpoint_state_dict(opt: OptimizerView, loaded: dict[str, Any]) -> None:
     """Load a dict that ``torch.distributed.checkpoint.load`` filled (:func:`checkpoint_template`).
 
-    The local shards become the optimizer's flat state, and :meth:`KalmanOptimizer.load_state_dict`
+    The local shards become the optimizer's flat state, and :meth:`OptimizerView.load_state_dict`
     checks everything before it commits: on any error nothing changes.
     """
     meta = loaded[META]
@@ -408,7 +404,7 @@ def load_checkpoint_state_dict(opt: KalmanOptimizer, loaded: dict[str, Any]) -> 
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"], "filter": meta["filter"]})
 
 
-def save_checkpoint(opt: KalmanOptimizer, checkpoint_id: str, model_state: dict[str, Any] | None = None) -> None:
+def save_checkpoint(opt: OptimizerView, checkpoint_id: str, model_state: dict[str, Any] | None = None) -> None:
     """Save the optimizer (and ``model_state``, e.g. ``model.state_dict()``) with torch.distributed.checkpoint.
 
     Every rank calls it; each writes its own shards. Works in a single process as well.
@@ -421,7 +417,7 @@ def save_checkpoint(opt: KalmanOptimizer, checkpoint_id: str, model_state: dict[
     dcp.save(payload, checkpoint_id=checkpoint_id)
 
 
-def load_checkpoint(opt: KalmanOptimizer, checkpoint_id: str, model_state: dict[str, Any] | None = None) -> None:
+def load_checkpoint(opt: OptimizerView, checkpoint_id: str, model_state: dict[str, Any] | None = None) -> None:
     """Load what :func:`save_checkpoint` wrote, on any number of ranks (resharded to this layout).
 
     ``model_state``: the model's state dict to fill in place (``model.state_dict()``), or None. The

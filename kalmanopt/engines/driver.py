@@ -14,19 +14,18 @@ On an engine with ``device_step`` the check is a device mask, and the warning is
 OR-ed into a device accumulator, copied without blocking to pinned memory and read on a later step
 once the copy has landed (at once on the CPU, where reading costs nothing).
 
-The entry points (``run_step``, ``run_two_phase_update``, ``run_predict``) are opaque to
-``torch.compile``: a compiled region that calls ``opt.step`` runs the step as written (its engines
-launch their own kernels and capture their own CUDA graphs), rather than having dynamo trace the
-driver's host bookkeeping, whose weak dictionaries the garbage collector may change under it.
+The entry points of a whole step (``step()``, ``update()``) are in :mod:`kalmanopt.engines.step`,
+which tries a replayed CUDA graph (:mod:`kalmanopt.engines.graphs`) before the phases here. Everything
+a step remembers for the next one lives on the optimizer's :class:`~kalmanopt.engines.runtime.Runtime`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,13 +42,14 @@ from kalmanopt.contract import (
     STEP_COEFFICIENT,
     Batch,
 )
-from kalmanopt.engines import distributed, resolve_engine
+from kalmanopt.engines import distributed
+from kalmanopt.engines.runtime import OptimizerView
+from kalmanopt.engines.selection import resolve_engine
 from kalmanopt.engines.torch_ops import GroupContext
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.optimizer import KalmanOptimizer
-
-__all__ = ["run_predict", "run_update", "run_step", "NONFINITE_KINDS", "NonFiniteError"]
+__all__ = ["run_predict", "run_update", "NONFINITE_KINDS", "NonFiniteError", "MESSAGES", "report",
+           "report_landed", "input_code", "grad_scaler_code", "predict_if_due_then_update", "no_gradient",
+           "strict_check", "group_contexts", "engine_for"]
 
 #: the bits of the code that skip a step, by kind
 NONFINITE_KINDS = ((CODE_LOSS, "loss"), (CODE_STATISTIC, "statistic"), (CODE_GRADIENT, "gradient"))
@@ -80,39 +80,32 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss, statistic or gradient reached an optimizer built with ``strict=True``."""
 
 
-class _Watch:
-    """Per-optimizer bookkeeping of the deferred warnings (kept by the driver, not on the optimizer)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.kinds = torch.zeros((), dtype=torch.int32, device=device)
-        self.host = torch.zeros((), dtype=torch.int32).pin_memory() if device.type == "cuda" \
-            else torch.zeros((), dtype=torch.int32)
-        self.events: list[Any] = []
-
-
-_WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _watch(opt: KalmanOptimizer, device: torch.device) -> _Watch:
-    watch = _WATCHES.get(opt)
-    if watch is None or watch.kinds.device != device:
-        watch = _Watch(device)
-        _WATCHES[opt] = watch
-    return watch
+def engine_for(opt: OptimizerView, index: int, group: dict[str, Any]) -> Any:
+    """The engine of group ``index``, resolved once while the group's structure stays (kept in the runtime)."""
+    params = group["params"]
+    key = (group.get("implementation"), group.get("granularity"), len(params),
+           str(params[0].device) if params else None, os.environ.get("TRITON_INTERPRET", "0"))
+    kept = opt.runtime.group(index, group)
+    found = kept.verdicts.get(key)
+    if found is None or found[0] is not params:
+        kept.verdicts.clear()
+        found = kept.verdicts[key] = (params, resolve_engine(opt.filter, group))
+    return found[1]
 
 
-def _contexts(opt: KalmanOptimizer, ride_predict: bool = False, ridden: bool = False) -> list[tuple[Any, GroupContext]]:
+def group_contexts(opt: OptimizerView, ride_predict: bool = False,
+                   ridden: bool = False) -> list[tuple[Any, GroupContext]]:
+    """Every group's engine and context for one phase."""
     out = []
     for index, group in enumerate(opt.param_groups):
-        engine = resolve_engine(opt.filter, group)
-        ctx = GroupContext(opt.filter, group, opt._group_state(index), functools.partial(opt._layers, index),
-                           diagnostics=opt.track_diagnostics, state=opt.state, owner=opt,
+        ctx = GroupContext(opt.filter, group, opt.group_state(index), functools.partial(opt.layers, index),
+                           diagnostics=opt.track_diagnostics, state=opt.state, runtime=opt.runtime, index=index,
                            ride_predict=ride_predict, ridden=ridden)
-        out.append((engine, ctx))
+        out.append((engine_for(opt, index, group), ctx))
     return out
 
 
-def _device(opt: KalmanOptimizer) -> torch.device:
+def _device(opt: OptimizerView) -> torch.device:
     """Where the step's code lives: the device of the first group's state (its first parameter's)."""
     for group in opt.param_groups:
         if group["params"]:
@@ -120,7 +113,7 @@ def _device(opt: KalmanOptimizer) -> torch.device:
     return torch.device("cpu")
 
 
-def _strict_check(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
+def strict_check(opt: OptimizerView, loss: Tensor, statistic: Tensor | None) -> None:
     """``strict=True``: raise on non-finite input before anything (state included) is created or changed."""
     if opt.strict:
         code = int(input_code(opt, loss, statistic, torch.device("cpu")))
@@ -132,7 +125,7 @@ def _all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(t).all()
 
 
-def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, device: torch.device) -> Tensor:
+def input_code(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, device: torch.device) -> Tensor:
     """The code of the step's inputs (loss, statistic, gradients), a 0-d int32 tensor on ``device``.
 
     A separate pass over the gradients: used where no update has measured them yet (the first step).
@@ -145,7 +138,7 @@ def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, dev
     code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
     if statistic is not None:
         code = code | (~_all_finite(statistic)).to(device=device, dtype=torch.int32) * CODE_STATISTIC
-    grads = [g.detach() for g in opt._gradients() if g.numel()]
+    grads = [g.detach() for g in opt.gradients() if g.numel()]
     if grads:
         if all(g.device.type == "cpu" for g in grads):
             # min and max carry NaN and ±inf, and are vectorised on the CPU (the ∞-norm is not)
@@ -159,14 +152,14 @@ def input_code(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, dev
 
 
 @torch.compiler.disable
-def run_predict(opt: KalmanOptimizer, ok: Tensor | None, ridden: bool = False) -> None:
+def run_predict(opt: OptimizerView, ok: Tensor | None, ridden: bool = False) -> None:
     """The predict phase of every group, masked by ``ok`` (a 0-d bool tensor; None: unmasked).
 
     ``ridden``: it follows an update run with ``ride_predict`` (an engine may have moved the state already).
     """
     if ok is not None and ok.device.type == "cpu" and not bool(ok):
         return  # (free to read on the CPU: a skipped step creates no state either)
-    contexts = _contexts(opt, ridden=ridden)
+    contexts = group_contexts(opt, ridden=ridden)
     works = [engine.reduce_predict(ctx) for engine, ctx in contexts]
     distributed.synchronize_predict(opt, works)  # sharded layers: their sums over the ranks
     for (engine, ctx), (work, red, numel) in zip(contexts, works):
@@ -179,10 +172,10 @@ def run_predict(opt: KalmanOptimizer, ok: Tensor | None, ridden: bool = False) -
         engine.apply_predict(work, b)
         _drop_empty_global(ctx.group_state)
         ctx.group_state["predicted"].copy_(torch.where(mask, True, ctx.group_state["predicted"]))
-    opt._predicted = True
+    opt.runtime.predicted = True
 
 
-def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None,
+def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None,
                lr: Tensor | None = None, ride_predict: bool = False) -> Tensor:
     """The update phase of every group; returns the step's code (see :mod:`kalmanopt.contract`).
 
@@ -190,7 +183,7 @@ def run_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None, cod
     a 0-d device tensor for a one-group optimizer (what a replayed CUDA graph reads), or None.
     ``ride_predict``: ``run_predict(..., ridden=True)`` follows at once (``step()``).
     """
-    contexts = _contexts(opt, ride_predict=ride_predict)
+    contexts = group_contexts(opt, ride_predict=ride_predict)
     device = _device(opt)
     works = []
     for engine, ctx in contexts:
@@ -247,28 +240,7 @@ def _drop_empty_global(group_state: dict) -> None:
         del group_state["global"]
 
 
-@torch.compiler.disable
-def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> None:
-    """``step``: the update for the current gradients, then the predict of the next step.
-
-    The first predict runs before the first update, masked by the step's inputs. On an engine with
-    ``device_step`` nothing synchronises with the host.
-    """
-    _strict_check(opt, loss, statistic)
-    _report_landed(opt)
-    if _no_gradient(opt, "step()"):
-        return
-    from kalmanopt.engines import graphs
-
-    amp = grad_scaler_code(opt)
-    if amp is None and graphs.graphed_step(opt, loss, statistic):
-        return
-    code = _predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
-    run_predict(opt, (code & CODE_SKIPS) == 0, ridden=True)
-    report(opt, code)
-
-
-def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
+def grad_scaler_code(opt: OptimizerView) -> Tensor | None:
     """torch's ``GradScaler`` protocol for optimizers that handle the scale themselves.
 
     ``GradScaler.step`` sets ``opt.grad_scale`` (the scale the gradients still carry, or None once
@@ -284,7 +256,7 @@ def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
     device = _device(opt)
     if scale is not None:
         by_device: dict[torch.device, list[Tensor]] = {}
-        for g in opt._gradients():
+        for g in opt.gradients():
             if g.numel():
                 by_device.setdefault(g.device, []).append(g)
         for where, grads in by_device.items():
@@ -296,7 +268,7 @@ def grad_scaler_code(opt: KalmanOptimizer) -> Tensor | None:
     return (torch.as_tensor(found, device=device) != 0).to(torch.int32) * CODE_SCALER
 
 
-def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None,
+def predict_if_due_then_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None,
                                 extra: Tensor | None = None, ride_predict: bool = False) -> Tensor:
     """The update, after the predict it needs where none has run yet (masked by the step's inputs).
 
@@ -304,7 +276,7 @@ def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: T
     ``ride_predict``: the next predict follows the update at once (see :func:`run_update`).
     """
     code = extra
-    if not opt._predicted:
+    if not opt.runtime.predicted:
         code = input_code(opt, loss, statistic, _device(opt))
         if extra is not None:
             code = code | extra
@@ -312,33 +284,11 @@ def _predict_if_due_then_update(opt: KalmanOptimizer, loss: Tensor, statistic: T
     return run_update(opt, loss, statistic, code, ride_predict=ride_predict)
 
 
-@torch.compiler.disable
-def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
-    """``update()`` of the two-phase API: the update (its predict must have run); whether it was applied.
-
-    An ``update()`` without a ``predict()`` since the last one runs the predict first, as ``step`` does,
-    where the predict does not move the parameters (the gradient does not depend on it); where it does
-    (KOALA-M: θ̂ = θ + u), the gradient was taken at the wrong point, and this raises ``RuntimeError``
-    before anything changes.
-    """
-    if not opt._predicted and opt.filter.dynamics.moves_parameters:
-        raise RuntimeError(MESSAGES["update without predict"].format(name=opt.filter.name))
-    _strict_check(opt, loss, statistic)
-    _report_landed(opt)
-    if _no_gradient(opt, "update()"):
-        return False
-    code = _predict_if_due_then_update(opt, loss, statistic)
-    applied = (code & CODE_SKIPS) == 0
-    opt._predicted = not bool(applied)  # a skipped update leaves its predict standing
-    report(opt, code)
-    return bool(applied)
-
-
-def _no_gradient(opt: KalmanOptimizer, call: str) -> bool:
+def no_gradient(opt: OptimizerView, call: str) -> bool:
     """Whether no parameter has a gradient (backward forgotten); if so, warn once. Nothing is changed."""
-    if opt._gradients():
+    if opt.gradients():
         return False
-    opt._warn_once("no gradient", MESSAGES["no gradient"].format(call=call))
+    opt.runtime.warn_once("no gradient", MESSAGES["no gradient"].format(call=call))
     return True
 
 
@@ -347,11 +297,11 @@ def _nonfinite_message(code: int, when: str) -> str:
     return MESSAGES["nonfinite"].format(kinds=" and ".join(kinds), when=when)
 
 
-def report(opt: KalmanOptimizer, code: Tensor) -> None:
+def report(opt: OptimizerView, code: Tensor) -> None:
     """Report a step's code: warn at once on the CPU; on CUDA record it for a deferred warning."""
     if code.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # a graph replay cannot report; the counters still count
-    watch = _watch(opt, code.device)
+    watch = opt.runtime.watch_on(code.device)
     watch.kinds.bitwise_or_(code)
     if code.device.type != "cuda":
         _warn(opt, int(watch.kinds))
@@ -365,9 +315,9 @@ def report(opt: KalmanOptimizer, code: Tensor) -> None:
         del watch.events[1:-1]
 
 
-def _report_landed(opt: KalmanOptimizer) -> None:
+def report_landed(opt: OptimizerView) -> None:
     """Warn about the steps whose codes have reached the host."""
-    watch = _WATCHES.get(opt)
+    watch = opt.runtime.watch
     if watch is None or not watch.events or torch.cuda.is_current_stream_capturing():
         return
     landed = False
@@ -378,33 +328,34 @@ def _report_landed(opt: KalmanOptimizer) -> None:
         _warn(opt, int(watch.host))
 
 
-def _warn(opt: KalmanOptimizer, code: int) -> None:
-    new = [kind for bit, kind in NONFINITE_KINDS if code & bit and kind not in opt._warned]
+def _warn(opt: OptimizerView, code: int) -> None:
+    warned = opt.runtime.warned
+    new = [kind for bit, kind in NONFINITE_KINDS if code & bit and kind not in warned]
     if new:
-        opt._warned.update(new)
+        warned.update(new)
         warnings.warn(_nonfinite_message(code & CODE_SKIPS, "a recent step" if code else "this step")
                       + f"; this warning is shown once per kind ({', '.join(new)})", RuntimeWarning, stacklevel=4)
     if code & CODE_NEGATIVE_LOSS:
-        opt._warn_once("negative loss", MESSAGES["negative loss"])
+        opt.runtime.warn_once("negative loss", MESSAGES["negative loss"])
     if code & CODE_OVERFLOW:
-        opt._warn_once("overflow", MESSAGES["overflow"])
+        opt.runtime.warn_once("overflow", MESSAGES["overflow"])
     if code & CODE_STEP_OVERFLOW:
-        opt._warn_once("step overflow", MESSAGES["step overflow"])
+        opt.runtime.warn_once("step overflow", MESSAGES["step overflow"])
 
 
-def _record(opt: KalmanOptimizer, works: list, batches: list[Batch]) -> None:
+def _record(opt: OptimizerView, works: list, batches: list[Batch]) -> None:
     """The last update's per-layer internals (device tensors; ``diagnostics()`` reads them)."""
     out: dict[str, dict[str, Tensor]] = {}
     for (work, _, _, _), b in zip(works, batches):
-        legacy = work.extra.get("diagnostics")
+        per_layer = work.extra.get("diagnostics")  # (a surrogate written per layer records its own)
         for i, f in enumerate(work.flats):
-            if legacy is not None:
-                if i in legacy:
-                    out[f.layer.name] = {k: torch.as_tensor(v).detach() for k, v in legacy[i].items()}
+            if per_layer is not None:
+                if i in per_layer:
+                    out[f.layer.name] = {k: torch.as_tensor(v).detach() for k, v in per_layer[i].items()}
                 continue
             if b.S is None or bool(b.skip[i]):
                 continue
             entry = {"S": b.S[i].detach(), "gain_scale": b.coef[STEP_COEFFICIENT.format(0)][i].detach()}
             entry.update({k: v[i].detach() for k, v in b.info.items()})
             out[f.layer.name] = entry
-    opt._diagnostics = out
+    opt.runtime.diagnostics = out

@@ -24,20 +24,22 @@ Triton is imported only when a fused step first runs.
 
 from __future__ import annotations
 
-import importlib.util
 import operator
-import os
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch, contract_gap, predict_plan, update_plan
+from kalmanopt.contract import Batch
+from kalmanopt.engines import triton_source
 from kalmanopt.engines.distributed import is_sharded, local_tensor
-from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, device_int64, has_gradient, local_numel
+from kalmanopt.engines.runtime import Runtime
+from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, has_gradient, local_numel
+from kalmanopt.engines.triton_config import CONFIG, interpreting, triton_available
+from kalmanopt.engines.triton_source import slot_traffic
 from kalmanopt.layers import Layer
+from kalmanopt.plan import contract_gap, predict_plan, update_plan
 from kalmanopt.program import Assign, Reduction, hp_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,8 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FusedEngine", "CONFIG", "triton_available", "interpreting", "MemoryTraffic", "memory_traffic"]
 
-#: launch configuration: elements per program (chunk), per block, warps per program
-CONFIG = {"chunk": 8192, "block": 1024, "warps": 4}
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,6 @@ def memory_traffic(composition: Composition, group: Mapping[str, Any], diagnosti
     Raises:
         ValueError: the composition does not meet the two-pass contract (it runs on the reference path).
     """
-    from kalmanopt.engines.triton_source import slot_traffic
-
     gap = contract_gap(composition)
     if gap is not None:
         raise ValueError(f"the composition does not run on the fused engine: {gap}")
@@ -112,21 +110,11 @@ def memory_traffic(composition: Composition, group: Mapping[str, Any], diagnosti
     return MemoryTraffic(*(tuple(x) for x in (reduce, reads, writes, *moves)))
 
 
-def triton_available() -> bool:
-    """Whether Triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def _slot_names(table: Any, with_grads: bool) -> list[str]:
     """The vectors a kernel can address, in the order of its arguments: θ, g (an update), the state table's."""
     return ["theta", *(["g"] if with_grads else []), *(f"state.{e.name}" for e in table.vectors)]
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` in the environment): the fused
-    engine then also runs on CPU tensors where ``implementation="fused"`` is asked for, the same generated
-    kernels executed by Triton on the host (slowly: for tests of the kernels without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
 class _Chunks:
@@ -217,36 +205,34 @@ class _Staging:
             _theta(layers[i]).copy_(buf)
 
 
-#: offset tables by the tensors' addresses (only the table is kept: holding a tensor would keep its memory,
-#: and FSDP2 hands new gradient buffers every step)
-_SLOTS: dict[tuple, Tensor] = {}
 #: the attribute an offset table carries: whether its offsets are multiples of 16 elements from a 16-byte
 #: aligned base (kept on the table itself, so that clearing the cache never forgets it for a table in use)
 _ALIGNED = "_kalmanopt_aligned"
 
 
-def _slot(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+def _slot(tensors: Sequence[Tensor], device: torch.device, runtime: Runtime | None = None) -> tuple[Tensor, Tensor]:
     """A base tensor and the element offset of each tensor from it (all of one dtype).
 
-    Cached by the tensors' addresses: the offset table is copied to the device only when they move.
+    Cached in the optimizer's ``runtime`` by the tensors' addresses (only the table is kept: holding a tensor
+    would keep its memory, and FSDP2 hands new gradient buffers every step): the offset table is copied to
+    the device only when they move.
     """
     base = tensors[0]
     ptrs = tuple(t.data_ptr() for t in tensors)
-    key = (ptrs, base.dtype, str(device))
-    cached = _SLOTS.get(key)
-    if cached is not None:
-        return base, cached
-    size = base.element_size()
-    offsets = [(p - ptrs[0]) // size for p in ptrs]
-    host = torch.tensor(offsets, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    table = host.to(device, non_blocking=True)
-    if len(_SLOTS) > 256:
-        _SLOTS.clear()
-    _SLOTS[key] = table
-    setattr(table, _ALIGNED, ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets))
-    return base, table
+
+    def make() -> Tensor:
+        size = base.element_size()
+        offsets = [(p - ptrs[0]) // size for p in ptrs]
+        host = torch.tensor(offsets, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+        setattr(table, _ALIGNED, ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets))
+        return table
+
+    if runtime is None:
+        return base, make()
+    return base, runtime.slot_table((ptrs, base.dtype, str(device)), make)
 
 
 class FusedEngine(TorchEngine):
@@ -258,35 +244,14 @@ class FusedEngine(TorchEngine):
 
     def __init__(self) -> None:
         super().__init__(host_branches=False)
-        self._chunks: dict[tuple, _Chunks] = {}
-        self._verdicts: dict[tuple, str | None] = {}
-        # per optimizer (weakly: its plans and staging buffers go with it): the groups' steady plans
-        # (by id of the group) and the predict's staging buffers
-        self._steady_plans: weakref.WeakKeyDictionary[Any, dict[int, _SteadyPlan]] = weakref.WeakKeyDictionary()
-        self._predict_staging: weakref.WeakKeyDictionary[Any, dict[tuple, _Staging]] = \
-            weakref.WeakKeyDictionary()
-        # per optimizer: the predicts that rode on the last update, by id of the group (their sums, sizes and
-        # sharded rows), for the predict that follows it
-        self._ridden: weakref.WeakKeyDictionary[Any, dict[int, tuple]] = weakref.WeakKeyDictionary()
 
-    def runs_kernels(self, owner: Any, group: dict[str, Any]) -> bool:
-        """Whether the optimizer ``owner``'s ``group`` keeps a plan of the generated kernels (its updates run
-        them, not the torch operations of the fallback)."""
-        return id(group) in self._steady_plans.get(owner, {})
+    @staticmethod
+    def runs_kernels(runtime: Runtime, index: int, group: dict[str, Any]) -> bool:
+        """Whether group ``index`` of the optimizer whose runtime this is keeps a plan of the generated kernels
+        (its updates run them, not the torch operations of the fallback)."""
+        return runtime.group(index, group).steady is not None
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
-        params = group["params"]
-        key = (id(composition), id(params), len(params), tuple(str(p.device) for p in params[:1]),
-               group.get("implementation"), interpreting())
-        if key in self._verdicts:
-            return self._verdicts[key]
-        verdict = self._unsupported(composition, group)
-        if len(self._verdicts) > 256:
-            self._verdicts.clear()
-        self._verdicts[key] = verdict
-        return verdict
-
-    def _unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         gap = contract_gap(composition)
         if gap is not None:
             return gap
@@ -304,8 +269,8 @@ class FusedEngine(TorchEngine):
 
     # ------------------------------------------------------------------ update
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
-        if ctx.owner is not None:  # (a predict that rode on an earlier update is over)
-            self._ridden.get(ctx.owner, {}).pop(id(ctx.group), None)
+        kept = ctx.kept
+        kept.ridden = None  # (a predict that rode on an earlier update is over)
         plan, _ = self._update_plan(ctx)
         steady = self._steady(ctx, plan)
         if steady is None:
@@ -317,13 +282,13 @@ class FusedEngine(TorchEngine):
             created = self._ensure_state(plan.table, active, ctx.group)
             like = ctx.group_state["R"]
             staging = _Staging(active, with_grads=True)
-            slots = self._slots(active, plan.table, staging, with_grads=True)
-            steady = _SteadyPlan(ctx, plan, active, slots, self._chunk_tables([local_numel(x) for x in active],
-                                                                             like.device),
+            slots = self._slots(active, plan.table, staging, with_grads=True, runtime=ctx.runtime)
+            steady = _SteadyPlan(ctx, plan, active, slots,
+                                 self._chunk_tables(ctx.runtime, [local_numel(x) for x in active], like.device),
                                  complete=len(active) == len(ctx.layers), staging=staging,
-                                 numel=device_int64([x.numel for x in active], like.device))
-            if steady.complete and ctx.state is not None and ctx.owner is not None:
-                self._steady_plans.setdefault(ctx.owner, {})[id(ctx.group)] = steady
+                                 numel=ctx.runtime.int64([x.numel for x in active], like.device))
+            if steady.complete and ctx.state is not None:
+                kept.steady = steady
             n_none = len(ctx.layers) - len(active)
         else:
             created = [False] * len(steady.layers)
@@ -354,7 +319,7 @@ class FusedEngine(TorchEngine):
         """The predict plan to run in this update's element-wise pass, or None: where the predict follows
         at once (``ctx.ride_predict``), the dynamics' program may ride, and every layer updates (a layer
         without a gradient would need a predict pass of its own)."""
-        if not ctx.ride_predict or ctx.owner is None or n_none:
+        if not ctx.ride_predict or n_none:
             return None
         plan, _ = self._predict_plan(ctx)
         return plan if plan.rides else None
@@ -370,7 +335,7 @@ class FusedEngine(TorchEngine):
 
     def _steady(self, ctx: GroupContext, plan: Any) -> _SteadyPlan | None:
         """The cached plan of this group if it still fits this step (host checks only), refreshed."""
-        steady = self._steady_plans.get(ctx.owner, {}).get(id(ctx.group)) if ctx.owner is not None else None
+        steady = ctx.kept.steady
         if steady is None or steady.plan is not plan or ctx.state is None:
             return None
         return steady if steady.fits(ctx) else None
@@ -399,7 +364,7 @@ class FusedEngine(TorchEngine):
         if ride is not None:
             sums = kernels.layer_sums(chunks, partials, len(layers))
             red = {r.name: sums[:, i] for i, r in enumerate(ride.reductions)}
-            self._ridden.setdefault(ctx.owner, {})[id(ctx.group)] = (red, work.extra["numel"], work.sharded)
+            ctx.kept.ridden = (red, work.extra["numel"], work.sharded)
         for name, new in b.new_layer.items():
             values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
             _scatter_scalars(layers, name, values)
@@ -410,7 +375,8 @@ class FusedEngine(TorchEngine):
 
     # ------------------------------------------------------------------ predict
     def reduce_predict(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], Tensor]:
-        ridden = self._ridden.get(ctx.owner, {}).pop(id(ctx.group), None) if ctx.owner is not None else None
+        kept = ctx.kept
+        ridden, kept.ridden = kept.ridden, None
         if ridden is not None and ctx.ridden:  # its passes ran in the update's: the coefficients are left
             red, numel, sharded = ridden
             work = _Work(ctx, [], None, hp_coefficients(ctx.group), sharded=sharded)  # type: ignore[arg-type]
@@ -427,16 +393,19 @@ class FusedEngine(TorchEngine):
         self._ensure_state(plan.table, layers, ctx.group)
         like = ctx.group_state["R"]
         hp = hp_coefficients(ctx.group)
-        chunks = self._chunk_tables([local_numel(layer) for layer in layers], like.device)
-        key = (id(ctx.group), tuple(id(layer.params[0]) for layer in layers))
-        kept = self._predict_staging.setdefault(ctx.owner, {}) if ctx.owner is not None else {}
-        staging = kept.get(key)
-        if staging is None:  # (kept: a replayed step reads the same buffers)
-            if len(kept) > 64:
-                kept.clear()
-            staging = kept[key] = _Staging(layers, with_grads=False)
+        chunks = self._chunk_tables(ctx.runtime, [local_numel(layer) for layer in layers], like.device)
+        params = [layer.params[0] for layer in layers]
+        key = tuple(layer.numel for layer in layers)
+        found = kept.staging.get(key)
+        if found is not None and all(map(operator.is_, found[0], params)):
+            staging = found[1]
+        else:  # (kept: a replayed step reads the same buffers)
+            if len(kept.staging) > 64:
+                kept.staging.clear()
+            staging = _Staging(layers, with_grads=False)
+            kept.staging[key] = (params, staging)
         staging.fill(layers)
-        slots = self._slots(layers, plan.table, staging, with_grads=False)
+        slots = self._slots(layers, plan.table, staging, with_grads=False, runtime=ctx.runtime)
         kernels = _kernels((), plan.reductions, plan.program, plan.outputs, slots.keys())
         red_names = [r.name for r in plan.reductions]
         partials = torch.zeros(max(chunks.n_chunks, 1), _pow2(len(red_names)), dtype=like.dtype, device=like.device)
@@ -445,7 +414,7 @@ class FusedEngine(TorchEngine):
             kernels.launch_reduce(chunks, slots, table, partials, like.dtype, _aligned(slots))
         sums = kernels.layer_sums(chunks, partials, len(layers)) if red_names else partials[:0]
         red = {name: sums[:, i] for i, name in enumerate(red_names)}
-        numel = device_int64([layer.numel for layer in layers], like.device)
+        numel = ctx.runtime.int64([layer.numel for layer in layers], like.device)
         work = _Work(ctx, [], None, hp, sharded=_sharded(layers))  # type: ignore[arg-type]
         work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels, staging=staging)
         return work, red, numel
@@ -465,19 +434,14 @@ class FusedEngine(TorchEngine):
         self._commit_group(work.ctx.group_state, b)
 
     # ------------------------------------------------------------------ helpers
-    def _chunk_tables(self, numels: list[int], device: torch.device) -> _Chunks:
-        key = (tuple(numels), int(CONFIG["chunk"]), str(device))
-        chunks = self._chunks.get(key)
-        if chunks is None:
-            if len(self._chunks) > 64:
-                self._chunks.clear()
-            chunks = _Chunks(numels, int(CONFIG["chunk"]), device)
-            self._chunks[key] = chunks
-        return chunks
+    @staticmethod
+    def _chunk_tables(runtime: Runtime, numels: list[int], device: torch.device) -> _Chunks:
+        chunk = int(CONFIG["chunk"])
+        return runtime.cached("chunks", (tuple(numels), chunk, str(device)), lambda: _Chunks(numels, chunk, device))
 
     @staticmethod
-    def _slots(layers: list[Layer], table: Any, staging: _Staging,
-               with_grads: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    def _slots(layers: list[Layer], table: Any, staging: _Staging, with_grads: bool,
+               runtime: Runtime) -> dict[str, tuple[Tensor, Tensor]]:
         device = _theta(layers[0]).device
 
         def tensors(name: str) -> list[Tensor]:
@@ -487,7 +451,7 @@ class FusedEngine(TorchEngine):
                 return staging.grads(layers)
             return [layer.state[name.removeprefix("state.")] for layer in layers]
 
-        return {name: _slot(tensors(name), device) for name in _slot_names(table, with_grads)}
+        return {name: _slot(tensors(name), device, runtime) for name in _slot_names(table, with_grads)}
 
 
 class _SteadyPlan:
@@ -535,7 +499,7 @@ class _SteadyPlan:
             staged = self.staging.grad
             if not all(g.dtype == dtype and (i in staged or g.is_contiguous()) for i, g in enumerate(grads)):
                 return False
-            self.g_table = _slot(self.staging.grads(self.layers), grads[0].device)[1]
+            self.g_table = _slot(self.staging.grads(self.layers), grads[0].device, ctx.runtime)[1]
             self.grad_ptrs = ptrs
         return True
 
@@ -597,7 +561,5 @@ def _scatter_scalars(layers: list[Layer], name: str, values: Tensor) -> None:
 
 def _kernels(pre: Sequence[Assign], reductions: Sequence[Reduction], program: Sequence[Assign],
              outputs: Sequence[str], slots: Any, ride: tuple = ()) -> Any:
-    from kalmanopt.engines import triton_source
-
     return triton_source.kernels_for(tuple(pre), tuple(reductions), tuple(program), tuple(outputs), tuple(slots),
                                      tuple(tuple(x) for x in ride))

@@ -18,16 +18,16 @@ run, or taken while the caller itself captures a graph run eagerly.
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from kalmanopt.contract import CODE_SKIPS
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.optimizer import KalmanOptimizer
+from kalmanopt.engines import driver
+from kalmanopt.engines.distributed import process_group
+from kalmanopt.engines.runtime import OptimizerView
+from kalmanopt.engines.torch_ops import GroupContext
 
 __all__ = ["graphed_step", "WARMUP_STEPS"]
 
@@ -49,15 +49,10 @@ class _StepGraph:
         self.code: Tensor | None = None
 
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _key(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> tuple | None:
+def _key(opt: OptimizerView, loss: Tensor, statistic: Tensor | None) -> tuple | None:
     """What the graph bakes in, or None where a step cannot be replayed."""
-    if len(opt.param_groups) != 1 or opt.strict or opt.track_diagnostics or not opt._predicted:
+    if len(opt.param_groups) != 1 or opt.strict or opt.track_diagnostics or not opt.runtime.predicted:
         return None
-    from kalmanopt.engines.distributed import process_group
-
     if process_group(opt) is not None:
         return None  # (a distributed step all-reduces between its passes: it is not replayed)
     group = opt.param_groups[0]
@@ -70,27 +65,24 @@ def _key(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> tuple 
     return (id(params), len(params), hp, loss.dtype, tuple(loss.shape), loss.device, stat)
 
 
-def graphed_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> bool:
+def graphed_step(opt: OptimizerView, loss: Tensor, statistic: Tensor | None) -> bool:
     """Run ``step``'s update and predict by replaying a captured graph; ``False`` if it must run eagerly."""
-    from kalmanopt.engines import driver, resolve_engine
-    from kalmanopt.engines.torch_ops import GroupContext
-
     key = _key(opt, loss, statistic)
     if key is None:
         return False
     group = opt.param_groups[0]
-    engine = resolve_engine(opt.filter, group)
+    engine = driver.engine_for(opt, 0, group)
     token_of = getattr(engine, "graph_token", None)
     if token_of is None:
         return False
-    ctx = GroupContext(opt.filter, group, opt._group_state(0), lambda: opt._layers(0), state=opt.state,
-                       owner=opt)
+    ctx = GroupContext(opt.filter, group, opt.group_state(0), lambda: opt.layers(0), state=opt.state,
+                       runtime=opt.runtime)
     token = token_of(ctx)
-    sg = _GRAPHS.get(opt)
+    sg = opt.runtime.graph
     if token is None or sg is None or sg.key != key or sg.token != token:
         sg = _StepGraph(key)
         sg.token = token
-        _GRAPHS[opt] = sg
+        opt.runtime.graph = sg
         return False  # this step runs eagerly (and warms the new state up)
     if sg.graph is None:
         if sg.warm < WARMUP_STEPS:
@@ -110,6 +102,6 @@ def graphed_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -
         sg.statistic.copy_(statistic.detach(), non_blocking=True)  # type: ignore[union-attr]
     sg.lr.fill_(float(group["lr"]))  # type: ignore[union-attr]
     sg.graph.replay()
-    opt._predicted = True
+    opt.runtime.predicted = True
     driver.report(opt, sg.code)  # type: ignore[arg-type]
     return True

@@ -10,13 +10,13 @@ layer (``gain()``, a quick prototype) it runs the filter loop itself::
                   x_ℓ ← x_ℓ − η_k L_ℓ K_ℓ                     (the dynamics' correction, L* = 0)
               and the shared posterior P_k = (I − K H) P̂_k (``end_update``).
 
-It also provides the per-layer API (``CovarianceSurrogate.gain``) of contract surrogates: the
-contract run on one layer.
+The per-layer API of contract surrogates (``CovarianceSurrogate.gain``: the contract run on one layer)
+is an adapter beside the surrogate interface, :mod:`kalmanopt.covariance.per_layer`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,18 +27,16 @@ from kalmanopt.contract import (
     CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
     Batch,
-    contract_gap,
     finite_steps,
 )
-from kalmanopt.covariance.base import CovarianceSurrogate, Gain, UpdateContext
 from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
-from kalmanopt.program import Assign, Reduction, Vec, compile_program, hp_coefficients, reduce_layer
-from kalmanopt.state import StateTable
+from kalmanopt.plan import contract_gap
+from kalmanopt.program import Reduction, Vec, compile_program, hp_coefficients, reduce_layer
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
 
-__all__ = ["ReferenceEngine", "contract_gain", "contract_end_update", "predict_group_in_place"]
+__all__ = ["ReferenceEngine"]
 
 
 class ReferenceEngine(TorchEngine):
@@ -149,101 +147,3 @@ class ReferenceEngine(TorchEngine):
             # a shared P of a surrogate written per layer: its own predict, in place
             F, Q = work.ctx.composition.dynamics.transition(b)
             surrogate.predict(work.ctx.group_state, F, Q, work.ctx.group)
-
-
-# ---------------------------------------------------------------------- the per-layer API of contract parts
-def _one_layer_batch(surrogate: CovarianceSurrogate, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor,
-                     R: Tensor, hp: Mapping[str, Any]) -> tuple[Batch, dict[str, Tensor], StateTable]:
-    table = surrogate.state_table()
-    table.init_layer(layer_state, H.numel(), hp, H.dtype, H.device)
-    env = {"H": H, "g": g}
-    for e in table.vectors:  # new tensors: the per-layer API replaces the state's entries, never edits them
-        env[f"state.{e.name}"] = layer_state[e.name].clone()
-    reductions = (Reduction("hh", Vec("H") * Vec("H")),) + surrogate.reductions(hp)
-    like = R.reshape(()).to(H)
-    red = {r.name: v.reshape(1).to(like) for r, v in zip(reductions, reduce_layer(reductions, env, {}, like))}
-    layer = {e.name: layer_state[e.name].reshape(1).to(like) for e in table.scalars}
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer=layer, group=ctx.group_state,
-              numel=torch.full((1,), H.numel(), dtype=torch.int64, device=H.device),
-              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=H.device),
-              skip=torch.zeros(1, dtype=torch.bool, device=H.device))
-    b.R = like
-    return b, env, table
-
-
-def _with_q(hp: Mapping[str, Any], ctx: UpdateContext) -> dict[str, Any]:
-    """The hyper-parameters with q taken from the context's process noise (the per-layer API passes it there)."""
-    out = dict(hp)
-    out["q"] = float(ctx.Q[0])
-    return out
-
-
-def contract_gain(surrogate: CovarianceSurrogate, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor,
-                  R: Tensor, hp: Mapping[str, Any]) -> Gain:
-    """``surrogate.gain`` for a contract surrogate: its reductions, coefficients and program on one layer.
-
-    A shared P's posterior is left to :func:`contract_end_update` (it needs every layer).
-    """
-    b, env, table = _one_layer_batch(surrogate, ctx, layer_state, H, g, R, hp)
-    surrogate.coefficients(b)
-    for name, n in b.counters.items():
-        ctx.count(name, int(n))
-    S = b.S.reshape(-1)[0] if b.S is not None else R
-    info = {k: v.reshape(-1)[0] for k, v in b.info.items()}
-    if bool(b.skip[0]):
-        ctx.count("skipped_layers")
-        return Gain(direction=torch.zeros_like(H), coefficients=H.new_zeros(len(b.gain) or 1), S=S,
-                    diagnostics=info)
-    ctx.per_layer.append({**b.red, "_R": b.R.reshape(1)})
-    coefs: dict[str, Any] = hp_coefficients(b.hp)
-    coefs.update({k: v.reshape(-1)[0] for k, v in b.coef.items()})
-    outputs = [f"state.{e.name}" for e in table.vectors]
-    compile_program(surrogate.program(b.hp), outputs).run(env, coefs)
-    for e in table.vectors:
-        layer_state[e.name] = env[f"state.{e.name}"]
-    for name, value in b.new_layer.items():
-        layer_state[name] = value.reshape(-1)[0].to(layer_state[name]).clone()
-    direction = _evaluate(surrogate.direction(b.hp), env, coefs)
-    return Gain(direction=direction, coefficients=torch.stack([k.reshape(-1)[0] for k in b.gain]), S=S,
-                diagnostics=info)
-
-
-def _evaluate(expr: Any, env: dict[str, Tensor], coefs: Mapping[str, Any]) -> Tensor:
-    program = compile_program([_assign("direction", expr)], ())
-    program.run(env, coefs)
-    return env["direction"]
-
-
-def _assign(name: str, expr: Any) -> Assign:
-    return Assign(Vec(name), expr)
-
-
-def contract_end_update(surrogate: CovarianceSurrogate, ctx: UpdateContext, group_state: dict,
-                        hp: Mapping[str, Any]) -> None:
-    """A contract surrogate's shared posterior, from every layer :func:`contract_gain` saw."""
-    reds = ctx.per_layer
-    red = {k: torch.cat([r[k] for r in reds]) for k in reds[0]}
-    R = red.pop("_R")[0]
-    like = red["hh"][0]
-    n = red["hh"].numel()
-    device = like.device
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer={}, group=group_state,
-              numel=torch.ones(n, dtype=torch.int64, device=device), loss=like, statistic=None,
-              ok=torch.ones((), dtype=torch.bool, device=device), skip=torch.zeros(n, dtype=torch.bool, device=device))
-    b.R = R
-    surrogate.coefficients(b)
-    for name, value in b.new_group.items():
-        group_state[name].copy_(value)
-
-
-def predict_group_in_place(surrogate: CovarianceSurrogate, group_state: dict, F: Tensor, Q: Tensor,
-                           hp: Mapping[str, Any]) -> None:
-    """A contract surrogate's P̂ = F P Fᵀ + Q, written into ``group_state``."""
-    like = F.new_zeros(())
-    b = Batch(hp=hp, red={}, layer={}, group=group_state, numel=torch.zeros(0, dtype=torch.int64, device=F.device),
-              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=F.device),
-              skip=torch.zeros(0, dtype=torch.bool, device=F.device))
-    surrogate.predict_group(b, F, Q)
-    for name, value in b.new_group.items():
-        group_state[name].copy_(value)
-

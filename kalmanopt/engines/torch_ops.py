@@ -18,21 +18,22 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import (
-    Batch,
+from kalmanopt.contract import Batch
+from kalmanopt.engines import buckets
+from kalmanopt.engines import compiled as compiled_coefficients
+from kalmanopt.engines.distributed import is_sharded, local_tensor
+from kalmanopt.engines.runtime import GroupRuntime, Runtime
+from kalmanopt.layers import Layer
+from kalmanopt.plan import (
     PredictPlan,
     UpdatePlan,
     contract_gap,
+    plan_key,
     predict_plan,
     run_predict_coefficients,
     run_update_coefficients,
     update_plan,
 )
-from kalmanopt.engines import buckets
-from kalmanopt.engines import compiled as compiled_coefficients
-from kalmanopt.engines.compiled import CompiledCoefficients
-from kalmanopt.engines.distributed import is_sharded, local_tensor
-from kalmanopt.layers import Layer
 from kalmanopt.program import CompiledProgram, compile_program, hp_coefficients, reduce_layer
 from kalmanopt.state import StateTable
 
@@ -58,8 +59,9 @@ class GroupContext:
             steady state may never need them).
         diagnostics: whether per-layer diagnostics are recorded.
         state: the optimizer's per-parameter state mapping (read by engines that cache per-step plans).
-        owner: the optimizer the group belongs to: engines that cache per-step plans key them weakly by it
-            (the plans go with the optimizer), and cache nothing without one.
+        runtime: the optimizer's step-to-step bookkeeping (:class:`~kalmanopt.engines.runtime.Runtime`): every
+            cache an engine keeps lives there (a fresh one, caching for this call only, if none is given).
+        index: the group's position in ``param_groups`` (its entry in the runtime).
         ride_predict: an update: the predict of the next step follows it at once (``step()``), so an engine may
             run a riding predict (``Dynamics.predict_rides_on_update``) in the update's element-wise pass.
         ridden: a predict that follows such an update: an engine whose update ran it has only its
@@ -68,14 +70,20 @@ class GroupContext:
 
     def __init__(self, composition: Composition, group: dict[str, Any], group_state: dict,
                  layers: Sequence[Layer] | Callable[[], Sequence[Layer]], diagnostics: bool = False,
-                 state: Mapping[Any, Any] | None = None, owner: Any = None, ride_predict: bool = False,
-                 ridden: bool = False) -> None:
+                 state: Mapping[Any, Any] | None = None, runtime: Runtime | None = None, index: int = 0,
+                 ride_predict: bool = False, ridden: bool = False) -> None:
         self.composition, self.group, self.group_state = composition, group, group_state
         self.diagnostics = diagnostics
         self.state = state
-        self.owner = owner
+        self.runtime = Runtime() if runtime is None else runtime
+        self.index = index
         self.ride_predict, self.ridden = ride_predict, ridden
         self._layers = layers
+
+    @property
+    def kept(self) -> GroupRuntime:
+        """This group's entry in the runtime."""
+        return self.runtime.group(self.index, self.group)
 
     @property
     def layers(self) -> Sequence[Layer]:
@@ -151,8 +159,6 @@ class TorchEngine:
 
     def __init__(self, host_branches: bool = False) -> None:
         self.host_branches = host_branches
-        self._plans: dict[tuple, tuple[Any, CompiledProgram]] = {}
-        self._compiled: CompiledCoefficients | None = None
 
     def unsupported(self, composition: Composition, group: dict[str, Any]) -> str | None:
         return contract_gap(composition)
@@ -160,25 +166,18 @@ class TorchEngine:
     # ------------------------------------------------------------------ plans
     def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, tuple[CompiledProgram, CompiledProgram]]:
         """The update's plan and its compiled pre-program (H) and program, cached per structure."""
-        group = ctx.group
-        key = ("update", id(ctx.composition), float(group["weight_decay"]) == 0.0 if "weight_decay" in group
-               else None, ctx.diagnostics, bool(group.get("guard", True)), group.get("r") is None)
-        cached = self._plans.get(key)
-        if cached is None or cached[0][1] is not ctx.composition:
-            plan = update_plan(ctx.composition, group, ctx.diagnostics)
-            compiled = (compile_program(plan.pre, ()), compile_program(plan.program, plan.outputs))
-            cached = ((plan, ctx.composition), compiled)
-            self._plans[key] = cached
-        return cached[0][0], cached[1]
+        def make() -> tuple[UpdatePlan, tuple[CompiledProgram, CompiledProgram]]:
+            plan = update_plan(ctx.composition, ctx.group, ctx.diagnostics)
+            return plan, (compile_program(plan.pre, ()), compile_program(plan.program, plan.outputs))
+
+        return ctx.runtime.cached("plans", ("update", plan_key(ctx.group, ctx.diagnostics)), make)
 
     def _predict_plan(self, ctx: GroupContext) -> tuple[PredictPlan, CompiledProgram]:
-        key = ("predict", id(ctx.composition))
-        cached = self._plans.get(key)
-        if cached is None or cached[0][1] is not ctx.composition:
+        def make() -> tuple[PredictPlan, CompiledProgram]:
             plan = predict_plan(ctx.composition, ctx.group)
-            cached = ((plan, ctx.composition), compile_program(plan.program, plan.outputs))
-            self._plans[key] = cached
-        return cached[0][0], cached[1]
+            return plan, compile_program(plan.program, plan.outputs)
+
+        return ctx.runtime.cached("plans", ("predict", plan_key(ctx.group, False)), make)
 
     @staticmethod
     def _ensure_state(table: StateTable, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[bool]:
@@ -204,24 +203,24 @@ class TorchEngine:
         hp = hp_coefficients(ctx.group)
         like = ctx.group_state["R"]
         names = [r.name for r in plan.reductions]
-        ranges = self._bucketed(flats, like)
+        ranges = self._bucketed(flats, like, ctx.runtime)
         table = self._sums(flats, ranges, plan.pre, pre, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
-        numel = device_int64([f.layer.numel for f in flats], like.device)
+        numel = ctx.runtime.int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, n_none=len(ctx.layers) - len(active), sharded=[f.sharded for f in flats])
         work.extra["created"] = (created, plan.table.layer_keys)
         work.extra.update(pre=(plan.pre, pre), buckets=ranges)
         return work, red, scalars, numel
 
-    def _bucketed(self, flats: Sequence[FlatLayer],
-                  like: Tensor) -> list[tuple[int, int, buckets.Layout | None]] | None:
+    def _bucketed(self, flats: Sequence[FlatLayer], like: Tensor,
+                  runtime: Runtime) -> list[tuple[int, int, buckets.Layout | None]] | None:
         """The buckets of the layers where the engine masks on the device (see :mod:`buckets`), each with its
         layout (None for a layer on its own), else None."""
         if self._host(like) or len(flats) < 2 or not buckets.CONFIG["elements"]:
             return None
-        return [(start, stop, buckets.layout([f.env["theta"].numel() for f in flats[start:stop]], like.device)
+        return [(start, stop, buckets.layout(runtime, [f.env["theta"].numel() for f in flats[start:stop]], like.device)
                  if stop - start > 1 else None) for start, stop in buckets.plan_buckets([f.env for f in flats])]
 
     def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int, buckets.Layout | None]] | None,
@@ -248,13 +247,11 @@ class TorchEngine:
         compiled = self._compiled_coefficients(b)
         return run_update_coefficients(composition, b) if compiled is None else compiled.update(composition, b)
 
-    def _compiled_coefficients(self, b: Batch) -> CompiledCoefficients | None:
+    def _compiled_coefficients(self, b: Batch) -> compiled_coefficients.CompiledCoefficients | None:
         """The compiled coefficient functions where the engine wants them (on CUDA), else None."""
         if not (self.compile_coefficients and b.like.is_cuda and compiled_coefficients.CONFIG["enabled"]):
             return None
-        if self._compiled is None:
-            self._compiled = CompiledCoefficients()
-        return self._compiled
+        return compiled_coefficients.CODE_CACHE
 
     def apply_update(self, work: _Work, b: Batch) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
@@ -356,10 +353,10 @@ class TorchEngine:
         self._ensure_state(plan.table, layers, ctx.group)
         flats = [FlatLayer(layer, plan.table) for layer in layers]
         names = [r.name for r in plan.reductions]
-        ranges = self._bucketed(flats, like)
+        ranges = self._bucketed(flats, like, ctx.runtime)
         table = self._sums(flats, ranges, (), None, plan.reductions, hp, like)
         red = {name: table[:, i] for i, name in enumerate(names)}
-        numel = device_int64([f.layer.numel for f in flats], like.device)
+        numel = ctx.runtime.int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats])
         work.extra["buckets"] = ranges
         return work, red, numel
@@ -373,24 +370,6 @@ class TorchEngine:
         """The predict's element-wise pass (where the step is ok) and group state."""
         self._run_programs(work.flats, work.program, work.hp, b, ranges=work.extra.get("buckets"))
         self._commit_group(work.ctx.group_state, b)
-
-
-_INT64: dict[tuple, Tensor] = {}
-
-
-def device_int64(values: Sequence[int], device: torch.device) -> Tensor:
-    """Integers (layer sizes, row indices) as an int64 tensor on ``device``, cached by value and never to be
-    written: a step asks for the same ones again, and a copy to the device each time would wait for the work
-    queued before it (the first one is copied from pinned memory, without blocking)."""
-    key = (tuple(values), str(device))
-    t = _INT64.get(key)
-    if t is None:
-        host = torch.tensor(list(values), dtype=torch.int64)
-        t = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-        if len(_INT64) > 256:
-            _INT64.clear()
-        _INT64[key] = t
-    return t
 
 
 class ForeachEngine(TorchEngine):

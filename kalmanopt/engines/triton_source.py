@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from kalmanopt.engines.triton_config import CONFIG, interpreting
 from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Sqrt, Vec
 
 __all__ = ["kernels_for", "Kernels", "source_for", "slot_traffic"]
@@ -279,8 +280,6 @@ class Kernels:
 
     def launch_reduce(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, partials: Tensor,
                       dtype: torch.dtype, aligned: bool = False) -> None:
-        from kalmanopt.engines.fused import CONFIG
-
         args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel]
         for k in self.reduce_slots:
             args += list(slots[k])
@@ -303,8 +302,6 @@ class Kernels:
                      dtype: torch.dtype, aligned: bool = False, partials: Tensor | None = None) -> None:
         """Launch the apply kernel; ``skip`` is the skip mask, or with a riding predict the per-layer flag and
         ``partials`` the ``[chunks, columns]`` buffer of its sums."""
-        from kalmanopt.engines.fused import CONFIG
-
         args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip]
         for k in self.apply_slots:
             args += list(slots[k])
@@ -319,8 +316,6 @@ class Kernels:
 def _launching() -> Any:
     """Around a launch: in Triton's interpreter, numpy's floating-point warnings off (a GPU makes ∞ and NaN
     silently; the step's own checks report what matters)."""
-    from kalmanopt.engines.fused import interpreting
-
     if interpreting():
         import numpy
 

@@ -22,28 +22,23 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kalmanopt.runner.config import ExperimentConfig
-    from kalmanopt.runner.tasks import Dataset, Task
+from kalmanopt.analysis import (
+    SUPPORTED_PRESETS,
+    compare_with_exact_ekf,
+    gradient_covariance,
+    hessian_vector_product,
+    per_sample_gradients,
+    plot_spectra,
+)
+from kalmanopt.runner.config import ANALYSIS_DEFAULTS, ExperimentConfig
+from kalmanopt.runner.tasks import Dataset, Task
 
 __all__ = ["ANALYSIS_DEFAULTS", "analysis_options", "make_analysis_hook", "run_ekf_comparisons"]
-
-#: the ``[analysis]`` keys with their defaults
-ANALYSIS_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "every": 50,          # steps between curvature records (0: only at the start and the end)
-    "samples": 64,        # training examples in the fixed analysis batch
-    "max_params": 5000,   # the largest model (curvature) or layer (exact EKF) analysed
-    "power_iterations": 20,
-    "ekf_steps": 60,      # steps of the exact-EKF comparison
-    "ekf_record_every": 20,
-}
-
 
 def analysis_options(config: ExperimentConfig) -> dict[str, Any]:
     """The ``[analysis]`` table with defaults filled in."""
@@ -57,8 +52,6 @@ def _has_batch_norm(model: nn.Module) -> bool:
 def make_analysis_hook(config: ExperimentConfig, task: Task, data: Dataset
                        ) -> Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, Any] | None]:
     """The per-run curvature probe ``(model, optimizer, step) -> record or None``."""
-    from kalmanopt.analysis import gradient_covariance, hessian_vector_product, per_sample_gradients
-
     options = analysis_options(config)
     n = min(int(options["samples"]), len(data.train_targets))
     generator = torch.Generator().manual_seed(12345)
@@ -108,8 +101,6 @@ def run_ekf_comparisons(config: ExperimentConfig, task: Task, data: Dataset, out
     Returns:
         The PNG files written.
     """
-    from kalmanopt.analysis import SUPPORTED_PRESETS, compare_with_exact_ekf, plot_spectra
-
     options = analysis_options(config)
     written = []
     keys = ("sigma", "q", "lr", "r", "alpha_r", "weight_decay", "granularity", "memory")

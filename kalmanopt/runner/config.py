@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from kalmanopt.runner.distributed import check_mode
 from kalmanopt.runner.errors import ConfigError, Problems
 from kalmanopt.runner.optimizers import OptimizerSpec, parse_optimizer
 from kalmanopt.runner.tasks import get_task
@@ -131,6 +132,17 @@ _TOP_LEVEL = {
     "optimizers": "the optimizers to compare",
     "quick": "overrides applied by --quick",
     "analysis": "exact curvature and covariance spectra for small models",
+}
+
+#: the ``[analysis]`` keys with their defaults
+ANALYSIS_DEFAULTS: dict[str, Any] = {
+    "enabled": False,
+    "every": 50,          # steps between curvature records (0: only at the start and the end)
+    "samples": 64,        # training examples in the fixed analysis batch
+    "max_params": 5000,   # the largest model (curvature) or layer (exact EKF) analysed
+    "power_iterations": 20,
+    "ekf_steps": 60,      # steps of the exact-EKF comparison
+    "ekf_record_every": 20,
 }
 
 
@@ -323,8 +335,6 @@ class ExperimentConfig:
             problems.add(f"diagnostics must be true or false, got {self.diagnostics!r}")
         if self.autocast not in AUTOCAST:
             problems.add(f"autocast must be one of {', '.join(repr(a) for a in AUTOCAST)}, got {self.autocast!r}")
-        from kalmanopt.runner.distributed import check_mode
-
         if check_mode(self.distributed) is not None:
             problems.add(check_mode(self.distributed))
         if not isinstance(self.device, str):
@@ -350,8 +360,6 @@ class ExperimentConfig:
             raise ConfigError(f"seeds must lie in [0, 2**32), got {bad}")
 
     def _check_analysis(self) -> None:
-        from kalmanopt.runner.analysis_hook import ANALYSIS_DEFAULTS
-
         unknown = set(self.analysis) - set(ANALYSIS_DEFAULTS)
         if unknown:
             raise ConfigError(f"unknown [analysis] key(s) {sorted(unknown)}; valid keys: "

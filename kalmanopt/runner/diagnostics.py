@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from kalmanopt.optimizer import KalmanOptimizer
+
 __all__ = ["DiagnosticsRecorder"]
 
 
@@ -30,8 +32,6 @@ class DiagnosticsRecorder:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int | None, names: dict[str, str]) -> None:
-        from kalmanopt.optimizer import KalmanOptimizer
-
         self.optimizer = optimizer
         self.every = int(every or 0)
         self.names = names

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kalmanopt.runner.analysis_hook import make_analysis_hook, run_ekf_comparisons
 from kalmanopt.runner.config import ExperimentConfig
 from kalmanopt.runner.distributed import Launch, device_of, finish, launch
 from kalmanopt.runner.errors import ConfigError
@@ -213,8 +214,6 @@ def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]
     log = MetricsLog(out / "metrics.jsonl")
     hook = None
     if _analysis_enabled(config):
-        from kalmanopt.runner.analysis_hook import make_analysis_hook
-
         hook = make_analysis_hook(config, task, data)
     all_records = list(previous)
     todo = [r for r in runs if r.run_id not in done]
@@ -239,8 +238,6 @@ def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]
                 trained += 1
                 logger.info("[%d/%d] %s", index, len(runs), _describe(record))
             if _analysis_enabled(config):
-                from kalmanopt.runner.analysis_hook import run_ekf_comparisons
-
                 done_labels = {p.stem[len("ekf-"):] for p in out.glob("ekf-*.json")}
                 spectra = run_ekf_comparisons(config, task, data, out, done_labels)
     except KeyboardInterrupt:

@@ -13,7 +13,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from kalmanopt.analysis import plot_spectra
 from kalmanopt.runner.results import group_runs
+from kalmanopt.runner.storage import atomic_write_bytes
 
 __all__ = ["plot_all", "plot_curves", "plot_diagnostics", "plot_layer_diagnostics", "plot_distance",
            "plot_curvature", "DIAGNOSTIC_QUANTITIES"]
@@ -175,8 +177,6 @@ def plot_curves(metrics: list[dict[str, Any]], records: list[dict[str, Any]], pa
 def _save(fig: Any, path: str | Path, dpi: int) -> None:
     """Write the PNG atomically (a kill leaves the old figure or the new one)."""
     import io
-
-    from kalmanopt.runner.storage import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
@@ -377,8 +377,6 @@ def plot_all(out: str | Path, metrics: list[dict[str, Any]], records: list[dict[
 def plot_spectra_files(out: str | Path) -> list[Path]:
     """``spectra-<label>.png`` for every ``ekf-<label>.json`` of the exact-EKF comparison in ``out``."""
     import json
-
-    from kalmanopt.analysis import plot_spectra
 
     written = []
     for path in sorted(Path(out).glob("ekf-*.json")):

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from kalmanopt.engines import resolve_engine as resolve_implementation
+from kalmanopt.optimizer import KalmanOptimizer
+
 __all__ = ["environment", "resolved_hyperparameters", "engine_of", "git_commit"]
 
 
@@ -111,9 +114,6 @@ def resolved_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]
 def engine_of(optimizer: torch.optim.Optimizer) -> str:
     """The implementation the optimizer runs on: ``fused``, ``foreach``, ``reference`` (per group, joined
     by ``+`` when they differ), or ``torch`` for a torch.optim baseline."""
-    from kalmanopt.engines import resolve_engine as resolve_implementation
-    from kalmanopt.optimizer import KalmanOptimizer
-
     if not isinstance(optimizer, KalmanOptimizer):
         return "torch"
     names = [resolve_implementation(optimizer.filter, group).name for group in optimizer.param_groups]

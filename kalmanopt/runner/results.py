@@ -9,7 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from kalmanopt.runner.config import SCHEDULES
 from kalmanopt.runner.errors import ConfigError
+from kalmanopt.runner.health import HEALTHY, THRESHOLDS
 from kalmanopt.runner.storage import atomic_write, atomic_write_with
 
 __all__ = ["json_safe", "FIGURES", "save_results", "load_results", "summary_table", "group_runs", "primary_figure"]
@@ -164,8 +166,6 @@ def _provenance_lines(records: list[dict[str, Any]], config: dict[str, Any]) -> 
             f"**Seeds**: {', '.join(map(str, seeds))}"]
     schedule = config.get("schedule")
     if schedule:
-        from kalmanopt.runner.config import SCHEDULES
-
         keys = SCHEDULES.get(schedule.get("kind"), ())
         shown = {k: v for k, v in schedule.items() if k in keys and (k != "warmup" or v)}
         what.append(f"**Schedule**: {schedule.get('kind')}" + "".join(f", {k} {v:g}" if isinstance(v, float)
@@ -203,8 +203,6 @@ def summary_table(records: list[dict[str, Any]], title: str = "", config: dict[s
     over seeds; healthy rows first, best first; then each optimizer as built and the unhealthy runs."""
     if not records:
         return f"# {title or 'Summary'}\n\nNo finished runs.\n"
-    from kalmanopt.runner.health import HEALTHY, THRESHOLDS
-
     config = config or {}
     primary = primary_figure(records)
     _, _, lower_better = FIGURES[primary]
