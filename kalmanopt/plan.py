@@ -388,8 +388,10 @@ def _check_update(composition: FilterParts, m: Any, d: Any, s: Any, hp: dict[str
             f"dynamics {type(d).__name__} has {d.state_dim} state component(s) per parameter: b.gain needs one "
             "[layers] tensor per component")
     for i, k in enumerate(b.gain):
-        if torch.broadcast_shapes(tuple(k.shape), (2,)) != (2,):
-            raise DeclarationError(f"{_part_name('surrogate', s)}'s gain component {i} has shape {tuple(k.shape)}; "
+        if not isinstance(k, (Tensor, float, int)) or (isinstance(k, Tensor)
+                                                        and tuple(k.shape) not in ((), (1,), (2,))):
+            shape = tuple(k.shape) if isinstance(k, Tensor) else type(k).__name__
+            raise DeclarationError(f"{_part_name('surrogate', s)}'s gain component {i} has shape {shape}; "
                                    "it must be one value per layer ([layers]) or one for all (0-d)")
     if b.L is None or b.R is None:
         raise DeclarationError(f"{_part_name('measurement', m)}'s coefficients must set b.L (the layers' losses) "

@@ -135,3 +135,59 @@ def test_no_module_but_the_optimizers_touches_its_private_attributes() -> None:
                     isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
     assert offenders == []
+
+
+# ---------------------------------------------------------------------- no per-optimizer state in modules
+def _module_containers() -> dict[str, object]:
+    """Every mutable container at module level in kalmanopt (registries, tables of options, ...), by name."""
+    import collections
+    import importlib
+    import pkgutil
+    import weakref
+
+    import kalmanopt
+
+    kinds = (dict, list, set, weakref.WeakKeyDictionary, weakref.WeakValueDictionary, collections.OrderedDict)
+    out = {}
+    for info in pkgutil.walk_packages(kalmanopt.__path__, "kalmanopt."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, kinds) and not name.startswith("__"):
+                out[f"{info.name}.{name}"] = value
+    return out
+
+
+def _snapshot(containers: dict[str, object]) -> dict[str, object]:
+    return {name: (len(value), repr(value)) for name, value in containers.items()}  # type: ignore[arg-type]
+
+
+def test_steps_leave_no_trace_in_any_module_or_engine() -> None:
+    """Training with every preset on every CPU engine (two optimizers at once, checkpoints, deepcopies)
+    changes no module-level container and no engine object: whatever a step keeps lives on its optimizer's
+    ``runtime``, and goes with it."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from cases import CASES
+
+    import kalmanopt
+    from kalmanopt.engines.selection import _ENGINES
+
+    engines = [engine for group in _ENGINES.values() for engine in group]
+    containers = _module_containers()
+    before, engines_before = _snapshot(containers), [dict(vars(e)) for e in engines]
+    for preset, implementation in CASES:
+        models = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)) for _ in range(2)]
+        opts = [kalmanopt.create(preset, m.parameters(), implementation=implementation, weight_decay=1e-3)
+                for m in models]
+        for _ in range(3):
+            for model, opt in zip(models, opts):
+                losses = F.cross_entropy(model(torch.randn(6, 3)), torch.randint(0, 2, (6,)), reduction="none")
+                opt.zero_grad()
+                losses.mean().backward()
+                opt.step(loss=losses)
+        copy.deepcopy(opts[0]).load_state_dict(opts[1].state_dict())
+        assert opts[0].runtime is not opts[1].runtime
+    assert _snapshot(containers) == before
+    assert [dict(vars(e)) for e in engines] == engines_before

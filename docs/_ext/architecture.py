@@ -27,14 +27,15 @@ BOXES = [
     ("registry", 2, 35, 28, 9, "registry",
      "parts and presets by name;\nplugins: entry points\n'kalmanopt.plugins'", "#fdf3e1"),
     ("optimizer", 38, 34, 30, 11, "KalmanOptimizer",
-     "a torch.optim.Optimizer:\nparam groups, checks of every\nhyper-parameter, state_dict,\ndiagnostics()",
+     "a torch.optim.Optimizer:\nparam groups, checks, state_dict;\n"
+     "owns opt.runtime: every cache\nand flag of its steps",
      "#fde2e2"),
     ("driver", 75, 34, 23, 11, "step driver",
-     "engines.driver: phases,\nstep code (non-finite\nskips), counters,\nwarnings", "#fde2e2"),
+     "engines.step → graphs\n→ driver: phases, step\ncode (non-finite skips),\ncounters, warnings", "#fde2e2"),
     ("composition", 2, 12, 28, 16, "Composition (a preset)",
-     "measurement + dynamics\n+ surrogate (+ estimator)\n\nits plans join the parts'\n"
-     "reductions, programs and\nbatched coefficients", "#e6f4e6"),
-    ("engines", 38, 12, 30, 16, "engines (no branch on a part)",
+     "measurement + dynamics\n+ surrogate (+ estimator)\nchecked when built;\nkalmanopt.plan joins the\n"
+     "parts' reductions, programs\nand batched coefficients", "#e6f4e6"),
+    ("engines", 38, 12, 30, 16, "engines (stateless, no part named)",
      "reference: per layer, host branches;\n           gain() prototypes\nforeach:   multi-tensor torch ops\n"
      "fused:     Triton kernels generated\n           from the declarations\n"
      "None:      the fastest that runs it", "#efe6f7"),
@@ -57,8 +58,8 @@ ARROWS = [
     ("registry", "composition", "build()"),
     ("composition", "optimizer", "filter="),
     ("optimizer", "driver", "step()"),
-    ("driver", "engines", "phases, per group"),
-    ("engines", "composition", "executes"),
+    ("driver", "engines", "plan stages, per group"),
+    ("engines", "composition", "executes its plan"),
     ("engines", "state", "reads, writes"),
     ("composition", "parts", "instances of"),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Any, Mapping
 
 import torch
@@ -123,23 +123,28 @@ def _defining_class(cls: type, name: str) -> type:
     return object
 
 
-class LeastSquaresEstimator(Part, ABC):
+class LeastSquaresEstimator(Part):
     """Estimates H_k P_{k-2} from the rows A (H_{k-1}, H_{k-2}, ...) and products W = A P_{k-2}.
 
     It solves for P̃ with A P̃ = W (minimum Frobenius norm, with or without symmetry) and returns
     the coefficients (a, b) of H_k P̃ = aᵀ W + bᵀ A, never forming P̃ (n × n).
+
+    An estimator implements what its surrogate calls: the product surrogate (KOALA++) calls
+    :meth:`single_coefficients` only; the low-rank surrogate :meth:`coefficients_from_dots` and
+    :meth:`admits_from_dots`; :meth:`coefficients` and :meth:`matrix` serve tests and teaching on
+    small problems. Each method it leaves out raises ``NotImplementedError`` naming it.
     """
 
     #: whether the estimate P̃ is symmetric
     symmetric: bool = False
 
-    @abstractmethod
     def coefficients(self, A: Tensor, W: Tensor, h: Tensor, gram_inverse: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b) with h P̃ = aᵀ W + bᵀ A; ``gram_inverse`` is (A Aᵀ)⁻¹ (m × m)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define coefficients()")
 
-    @abstractmethod
     def matrix(self, A: Tensor, W: Tensor) -> Tensor:
         """P̃ itself (n × n): for tests and teaching on small problems only."""
+        raise NotImplementedError(f"{type(self).__name__} does not define matrix()")
 
     def admits(self, A: Tensor, W: Tensor, rtol: float) -> bool:
         """Whether the constraints A P̃ = W admit a solution of this estimator's kind."""

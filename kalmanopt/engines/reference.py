@@ -29,8 +29,9 @@ from kalmanopt.contract import (
     Batch,
     finite_steps,
 )
+from kalmanopt.covariance.base import Gain
 from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
-from kalmanopt.plan import contract_gap
+from kalmanopt.plan import DeclarationError, contract_gap
 from kalmanopt.program import Reduction, Vec, compile_program, hp_coefficients, reduce_layer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,14 +71,14 @@ class ReferenceEngine(TorchEngine):
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
         if contract_gap(ctx.composition) is None:
             return super().reduce_update(ctx)
-        return self._legacy_reduce(ctx)
+        return self._per_layer_reduce(ctx)
 
     def apply_update(self, work: _Work, b: Batch) -> None:
         if contract_gap(work.ctx.composition) is None:
             return super().apply_update(work, b)
-        self._legacy_apply(work, b)
+        self._per_layer_apply(work, b)
 
-    def _legacy_reduce(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
+    def _per_layer_reduce(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
         comp, group = ctx.composition, ctx.group
         table = comp.dynamics.state_table()
         active = [layer for layer in ctx.layers if any(p.grad is not None for p in layer.params)]
@@ -99,11 +100,11 @@ class ReferenceEngine(TorchEngine):
                                      ["theta"] + [f"state.{e.name}" for e in table.vectors])
         return _Work(ctx, flats, correction, hp, n_none=len(ctx.layers) - len(active)), red, {}, numel
 
-    def _legacy_apply(self, work: _Work, b: Batch) -> None:
+    def _per_layer_apply(self, work: _Work, b: Batch) -> None:
         ctx = work.ctx
         comp, group, group_state = ctx.composition, ctx.group, ctx.group_state
-        self._commit_group(group_state, b)  # R_k
         if not bool(b.ok):
+            self._commit_group(group_state, b)
             return
         R = b.R
         F, Q = comp.dynamics.transition(b)
@@ -111,12 +112,26 @@ class ReferenceEngine(TorchEngine):
         # η_k max(L_ℓ, 0) with the guard (a loss below L* = 0 does not move θ), η_k L_ℓ without
         scale = float(group["lr"]) * (b.L.clamp_min(0.0) if group.get("guard", True) else b.L)
         skipped = b.skip.tolist()
+        # K_ℓ = P̂ H_ℓᵀ / S_ℓ for every layer first (the surrogate also stores its per-layer posterior): a gain
+        # of the wrong shape is refused before any weight, and any layer's state, changes
+        kept = [dict(f.layer.state) for f in work.flats]
+        gains = {}
         for i, f in enumerate(work.flats):
             if skipped[i]:
                 continue
             H, g = f.env["H"], f.env["g"]
-            # K_ℓ = P̂ H_ℓᵀ / S_ℓ  (the surrogate also stores its per-layer posterior)
             gain = comp.surrogate.gain(uctx, f.layer.state, H, g, R.to(H), group)
+            problem = _gain_problem(gain, H, comp.dynamics.state_dim)
+            if problem is not None:
+                for flat, saved in zip(work.flats, kept):
+                    flat.layer.state.clear()
+                    flat.layer.state.update(saved)
+                raise DeclarationError(f"the surrogate {type(comp.surrogate).__name__}'s gain() for {f.layer.name} "
+                                       f"{problem}; the step was refused and nothing changed")
+            gains[i] = gain
+        self._commit_group(group_state, b)  # R_k
+        for i, gain in gains.items():
+            f = work.flats[i]
             coefs: dict[str, Any] = dict(work.hp)
             # η_k L_ℓ K_i, 0 where any of them is not finite (the layer does not move; as the contract does)
             steps, wild = finite_steps([scale[i] * gain.coefficients[c] for c in range(comp.dynamics.state_dim)],
@@ -147,3 +162,17 @@ class ReferenceEngine(TorchEngine):
             # a shared P of a surrogate written per layer: its own predict, in place
             F, Q = work.ctx.composition.dynamics.transition(b)
             surrogate.predict(work.ctx.group_state, F, Q, work.ctx.group)
+
+
+def _gain_problem(gain: Any, H: Tensor, state_dim: int) -> str | None:
+    """What is wrong with a per-layer gain for a layer with gradient ``H``, or None."""
+    if not isinstance(gain, Gain):
+        return f"returned {type(gain).__name__}, not a kalmanopt.Gain"
+    if not isinstance(gain.direction, Tensor) or gain.direction.shape != H.shape:
+        shape = tuple(gain.direction.shape) if isinstance(gain.direction, Tensor) else type(gain.direction).__name__
+        return f"made a direction of shape {shape}; it must have the layer's shape {tuple(H.shape)}"
+    if not isinstance(gain.coefficients, Tensor) or gain.coefficients.numel() != state_dim:
+        n = gain.coefficients.numel() if isinstance(gain.coefficients, Tensor) else "no tensor of"
+        return (f"made {n} gain coefficient(s); the dynamics has {state_dim} state component(s) per parameter "
+                "(one coefficient each)")
+    return None
