@@ -2,9 +2,9 @@
 
 A part (measurement model, dynamics, covariance surrogate) declares, once, in its own file: a
 ``state_table`` (:mod:`kalmanopt.state`), ``reductions`` and element-wise programs (``program``)
-(:mod:`kalmanopt.program`), and ``coefficients``: a batched function of a :class:`Batch`, the
+(:mod:`kalmanopt.program`), and ``coefficients``: a batched function of a :class:`CoefficientStage`, the
 per-layer sums, scalars and group state of all layers of one group at once. This module holds that
-:class:`Batch`, the one reduction every update makes (:data:`NONFINITE`), the name of the step
+:class:`CoefficientStage`, the one reduction every update makes (:data:`NONFINITE`), the name of the step
 coefficients and the bits of a step's code. It knows no part, no composition and no engine:
 :mod:`kalmanopt.plan` joins a composition's declarations into the plan every engine executes.
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kalmanopt.program import Reduction, Vec
 
-__all__ = ["Batch", "NONFINITE", "STEP_COEFFICIENT", "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT",
+__all__ = ["CoefficientStage", "Batch", "NONFINITE", "STEP_COEFFICIENT", "CODE_LOSS", "CODE_STATISTIC", "CODE_GRADIENT",
            "CODE_NEGATIVE_LOSS", "CODE_OVERFLOW", "CODE_STEP_OVERFLOW", "CODE_SCALER", "CODE_SKIPS",
            "finite_steps"]
 
@@ -39,8 +39,9 @@ CODE_SKIPS = CODE_LOSS | CODE_STATISTIC | CODE_GRADIENT | CODE_SCALER
 
 
 @dataclass
-class Batch:
-    """What the batched coefficient functions see and fill, for all layers of one group at once.
+class CoefficientStage:
+    """The coefficient stage of one group: what the parts' batched coefficient functions read and fill,
+    for all layers at once (the stage between a plan's reduce and apply).
 
     Inputs (tensors of shape ``[layers]`` unless said otherwise):
 
@@ -110,6 +111,11 @@ class Batch:
     def group_value(self, name: str) -> Tensor:
         """The newest value of group state ``name`` (this step's if a part already set it)."""
         return self.new_group.get(name, self.group[name])
+
+
+
+#: the name this class had before the step plan (deprecated; a part's ``coefficients(b)`` never names it)
+Batch = CoefficientStage
 
 
 def finite_steps(steps: list[Tensor], skip: Tensor) -> tuple[list[Tensor], Tensor | None]:

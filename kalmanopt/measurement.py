@@ -13,10 +13,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.part import Part
-from kalmanopt.program import Assign, Coef, Reduction, Vec, compile_program, hp_coefficients, reduce_layer
+from kalmanopt.program import Assign, Coef, Reduction, Vec, hp_coefficients, prepare_program, reduce_layer
 from kalmanopt.state import GroupState, StateTable
 
 #: a layer whose ‖g_ℓ‖₂ is below this is skipped (no state of it changes)
@@ -154,7 +154,7 @@ class MeasurementModel(Part, ABC):
         """(H_ℓ, L_ℓ) of one layer, from the contract (the program and the coefficients)."""
         env = {"theta": theta, "g": g}
         coefs = hp_coefficients(hp)
-        compile_program(self.program(hp), ()).run(env, coefs)
+        prepare_program(self.program(hp), ()).run(env, coefs)
         reductions = self.reductions(hp)
         red = {r.name: v.reshape(1) for r, v in zip(reductions, reduce_layer(reductions, env, coefs, theta))}
         b = self._batch({"R": theta.new_ones(())}, red, None, {**hp, "r": 1.0}, loss.to(theta).reshape(()))
@@ -167,10 +167,10 @@ class MeasurementModel(Part, ABC):
         if not red:
             red = {"hh": loss.new_zeros(0)}
         device = loss.device
-        return Batch(hp=hp, red=red, layer={}, group=group_state,
-                     numel=torch.ones(n, dtype=torch.int64, device=device), loss=loss, statistic=statistic,
-                     ok=torch.ones((), dtype=torch.bool, device=device), skip=torch.zeros(n, dtype=torch.bool,
-                                                                                      device=device))
+        return CoefficientStage(hp=hp, red=red, layer={}, group=group_state,
+                                numel=torch.ones(n, dtype=torch.int64, device=device), loss=loss, statistic=statistic,
+                                ok=torch.ones((), dtype=torch.bool, device=device),
+                                skip=torch.zeros(n, dtype=torch.bool, device=device))
 
 
 class LossMeasurement(MeasurementModel):

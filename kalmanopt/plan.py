@@ -4,7 +4,7 @@ A step of a Kalman optimizer, per parameter group, is three stages (see docs/des
 
 1. **reduce**: one pass over each layer's vectors computing the per-layer sums the parts declare;
 2. **coefficients**: from those numbers, per-layer scalars for all layers at once (pure functions of
-   a :class:`~kalmanopt.contract.Batch`, no Python loop over layers, no host synchronisation);
+   a :class:`~kalmanopt.contract.CoefficientStage`, no Python loop over layers, no host synchronisation);
 3. **apply**: one pass over each layer's vectors running the element-wise programs.
 
 :func:`compile_plan` joins the declarations of a composition's parts into an immutable
@@ -34,7 +34,7 @@ from kalmanopt.contract import (
     CODE_STEP_OVERFLOW,
     NONFINITE,
     STEP_COEFFICIENT,
-    Batch,
+    CoefficientStage,
     finite_steps,
 )
 from kalmanopt.hyperparams import HyperParameter
@@ -207,10 +207,10 @@ def _finite(t: Tensor) -> Tensor:
     return torch.isfinite(t).all()
 
 
-def run_update_coefficients(composition: FilterParts, b: Batch) -> Batch:
+def run_update_coefficients(composition: FilterParts, b: CoefficientStage) -> CoefficientStage:
     """Stage 2 of an update, for all layers at once: every part's batched coefficients.
 
-    Fills ``b`` (see :class:`~kalmanopt.contract.Batch`); the step coefficients ``step{i}`` = η_k L_ℓ K_i,
+    Fills ``b`` (see :class:`~kalmanopt.contract.CoefficientStage`); the step coefficients ``step{i}`` = η_k L_ℓ K_i,
     0 where a layer is skipped. Also sets ``b.code``. No host synchronisation.
     """
     like = b.like
@@ -244,7 +244,7 @@ def run_update_coefficients(composition: FilterParts, b: Batch) -> Batch:
     return b
 
 
-def run_predict_coefficients(composition: FilterParts, b: Batch) -> Batch:
+def run_predict_coefficients(composition: FilterParts, b: CoefficientStage) -> CoefficientStage:
     """The batched part of a predict: the dynamics' coefficients and group state, then the shared P̂."""
     d, s = composition.dynamics, composition.surrogate
     d.predict_coefficients(b)
@@ -255,7 +255,7 @@ def run_predict_coefficients(composition: FilterParts, b: Batch) -> Batch:
 
 # ---------------------------------------------------------------------- checks at compose
 class _Declared(dict):
-    """A dict of a Batch whose missing key is a :class:`DeclarationError` naming the part that asked."""
+    """A dict of a CoefficientStage whose missing key is a :class:`DeclarationError` naming the part that asked."""
 
     def __init__(self, values: Mapping[str, Tensor], kind: str, reader: list[str], providers: str) -> None:
         super().__init__(values)
@@ -318,8 +318,8 @@ def _check_reductions(owner_of: Mapping[str, str], reductions: Iterable[Reductio
 
 
 def _dry_batch(composition: FilterParts, plan: UpdatePlan | PredictPlan, hp: Mapping[str, Any], layers: int,
-               diagnostics: bool, reader: list[str], update: bool) -> Batch:
-    """A Batch of ``layers`` tiny layers in float64 on the CPU, its dicts answering missing keys clearly."""
+               diagnostics: bool, reader: list[str], update: bool) -> CoefficientStage:
+    """A CoefficientStage of ``layers`` tiny layers in float64 on the CPU, its dicts answering missing keys clearly."""
     like = torch.ones((), dtype=torch.float64)
     table = plan.table
     group_state: dict[str, Tensor] = {}
@@ -329,12 +329,13 @@ def _dry_batch(composition: FilterParts, plan: UpdatePlan | PredictPlan, hp: Map
         layer_state[e.name] = torch.full((layers,), float(hp[e.init]) if isinstance(e.init, str) else float(e.init),
                                          dtype=like.dtype)
     red = {r.name: torch.linspace(1.0, 2.0, layers, dtype=like.dtype) for r in plan.reductions}
-    b = Batch(hp=hp, red=_Declared(red, "per-layer sum", reader, "a per-layer sum is declared as a Reduction"),
-              layer=_Declared(layer_state, "per-layer scalar state", reader, "declare a ScalarState"),
-              group=_Declared(group_state, "group state", reader, "declare a GroupState"),
-              numel=torch.full((layers,), 4, dtype=torch.int64), loss=like * 0.5,
-              statistic=like * 0.5 if update else None, ok=torch.ones((), dtype=torch.bool),
-              skip=torch.zeros(layers, dtype=torch.bool), diagnostics=diagnostics)
+    b = CoefficientStage(hp=hp,
+                         red=_Declared(red, "per-layer sum", reader, "a per-layer sum is declared as a Reduction"),
+                         layer=_Declared(layer_state, "per-layer scalar state", reader, "declare a ScalarState"),
+                         group=_Declared(group_state, "group state", reader, "declare a GroupState"),
+                         numel=torch.full((layers,), 4, dtype=torch.int64), loss=like * 0.5,
+                         statistic=like * 0.5 if update else None, ok=torch.ones((), dtype=torch.bool),
+                         skip=torch.zeros(layers, dtype=torch.bool), diagnostics=diagnostics)
     return b
 
 

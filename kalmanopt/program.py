@@ -14,7 +14,7 @@ columns the part's batched coefficient function produces) and constants. Express
 with ``+``, ``-``, ``*``, ``/``, :meth:`Expr.clamp_min` and :meth:`Expr.sqrt`.
 
 The same program is evaluated by torch operations (the reference and multi-tensor engines,
-:func:`compile_program`) and turned into Triton source (the fused engine): a part is fast without
+:func:`prepare_program`) and turned into Triton source (the fused engine): a part is fast without
 touching an engine. Sums over a layer (:class:`Reduction`) use the same expressions.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "Vec", "State", "Coef", "Const", "Assign", "Reduction", "CompiledProgram", "compile_program",
+__all__ = ["Expr", "Vec", "State", "Coef", "Const", "Assign", "Reduction", "PreparedProgram", "prepare_program",
            "evaluate_vector", "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS",
            "hp_coefficients"]
 
@@ -344,7 +344,7 @@ def _linear_out_of_place(terms: list[tuple[Expr, Vec]], env: Mapping[str, Tensor
     return value
 
 
-class CompiledProgram:
+class PreparedProgram:
     """A program prepared for torch evaluation: linear assignments run as in-place axpys.
 
     Args:
@@ -421,9 +421,9 @@ def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
             if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def compile_program(program: Sequence[Assign], outputs: Iterable[str]) -> CompiledProgram:
-    """Prepare ``program`` for torch evaluation (see :class:`CompiledProgram`)."""
-    return CompiledProgram(program, outputs)
+def prepare_program(program: Sequence[Assign], outputs: Iterable[str]) -> PreparedProgram:
+    """Prepare ``program`` for torch evaluation (see :class:`PreparedProgram`)."""
+    return PreparedProgram(program, outputs)
 
 
 def reduce_layer(reductions: Sequence[Reduction], env: Mapping[str, Tensor], coefs: Mapping[str, Scalar],
@@ -442,3 +442,8 @@ def reduce_layer(reductions: Sequence[Reduction], env: Mapping[str, Tensor], coe
             value = evaluate_vector(e, env, coefs)
             out.append(value.sum() if isinstance(value, Tensor) and value.dim() else like.new_tensor(0.0))
     return out
+
+
+#: the names these had before the step plan (deprecated): a program is prepared, not compiled
+CompiledProgram = PreparedProgram
+compile_program = prepare_program

@@ -16,7 +16,7 @@ from cases import PRESETS
 
 import kalmanopt
 import kalmanopt.engines.torch_ops as torch_ops
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.engines.compiled import CompiledCoefficients, static_hyperparameters
 
 _FIELDS = ("coef", "new_layer", "new_group", "counters", "info")
@@ -34,12 +34,13 @@ class _Graphs:
         return gm.forward
 
 
-def _copy(b: Batch) -> Batch:
-    return Batch(hp=b.hp, red=dict(b.red), layer=dict(b.layer), group=dict(b.group), numel=b.numel, loss=b.loss,
-                 statistic=b.statistic, ok=b.ok, skip=b.skip, diagnostics=b.diagnostics, lr=b.lr)
+def _copy(b: CoefficientStage) -> CoefficientStage:
+    return CoefficientStage(hp=b.hp, red=dict(b.red), layer=dict(b.layer), group=dict(b.group), numel=b.numel,
+                            loss=b.loss,
+                            statistic=b.statistic, ok=b.ok, skip=b.skip, diagnostics=b.diagnostics, lr=b.lr)
 
 
-def _assert_same(eager: Batch, compiled: Batch) -> None:
+def _assert_same(eager: CoefficientStage, compiled: CoefficientStage) -> None:
     for name in _FIELDS:
         x, y = getattr(eager, name), getattr(compiled, name)
         assert x.keys() == y.keys(), name
@@ -61,7 +62,7 @@ def _patch(monkeypatch: pytest.MonkeyPatch, compiled: CompiledCoefficients) -> d
     calls = {"update": 0, "predict": 0}
 
     def checked(kind: str, eager):
-        def run(self, composition, b: Batch) -> Batch:
+        def run(self, composition, b: CoefficientStage) -> CoefficientStage:
             other = _copy(b)
             eager(self, composition, b)
             getattr(compiled, kind)(composition, other)

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.covariance.base import LeastSquaresEstimator, UpdateContext
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares, VanillaLeastSquares
 from kalmanopt.covariance.lowrank import CONDITION_RTOL, LowRankSurrogate, symmetric_eigen
@@ -217,7 +217,7 @@ def test_one_step_equals_the_per_layer_oracle(seed, memory, extra, kind, estimat
 
 # ----------------------------------------------------------------------------- batched = per layer
 def _batch(surrogate: LowRankSurrogate, states: list[dict], Hs: list[torch.Tensor], R: float, q: float,
-           diagnostics: bool) -> Batch:
+           diagnostics: bool) -> CoefficientStage:
     reductions = (Reduction("hh", Vec("H") * Vec("H")),) + surrogate.reductions({}, diagnostics)
     table = surrogate.state_table()
     rows = []
@@ -228,10 +228,11 @@ def _batch(surrogate: LowRankSurrogate, states: list[dict], Hs: list[torch.Tenso
     sums = torch.stack(rows)
     n = len(states)
     like = torch.zeros((), dtype=DT)
-    b = Batch(hp={"sigma": 0.1, "q": q}, red={r.name: sums[:, i] for i, r in enumerate(reductions)},
-              layer={e.name: torch.stack([s[e.name] for s in states]) for e in table.scalars}, group={},
-              numel=torch.tensor([H.numel() for H in Hs]), loss=like, statistic=None,
-              ok=torch.ones((), dtype=torch.bool), skip=torch.zeros(n, dtype=torch.bool), diagnostics=diagnostics)
+    b = CoefficientStage(hp={"sigma": 0.1, "q": q}, red={r.name: sums[:, i] for i, r in enumerate(reductions)},
+                         layer={e.name: torch.stack([s[e.name] for s in states]) for e in table.scalars}, group={},
+                         numel=torch.tensor([H.numel() for H in Hs]), loss=like, statistic=None,
+                         ok=torch.ones((), dtype=torch.bool), skip=torch.zeros(n, dtype=torch.bool),
+                         diagnostics=diagnostics)
     b.R = torch.tensor(R, dtype=DT)
     return b
 
@@ -282,11 +283,11 @@ def test_coefficients_read_nothing_on_the_host(memory):
     red = {r.name: torch.zeros(layers, **meta) for r in surrogate.reductions({}, diagnostics=True)}
     red["hh"] = torch.zeros(layers, **meta)
     like = torch.zeros((), **meta)
-    b = Batch(hp={"sigma": 0.1, "q": 0.1}, red=red,
-              layer={e.name: torch.zeros(layers, **meta) for e in surrogate.state_table().scalars}, group={},
-              numel=torch.ones(layers, dtype=torch.int64, device="meta"), loss=like, statistic=None,
-              ok=torch.ones((), dtype=torch.bool, device="meta"),
-              skip=torch.zeros(layers, dtype=torch.bool, device="meta"), diagnostics=True)
+    b = CoefficientStage(hp={"sigma": 0.1, "q": 0.1}, red=red,
+                         layer={e.name: torch.zeros(layers, **meta) for e in surrogate.state_table().scalars}, group={},
+                         numel=torch.ones(layers, dtype=torch.int64, device="meta"), loss=like, statistic=None,
+                         ok=torch.ones((), dtype=torch.bool, device="meta"),
+                         skip=torch.zeros(layers, dtype=torch.bool, device="meta"), diagnostics=True)
     b.R = like
     surrogate.coefficients(b)
     columns = {"ch", "q"} | {f"cw{j}" for j in range(1, memory + 1)} | {f"ca{j}" for j in range(1, memory + 1)}

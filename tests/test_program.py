@@ -28,7 +28,7 @@ from kalmanopt.program import (
     State,
     Vec,
     coefficients_read,
-    compile_program,
+    prepare_program,
     reduce_layer,
     vectors_read,
 )
@@ -93,7 +93,7 @@ def test_program_equals_the_plain_formulas_for_every_preset_and_out_of_place_lea
             want[a.target.key] = _naive(a.expr, want, coefs)
         got = {k: v.clone() for k, v in env.items()}
         before = dict(got)
-        compile_program(program, outputs).run(got, coefs, in_place=in_place)
+        prepare_program(program, outputs).run(got, coefs, in_place=in_place)
         for key in outputs:  # (random coefficients can make a square root NaN: NaN on both sides)
             torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, equal_nan=True)
         if not in_place:  # every tensor the program was given still holds what it held
@@ -130,7 +130,7 @@ def test_the_gradient_check_is_nan_exactly_when_an_entry_is_not_finite(bad):
 def test_an_aliased_right_hand_side_is_read_before_it_is_written():
     x = torch.tensor([1.0, 2.0], dtype=DT)
     env = {"state.x": x, "state.y": x}  # two names, one tensor
-    compile_program([Assign(State("x"), 2.0 * State("x") + 3.0 * State("y"))], ["state.x"]).run(env, {})
+    prepare_program([Assign(State("x"), 2.0 * State("x") + 3.0 * State("y"))], ["state.x"]).run(env, {})
     torch.testing.assert_close(x, torch.tensor([5.0, 10.0], dtype=DT))
 
 

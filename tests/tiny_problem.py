@@ -22,7 +22,7 @@ def tiny_losses(model: torch.nn.Module, k: int) -> torch.Tensor:
 
 
 def backward_losses(opt: torch.optim.Optimizer, model: torch.nn.Module, k: int) -> torch.Tensor:
-    """Batch ``k``'s gradients into ``.grad`` (zeroed first); its per-sample losses, detached."""
+    """CoefficientStage ``k``'s gradients into ``.grad`` (zeroed first); its per-sample losses, detached."""
     losses = tiny_losses(model, k)
     opt.zero_grad()
     losses.mean().backward()

@@ -43,7 +43,7 @@ BOXES = [
      "per layer (parameter):\n v, H, S (product),\n p (diagonal), u, w̄,\n row1.., prod1.. (lowrank)\n"
      "per group 'groupN':\n R, P (scalar, block),\n q_w, counters, steps", "#f2f2f2"),
     ("parts", 2, 0, 96, 8, "parts declare the two-pass contract (kalmanopt.contract, .program, .state)",
-     "state_table · reductions · coefficients(Batch) for all layers at once · element-wise program · "
+     "state_table · reductions · coefficients(CoefficientStage) for all layers at once · element-wise program · "
      "direction / correction\nmeasurement: loss;  dynamics: random_walk, momentum;  "
      "surrogate: scalar, block, diagonal, product, lowrank;  estimator: vanilla, symmetric",
      "#e6f4e6"),

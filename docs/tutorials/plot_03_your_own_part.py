@@ -119,7 +119,7 @@ assert math.isclose(ours["p"], float(H @ exact.P @ H / (H @ H)), rel_tol=1e-12)
 # - its **state table**: here one per-layer scalar ``p``, starting at ``sigma``;
 # - the **reductions** (per-layer sums) it needs: only :math:`\lVert H_\ell\rVert^2`, which the
 #   measurement provides as ``hh``;
-# - its **coefficients** as one batched function of a :class:`~kalmanopt.contract.Batch`: every
+# - its **coefficients** as one batched function of a :class:`~kalmanopt.contract.CoefficientStage`: every
 #   tensor has shape ``[layers]``, so the formula is the prototype's, without the loop;
 # - its **element-wise program** (none here: :math:`p_\ell` is a scalar) and the gain's
 #   **direction**, :math:`H`.

@@ -65,7 +65,7 @@ class CovarianceSurrogate(Part, ABC):
         return ()
 
     def coefficients(self, b: Any) -> None:
-        """Fill the :class:`~kalmanopt.contract.Batch` ``b`` for all layers at once: ``b.gain`` (one
+        """Fill the :class:`~kalmanopt.contract.CoefficientStage` ``b`` for all layers at once: ``b.gain`` (one
         ``[layers]`` tensor per state component), ``b.S``, ``b.coef`` (the program's columns),
         ``b.new_layer`` / ``b.new_group``, skips (``b.skip |= ...``) and counters."""
         raise NotImplementedError(f"{type(self).__name__} does not declare the two-pass contract")

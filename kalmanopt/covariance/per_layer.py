@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch
-from kalmanopt.program import Assign, Reduction, Vec, compile_program, hp_coefficients, reduce_layer
+from kalmanopt.contract import CoefficientStage
+from kalmanopt.program import Assign, Reduction, Vec, hp_coefficients, prepare_program, reduce_layer
 from kalmanopt.state import StateTable
 
 __all__ = ["Gain", "UpdateContext", "contract_gain", "contract_end_update", "predict_group_in_place"]
@@ -63,7 +63,7 @@ class UpdateContext:
 
 
 def _one_layer_batch(surrogate: Any, ctx: UpdateContext, layer_state: dict, H: Tensor, g: Tensor,
-                     R: Tensor, hp: Mapping[str, Any]) -> tuple[Batch, dict[str, Tensor], StateTable]:
+                     R: Tensor, hp: Mapping[str, Any]) -> tuple[CoefficientStage, dict[str, Tensor], StateTable]:
     table = surrogate.state_table()
     table.init_layer(layer_state, H.numel(), hp, H.dtype, H.device)
     env = {"H": H, "g": g}
@@ -73,10 +73,10 @@ def _one_layer_batch(surrogate: Any, ctx: UpdateContext, layer_state: dict, H: T
     like = R.reshape(()).to(H)
     red = {r.name: v.reshape(1).to(like) for r, v in zip(reductions, reduce_layer(reductions, env, {}, like))}
     layer = {e.name: layer_state[e.name].reshape(1).to(like) for e in table.scalars}
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer=layer, group=ctx.group_state,
-              numel=torch.full((1,), H.numel(), dtype=torch.int64, device=H.device),
-              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=H.device),
-              skip=torch.zeros(1, dtype=torch.bool, device=H.device))
+    b = CoefficientStage(hp=_with_q(hp, ctx), red=red, layer=layer, group=ctx.group_state,
+                         numel=torch.full((1,), H.numel(), dtype=torch.int64, device=H.device),
+                         loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=H.device),
+                         skip=torch.zeros(1, dtype=torch.bool, device=H.device))
     b.R = like
     return b, env, table
 
@@ -108,7 +108,7 @@ def contract_gain(surrogate: Any, ctx: UpdateContext, layer_state: dict, H: Tens
     coefs: dict[str, Any] = hp_coefficients(b.hp)
     coefs.update({k: v.reshape(-1)[0] for k, v in b.coef.items()})
     outputs = [f"state.{e.name}" for e in table.vectors]
-    compile_program(surrogate.program(b.hp), outputs).run(env, coefs)
+    prepare_program(surrogate.program(b.hp), outputs).run(env, coefs)
     for e in table.vectors:
         layer_state[e.name] = env[f"state.{e.name}"]
     for name, value in b.new_layer.items():
@@ -119,7 +119,7 @@ def contract_gain(surrogate: Any, ctx: UpdateContext, layer_state: dict, H: Tens
 
 
 def _evaluate(expr: Any, env: dict[str, Tensor], coefs: Mapping[str, Any]) -> Tensor:
-    program = compile_program([_assign("direction", expr)], ())
+    program = prepare_program([_assign("direction", expr)], ())
     program.run(env, coefs)
     return env["direction"]
 
@@ -137,9 +137,10 @@ def contract_end_update(surrogate: Any, ctx: UpdateContext, group_state: dict,
     like = red["hh"][0]
     n = red["hh"].numel()
     device = like.device
-    b = Batch(hp=_with_q(hp, ctx), red=red, layer={}, group=group_state,
-              numel=torch.ones(n, dtype=torch.int64, device=device), loss=like, statistic=None,
-              ok=torch.ones((), dtype=torch.bool, device=device), skip=torch.zeros(n, dtype=torch.bool, device=device))
+    b = CoefficientStage(hp=_with_q(hp, ctx), red=red, layer={}, group=group_state,
+                         numel=torch.ones(n, dtype=torch.int64, device=device), loss=like, statistic=None,
+                         ok=torch.ones((), dtype=torch.bool, device=device),
+                         skip=torch.zeros(n, dtype=torch.bool, device=device))
     b.R = R
     surrogate.coefficients(b)
     for name, value in b.new_group.items():
@@ -150,9 +151,10 @@ def predict_group_in_place(surrogate: Any, group_state: dict, F: Tensor, Q: Tens
                            hp: Mapping[str, Any]) -> None:
     """A contract surrogate's P̂ = F P Fᵀ + Q, written into ``group_state``."""
     like = F.new_zeros(())
-    b = Batch(hp=hp, red={}, layer={}, group=group_state, numel=torch.zeros(0, dtype=torch.int64, device=F.device),
-              loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=F.device),
-              skip=torch.zeros(0, dtype=torch.bool, device=F.device))
+    b = CoefficientStage(hp=hp, red={}, layer={}, group=group_state,
+                         numel=torch.zeros(0, dtype=torch.int64, device=F.device),
+                         loss=like, statistic=None, ok=torch.ones((), dtype=torch.bool, device=F.device),
+                         skip=torch.zeros(0, dtype=torch.bool, device=F.device))
     surrogate.predict_group(b, F, Q)
     for name, value in b.new_group.items():
         group_state[name].copy_(value)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kalmanopt.engines.runtime import Runtime
-from kalmanopt.program import Assign, CompiledProgram, Reduction, Scalar, evaluate_vector, vectors_read
+from kalmanopt.program import Assign, PreparedProgram, Reduction, Scalar, evaluate_vector, vectors_read
 
 __all__ = ["CONFIG", "Layout", "layout", "plan_buckets", "bucket_sums", "run_bucket_program"]
 
@@ -171,7 +171,7 @@ def _keys(envs: Sequence[Mapping[str, Tensor]], exprs: Sequence[Any]) -> list[st
     return [v.key for v in vectors_read(exprs) if v.key in envs[0]]
 
 
-def bucket_sums(envs: Sequence[Mapping[str, Tensor]], pre: Sequence[Assign], pre_program: CompiledProgram | None,
+def bucket_sums(envs: Sequence[Mapping[str, Tensor]], pre: Sequence[Assign], pre_program: PreparedProgram | None,
                 reductions: Sequence[Reduction], hp: Mapping[str, Scalar], where: Layout, like: Tensor) -> Tensor:
     """``[layers, reductions]``: each layer's sums of the reductions, the pre-program (H) run first."""
     env = where.padded(envs, _keys(envs, [a.expr for a in pre] + [r.expr for r in reductions]))
@@ -189,7 +189,7 @@ def bucket_sums(envs: Sequence[Mapping[str, Tensor]], pre: Sequence[Assign], pre
 
 
 def run_bucket_program(envs: Sequence[dict[str, Tensor]], pre: Sequence[Assign],
-                       pre_program: CompiledProgram | None, program: CompiledProgram, hp: Mapping[str, Scalar],
+                       pre_program: PreparedProgram | None, program: PreparedProgram, hp: Mapping[str, Scalar],
                        names: Sequence[str], table: Tensor, keep: Tensor, where: Layout) -> None:
     """Run ``program`` on a bucket's layers where ``keep`` (per layer), writing its outputs back in place.
 

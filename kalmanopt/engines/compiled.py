@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.plan import run_predict_coefficients, run_update_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +37,7 @@ __all__ = ["CompiledCoefficients", "static_hyperparameters", "CONFIG", "CODE_CAC
 CONFIG = {"enabled": os.environ.get("KALMANOPT_COMPILE_COEFFICIENTS", "1").strip().lower()
            not in ("0", "false", "no", "off")}
 
-#: the fields of a :class:`Batch` the parts fill, returned by the compiled function
+#: the fields of a :class:`CoefficientStage` the parts fill, returned by the compiled function
 _OUTPUTS = ("coef", "new_layer", "new_group", "gain", "S", "L", "R", "counters", "info", "code", "skip", "ok")
 
 
@@ -59,8 +59,8 @@ def _coefficients(phase: str, composition: Composition, hp: dict[str, Any], diag
                   red: dict[str, Tensor], layer: dict[str, Tensor], group: dict[str, Tensor], numel: Tensor,
                   loss: Tensor, statistic: Tensor | None, ok: Tensor, skip: Tensor, lr: Tensor) -> tuple:
     """The pure function torch.compile traces: a fresh batch, one phase's coefficients, what they filled."""
-    b = Batch(hp=hp, red=red, layer=layer, group=group, numel=numel, loss=loss, statistic=statistic, ok=ok,
-              skip=skip, diagnostics=diagnostics, lr=lr)
+    b = CoefficientStage(hp=hp, red=red, layer=layer, group=group, numel=numel, loss=loss, statistic=statistic, ok=ok,
+                         skip=skip, diagnostics=diagnostics, lr=lr)
     _PHASES[phase](composition, b)
     return tuple(getattr(b, name) for name in _OUTPUTS)
 
@@ -85,11 +85,11 @@ class CompiledCoefficients:
         """Why a composition's functions did not compile (the first such failure), or None."""
         return next(iter(self._failed.values()), None)
 
-    def update(self, composition: Composition, b: Batch) -> Batch:
+    def update(self, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         """Fill ``b`` as :func:`run_update_coefficients` does."""
         return self._run("update", composition, b)
 
-    def predict(self, composition: Composition, b: Batch) -> Batch:
+    def predict(self, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         """Fill ``b`` as :func:`run_predict_coefficients` does."""
         return self._run("predict", composition, b)
 
@@ -109,7 +109,7 @@ class CompiledCoefficients:
             compiled = self._functions[key] = torch.compile(fresh, backend=self.backend, fullgraph=self.fullgraph)
         return compiled
 
-    def _run(self, phase: str, composition: Composition, b: Batch) -> Batch:
+    def _run(self, phase: str, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         eager = _PHASES[phase]
         key = (phase, repr(composition))
         # (a batch that arrives partly filled runs eagerly: the compiled function starts from an empty one)

@@ -40,7 +40,7 @@ from kalmanopt.contract import (
     CODE_STATISTIC,
     CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
-    Batch,
+    CoefficientStage,
 )
 from kalmanopt.engines import distributed
 from kalmanopt.engines.runtime import OptimizerView
@@ -166,8 +166,9 @@ def run_predict(opt: OptimizerView, ok: Tensor | None, ridden: bool = False) -> 
         like = ctx.group_state["R"]
         n = int(numel.numel())
         mask = torch.ones((), dtype=torch.bool, device=like.device) if ok is None else ok.to(like.device)
-        b = Batch(hp=ctx.group, red=red, layer={}, group=ctx.group_state, numel=numel, loss=like.new_zeros(()),
-                  statistic=None, ok=mask, skip=(~mask).expand(n))
+        b = CoefficientStage(hp=ctx.group, red=red, layer={}, group=ctx.group_state, numel=numel,
+                             loss=like.new_zeros(()),
+                             statistic=None, ok=mask, skip=(~mask).expand(n))
         engine.predict_coefficients(ctx.composition, b)
         engine.apply_predict(work, b)
         _drop_empty_global(ctx.group_state)
@@ -212,10 +213,11 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
     for (engine, ctx), (_, red, layer, numel) in zip(contexts, works):
         like = ctx.group_state["R"]
         stat = None if statistic is None else statistic.to(like).reshape(())
-        b = Batch(hp=ctx.group, red=red, layer=layer, group=ctx.group_state, numel=numel,
-                  loss=loss.to(like).reshape(()), statistic=stat,
-                  ok=ok.to(like.device), skip=torch.zeros(int(numel.numel()), dtype=torch.bool, device=like.device),
-                  diagnostics=ctx.diagnostics, lr=lr)
+        b = CoefficientStage(hp=ctx.group, red=red, layer=layer, group=ctx.group_state, numel=numel,
+                             loss=loss.to(like).reshape(()), statistic=stat,
+                             ok=ok.to(like.device),
+                             skip=torch.zeros(int(numel.numel()), dtype=torch.bool, device=like.device),
+                             diagnostics=ctx.diagnostics, lr=lr)
         if ctx.group.get("r", 0.0) is None and statistic is None:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
         engine.update_coefficients(ctx.composition, b)
@@ -343,7 +345,7 @@ def _warn(opt: OptimizerView, code: int) -> None:
         opt.runtime.warn_once("step overflow", MESSAGES["step overflow"])
 
 
-def _record(opt: OptimizerView, works: list, batches: list[Batch]) -> None:
+def _record(opt: OptimizerView, works: list, batches: list[CoefficientStage]) -> None:
     """The last update's per-layer internals (device tensors; ``diagnostics()`` reads them)."""
     out: dict[str, dict[str, Tensor]] = {}
     for (work, _, _, _), b in zip(works, batches):

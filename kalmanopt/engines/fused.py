@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.engines import triton_source
 from kalmanopt.engines.distributed import is_sharded, local_tensor
 from kalmanopt.engines.runtime import Runtime
@@ -340,7 +340,7 @@ class FusedEngine(TorchEngine):
             return None
         return steady if steady.fits(ctx) else None
 
-    def apply_update(self, work: _Work, b: Batch) -> None:
+    def apply_update(self, work: _Work, b: CoefficientStage) -> None:
         if work.extra.get("torch"):
             return super().apply_update(work, b)
         ctx = work.ctx
@@ -419,7 +419,7 @@ class FusedEngine(TorchEngine):
         work.extra.update(layers=layers, chunks=chunks, slots=slots, kernels=kernels, staging=staging)
         return work, red, numel
 
-    def apply_predict(self, work: _Work, b: Batch) -> None:
+    def apply_predict(self, work: _Work, b: CoefficientStage) -> None:
         if work.extra.get("ridden"):
             return self._commit_group(work.ctx.group_state, b)
         if work.extra.get("torch"):

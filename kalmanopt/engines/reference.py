@@ -26,13 +26,13 @@ from kalmanopt.contract import (
     CODE_OVERFLOW,
     CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
-    Batch,
+    CoefficientStage,
     finite_steps,
 )
 from kalmanopt.covariance.base import Gain
 from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
 from kalmanopt.plan import DeclarationError, contract_gap
-from kalmanopt.program import Reduction, Vec, compile_program, hp_coefficients, reduce_layer
+from kalmanopt.program import Reduction, Vec, hp_coefficients, prepare_program, reduce_layer
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
@@ -53,7 +53,7 @@ class ReferenceEngine(TorchEngine):
         return None
 
     # -------------------------------------------------------------- surrogates written per layer
-    def update_coefficients(self, composition: Composition, b: Batch) -> Batch:
+    def update_coefficients(self, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         if contract_gap(composition) is None:
             return super().update_coefficients(composition, b)
         # the measurement's part of the batch (R_k, L_ℓ, the skip rule); gains come per layer in apply
@@ -73,7 +73,7 @@ class ReferenceEngine(TorchEngine):
             return super().reduce_update(ctx)
         return self._per_layer_reduce(ctx)
 
-    def apply_update(self, work: _Work, b: Batch) -> None:
+    def apply_update(self, work: _Work, b: CoefficientStage) -> None:
         if contract_gap(work.ctx.composition) is None:
             return super().apply_update(work, b)
         self._per_layer_apply(work, b)
@@ -86,7 +86,7 @@ class ReferenceEngine(TorchEngine):
         flats = [FlatLayer(layer, table) for layer in active]
         hp = hp_coefficients(group)
         like = ctx.group_state["R"]
-        pre = compile_program(comp.measurement.program(group), ())
+        pre = prepare_program(comp.measurement.program(group), ())
         reductions = comp.measurement.reductions(group) + (Reduction("nonfinite", Vec("g") * 0.0),)
         rows = []
         for f in flats:
@@ -96,11 +96,11 @@ class ReferenceEngine(TorchEngine):
         red = {r.name: table_t[:, i] for i, r in enumerate(reductions)}
         numel = torch.tensor([f.layer.numel for f in flats], dtype=torch.int64, device=like.device)
         steps = [STEP_COEFFICIENT.format(i) for i in range(comp.dynamics.state_dim)]
-        correction = compile_program(comp.dynamics.correction(Vec("direction"), steps, group),
+        correction = prepare_program(comp.dynamics.correction(Vec("direction"), steps, group),
                                      ["theta"] + [f"state.{e.name}" for e in table.vectors])
         return _Work(ctx, flats, correction, hp, n_none=len(ctx.layers) - len(active)), red, {}, numel
 
-    def _per_layer_apply(self, work: _Work, b: Batch) -> None:
+    def _per_layer_apply(self, work: _Work, b: CoefficientStage) -> None:
         ctx = work.ctx
         comp, group, group_state = ctx.composition, ctx.group, ctx.group_state
         if not bool(b.ok):
@@ -155,7 +155,7 @@ class ReferenceEngine(TorchEngine):
                 group_state[name].add_(n)
         group_state["skipped_layers"].add_(int(b.skip.sum()) + work.n_none)
 
-    def apply_predict(self, work: _Work, b: Batch) -> None:
+    def apply_predict(self, work: _Work, b: CoefficientStage) -> None:
         super().apply_predict(work, b)
         surrogate = work.ctx.composition.surrogate
         if surrogate.contract_gap() is not None and bool(b.ok):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.contract import Batch
+from kalmanopt.contract import CoefficientStage
 from kalmanopt.engines import buckets
 from kalmanopt.engines import compiled as compiled_coefficients
 from kalmanopt.engines.distributed import is_sharded, local_tensor
@@ -34,7 +34,7 @@ from kalmanopt.plan import (
     run_update_coefficients,
     update_plan,
 )
-from kalmanopt.program import CompiledProgram, compile_program, hp_coefficients, reduce_layer
+from kalmanopt.program import PreparedProgram, hp_coefficients, prepare_program, reduce_layer
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,7 +140,7 @@ class _Work:
 
     ctx: GroupContext
     flats: list[FlatLayer]
-    program: CompiledProgram
+    program: PreparedProgram
     hp: dict[str, float]
     n_none: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -164,18 +164,18 @@ class TorchEngine:
         return contract_gap(composition)
 
     # ------------------------------------------------------------------ plans
-    def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, tuple[CompiledProgram, CompiledProgram]]:
+    def _update_plan(self, ctx: GroupContext) -> tuple[UpdatePlan, tuple[PreparedProgram, PreparedProgram]]:
         """The update's plan and its compiled pre-program (H) and program, cached per structure."""
-        def make() -> tuple[UpdatePlan, tuple[CompiledProgram, CompiledProgram]]:
+        def make() -> tuple[UpdatePlan, tuple[PreparedProgram, PreparedProgram]]:
             plan = update_plan(ctx.composition, ctx.group, ctx.diagnostics)
-            return plan, (compile_program(plan.pre, ()), compile_program(plan.program, plan.outputs))
+            return plan, (prepare_program(plan.pre, ()), prepare_program(plan.program, plan.outputs))
 
         return ctx.runtime.cached("plans", ("update", plan_key(ctx.group, ctx.diagnostics)), make)
 
-    def _predict_plan(self, ctx: GroupContext) -> tuple[PredictPlan, CompiledProgram]:
-        def make() -> tuple[PredictPlan, CompiledProgram]:
+    def _predict_plan(self, ctx: GroupContext) -> tuple[PredictPlan, PreparedProgram]:
+        def make() -> tuple[PredictPlan, PreparedProgram]:
             plan = predict_plan(ctx.composition, ctx.group)
-            return plan, compile_program(plan.program, plan.outputs)
+            return plan, prepare_program(plan.program, plan.outputs)
 
         return ctx.runtime.cached("plans", ("predict", plan_key(ctx.group, False)), make)
 
@@ -224,7 +224,7 @@ class TorchEngine:
                  if stop - start > 1 else None) for start, stop in buckets.plan_buckets([f.env for f in flats])]
 
     def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int, buckets.Layout | None]] | None,
-              pre_assigns: Sequence[Any], pre: CompiledProgram | None, reductions: Sequence[Any], hp: dict[str, float],
+              pre_assigns: Sequence[Any], pre: PreparedProgram | None, reductions: Sequence[Any], hp: dict[str, float],
               like: Tensor) -> Tensor:
         """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ), bucket by bucket
         over ``ranges`` (:meth:`_bucketed`), else layer by layer."""
@@ -242,18 +242,18 @@ class TorchEngine:
             blocks.append(row[None])
         return torch.cat(blocks) if blocks else like.new_zeros(0, len(reductions))
 
-    def update_coefficients(self, composition: Composition, b: Batch) -> Batch:
+    def update_coefficients(self, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         """The coefficients of all layers at once (every part's batched function; compiled on CUDA)."""
         compiled = self._compiled_coefficients(b)
         return run_update_coefficients(composition, b) if compiled is None else compiled.update(composition, b)
 
-    def _compiled_coefficients(self, b: Batch) -> compiled_coefficients.CompiledCoefficients | None:
+    def _compiled_coefficients(self, b: CoefficientStage) -> compiled_coefficients.CompiledCoefficients | None:
         """The compiled coefficient functions where the engine wants them (on CUDA), else None."""
         if not (self.compile_coefficients and b.like.is_cuda and compiled_coefficients.CONFIG["enabled"]):
             return None
         return compiled_coefficients.CODE_CACHE
 
-    def apply_update(self, work: _Work, b: Batch) -> None:
+    def apply_update(self, work: _Work, b: CoefficientStage) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
         ctx = work.ctx
         self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"), work.extra.get("buckets"))
@@ -263,7 +263,7 @@ class TorchEngine:
         self._commit_counters(ctx.group_state, b)
         self._forget_skipped_new_state([f.layer for f in work.flats], work, b)
 
-    def _forget_skipped_new_state(self, layers: Sequence[Layer], work: _Work, b: Batch) -> None:
+    def _forget_skipped_new_state(self, layers: Sequence[Layer], work: _Work, b: CoefficientStage) -> None:
         """As if never touched: a layer skipped at its first update keeps no state (free to check on the CPU;
         elsewhere its state stays at its initial values, which mark "no update yet")."""
         created, keys = work.extra.get("created", ((), ()))
@@ -273,8 +273,8 @@ class TorchEngine:
                     for key in keys:
                         layer.state.pop(key, None)
 
-    def _run_programs(self, flats: list[FlatLayer], program: CompiledProgram, hp: dict[str, float],
-                      b: Batch, pre: tuple[Sequence[Any], CompiledProgram] | None = None,
+    def _run_programs(self, flats: list[FlatLayer], program: PreparedProgram, hp: dict[str, float],
+                      b: CoefficientStage, pre: tuple[Sequence[Any], PreparedProgram] | None = None,
                       ranges: list[tuple[int, int, buckets.Layout | None]] | None = None) -> None:
         """Pass 2: ``program`` on every layer (where it updates). ``ranges``: pass 1's buckets; ``pre``: the
         update's pre-program, which a bucket runs again on its concatenated vectors (a layer on its own kept
@@ -321,7 +321,7 @@ class TorchEngine:
             f.commit()
 
     @staticmethod
-    def _commit_layer_scalars(flats: list[FlatLayer], b: Batch) -> None:
+    def _commit_layer_scalars(flats: list[FlatLayer], b: CoefficientStage) -> None:
         for name, new in b.new_layer.items():
             if not flats:
                 continue
@@ -329,13 +329,13 @@ class TorchEngine:
             torch._foreach_copy_([f.layer.state[name] for f in flats], list(values.unbind(0)))
 
     @staticmethod
-    def _commit_group(group_state: dict, b: Batch) -> None:
+    def _commit_group(group_state: dict, b: CoefficientStage) -> None:
         for name, new in b.new_group.items():
             old = group_state[name]
             old.copy_(torch.where(b.ok, new.to(old), old))
 
     @staticmethod
-    def _commit_counters(group_state: dict, b: Batch) -> None:
+    def _commit_counters(group_state: dict, b: CoefficientStage) -> None:
         for name, n in b.counters.items():
             if name in group_state:
                 group_state[name].add_(torch.where(b.ok, n, 0).to(group_state[name]))
@@ -361,12 +361,12 @@ class TorchEngine:
         work.extra["buckets"] = ranges
         return work, red, numel
 
-    def predict_coefficients(self, composition: Composition, b: Batch) -> Batch:
+    def predict_coefficients(self, composition: Composition, b: CoefficientStage) -> CoefficientStage:
         """The predict's batched coefficients and group state (compiled on CUDA)."""
         compiled = self._compiled_coefficients(b)
         return run_predict_coefficients(composition, b) if compiled is None else compiled.predict(composition, b)
 
-    def apply_predict(self, work: _Work, b: Batch) -> None:
+    def apply_predict(self, work: _Work, b: CoefficientStage) -> None:
         """The predict's element-wise pass (where the step is ok) and group state."""
         self._run_programs(work.flats, work.program, work.hp, b, ranges=work.extra.get("buckets"))
         self._commit_group(work.ctx.group_state, b)
