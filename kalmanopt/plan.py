@@ -359,7 +359,7 @@ def check_declarations(composition: FilterParts) -> None:
     specs = composition.hyperparameters()
     base = {name: spec.default for name, spec in specs.items()}
     hp_names = set(base)
-    for weight_decay in {0.0, 0.1} if "weight_decay" in base else {None}:
+    for weight_decay in (0.0, 0.1) if "weight_decay" in base else (None,):
         for diagnostics in (False, True):
             hp = dict(base, guard=True)
             if weight_decay is not None:
@@ -426,7 +426,3 @@ def _check_predict(composition: FilterParts, d: Any, hp: dict[str, Any], hp_name
     run_predict_coefficients(composition, b)
     _check_program(f"{_part_name('dynamics', d)}'s predict program", plan.program, plan.table, known,
                    hp_names | set(b.coef), "hyper-parameters and the coefficients of predict_coefficients")
-    if plan.rides:
-        missing = [n for n in coefficients_read(a.expr for a in plan.program) if n not in hp_names]
-        if missing:  # (find_contract_gap reports it as a gap; kept here for a direct caller)
-            raise DeclarationError(f"{_part_name('dynamics', d)}'s riding predict reads {missing}")
