@@ -22,7 +22,7 @@ from kalmanopt.state import GroupState, StateTable
 SKIP_GRAD_NORM = 1e-9
 
 __all__ = ["SKIP_GRAD_NORM", "MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic",
-           "split_losses", "as_loss_tensor", "statistics_dtype"]
+           "split_losses", "as_loss_tensor", "statistics_dtype", "check_loss_device", "parameter_devices"]
 
 #: the loss statistics an online R estimate can follow
 LOSS_STATISTICS = ("second_moment", "variance")
@@ -46,6 +46,7 @@ def as_loss_tensor(loss: Any) -> Tensor:
             a loss must be.
     """
     if isinstance(loss, Tensor):
+        _check_loss_storage(loss)
         loss = loss.detach()
     elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
         loss = torch.tensor(float(loss), dtype=torch.float64)
@@ -56,8 +57,40 @@ def as_loss_tensor(loss: Any) -> Tensor:
                         f"Python number; got {type(loss).__name__}. A closure must return the loss itself "
                         "(not a tuple or a dict of outputs), step(loss=...) must be given it")
     if not loss.is_floating_point():
-        raise TypeError(f"the loss must be a floating-point tensor, got {loss.dtype}")
+        raise TypeError(f"the loss must be a floating-point tensor, got {loss.dtype}"
+                        + (" (an integer or boolean loss has no value to filter: compute it in floating point)"
+                           if not loss.is_complex() else " (the filter measures a real loss)"))
     return loss
+
+
+def _check_loss_storage(loss: Tensor) -> None:
+    """Refuse a loss tensor whose values cannot be read as a dense tensor (``ValueError``)."""
+    if loss.device.type == "meta":
+        raise ValueError("the loss is on the meta device: it has no values to measure (was the model built under "
+                         "torch.device('meta') and not materialised?); compute the loss on the parameters' device")
+    if getattr(loss, "is_nested", False):
+        raise ValueError("the loss is a nested tensor; pass the per-sample losses as one dense 1-D tensor "
+                         "(e.g. torch.cat(list_of_losses))")
+    if loss.layout != torch.strided:
+        raise ValueError(f"the loss is a {loss.layout} tensor; pass it dense (loss.to_dense())")
+
+
+def parameter_devices(param_groups: Any) -> set[torch.device]:
+    """The devices of the parameters of ``param_groups`` (a DTensor's: its local shard's)."""
+    return {p.device for group in param_groups for p in group["params"]}
+
+
+def check_loss_device(loss: Tensor, devices: set[torch.device], what: str = "the loss") -> None:
+    """Refuse a loss on another device than the parameters (``ValueError`` naming both); nothing is read.
+
+    A CPU tensor (as a Python number becomes) is accepted anywhere: it is one number or a few, copied to
+    the state's device. A loss on another accelerator than the parameters, or on the meta device, is refused.
+    """
+    if loss.device.type == "cpu" or not devices or loss.device in devices:
+        return
+    where = ", ".join(sorted(str(d) for d in devices))
+    raise ValueError(f"{what} is on {loss.device}, the parameters on {where}; compute it on the parameters' "
+                     "device (or pass it as a CPU tensor or a Python number)")
 
 
 def loss_statistic(losses: Tensor, kind: str) -> Tensor:
@@ -72,7 +105,7 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     """
     if kind not in LOSS_STATISTICS:
         raise ValueError(f"unknown loss_statistic {kind!r}; valid choices: {', '.join(LOSS_STATISTICS)}")
-    losses = losses.detach()
+    losses = as_loss_tensor(losses)
     losses = losses.to(statistics_dtype(losses.dtype))
     second_moment = torch.mean(torch.pow(losses, 2))
     if kind == "second_moment":
@@ -96,9 +129,14 @@ def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tupl
         ValueError: an empty loss, or ``"variance"`` asked of a single (mean) loss.
     """
     losses = as_loss_tensor(loss)
-    losses = losses.to(statistics_dtype(losses.dtype))
     if losses.numel() == 0:
-        raise ValueError("the loss is empty; pass the per-sample losses or their mean")
+        raise ValueError(f"the loss is empty (shape {tuple(losses.shape)}): a batch with no sample has no loss to "
+                         "measure; pass the per-sample losses or their mean (and skip the step of an empty batch)")
+    if sum(d > 1 for d in losses.shape) > 1:
+        raise ValueError(f"the per-sample losses have shape {tuple(losses.shape)}: which entries are the samples? "
+                         "Pass one loss per sample as a 1-D tensor (e.g. per-token losses: losses.mean(dim=1) per "
+                         "sequence, or losses.flatten() if every entry is a sample), or their mean")
+    losses = losses.to(statistics_dtype(losses.dtype))
     mean = losses.mean()
     if not needs_statistic:
         return mean, None

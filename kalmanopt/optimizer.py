@@ -17,7 +17,7 @@ from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
-from kalmanopt.measurement import as_loss_tensor, split_losses, statistics_dtype
+from kalmanopt.measurement import as_loss_tensor, check_loss_device, parameter_devices, split_losses, statistics_dtype
 from kalmanopt.options import (
     GRANULARITIES,
     GROUP_OPTIONS,
@@ -296,6 +296,7 @@ class KalmanOptimizer(Optimizer):
         """
         self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)
+        check_loss_device(as_loss_tensor(loss), parameter_devices(self.param_groups))
         mean, statistic = self._split_step_loss(loss)
         self._loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
         driver.run_step(self, mean, statistic)
@@ -317,6 +318,7 @@ class KalmanOptimizer(Optimizer):
     def _as_tensors(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None
                     ) -> tuple[Tensor, Tensor | None]:
         loss = as_loss_tensor(loss_mean)
+        check_loss_device(loss, parameter_devices(self.param_groups), "loss_mean")
         if loss.numel() != 1:
             raise ValueError(f"update() takes the mean loss (one number), got a tensor of shape "
                              f"{tuple(loss.shape)}; use step(loss=per_sample_losses) for those")
@@ -324,6 +326,7 @@ class KalmanOptimizer(Optimizer):
         statistic = None
         if loss_statistic is not None:
             statistic = as_loss_tensor(loss_statistic)
+            check_loss_device(statistic, parameter_devices(self.param_groups), "loss_statistic")
             if statistic.numel() != 1:
                 raise ValueError(
                     f"update(loss_mean, loss_statistic) takes the loss statistic s_k (one number: "
