@@ -1,6 +1,7 @@
 """The measurement model: what a minibatch tells the filter.
 
-Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* = 0. Per layer the
+Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* (the ``target``
+hyper-parameter, 0 by default; a loss that can be negative needs one at or below its minimum). Per layer the
 measurement Jacobian is the gradient with weight decay folded in, and the measured value is the
 loss with the layer's decay term added. The measurement noise R_k is fixed or estimated online.
 """
@@ -217,7 +218,8 @@ class MeasurementModel(Part, ABC):
 class LossMeasurement(MeasurementModel):
     """The loss as the measurement, weight decay folded into H and L, R fixed or an EMA.
 
-    H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²;
+    H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖², measured against the target L* (``target``,
+    default 0: the filter's innovation is L* − L_ℓ);
     R_k = r if r is given, else R_k = α_r R_{k-1} + (1 − α_r) s_k with R_0 = 1.
     A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped (no state of it changes), and so is one whose ‖H_ℓ‖² or
     L_ℓ overflows the state precision (counted, reported).
@@ -229,6 +231,10 @@ class LossMeasurement(MeasurementModel):
         HyperParameter("alpha_r", 0.9, Range(0.0, 1.0, high_open=True),
                        "smoothing of the online estimate R_k = α_r R_{k-1} + (1 − α_r) s_k"),
         HyperParameter("weight_decay", 0.0, Range(0.0), "L2 weight decay folded into H and L"),
+        HyperParameter("target", 0.0, Range(),
+                       "the target L* the loss is measured against (the innovation is L* − L_ℓ): 0 for a loss "
+                       "that is >= 0; for one that can be negative (a Gaussian negative log-likelihood), a value "
+                       "at or below its minimum"),
     )
 
     def state_table(self) -> StateTable:
@@ -255,8 +261,12 @@ class LossMeasurement(MeasurementModel):
         b.R = R_k
         hh = red["hh"]
         gg = red.get("gg", hh)
-        # L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²
-        b.L = b.loss + 0.5 * wd * red["tt"] if "tt" in red else b.loss.expand_as(hh)
+        # L_ℓ − L* = (L_k − L*) + ½ · wd · ‖θ_ℓ‖²   (the measured value against its target; L* = 0 by default)
+        target = float(hp.get("target", 0.0))
+        excess = b.loss - target if target != 0.0 else b.loss
+        b.L = excess + 0.5 * wd * red["tt"] if "tt" in red else excess.expand_as(hh)
+        # a loss below its target: reported (the guard's clamped innovation leaves such a layer where it is)
+        b.count("below_target", (b.loss < target).to(torch.int64))
         # a layer with ‖g_ℓ‖₂ < 1e-9 is skipped; so is one whose ‖H_ℓ‖² or L_ℓ overflows the state precision
         small = ~(torch.sqrt(gg) >= SKIP_GRAD_NORM)
         overflow = ~small & ~(torch.isfinite(hh) & torch.isfinite(b.L))
