@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from kalmanopt.options import GROUP_OPTIONS
+from kalmanopt.structure import check_structure
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.optimizer import KalmanOptimizer
@@ -64,3 +65,4 @@ def validate_groups(opt: KalmanOptimizer) -> None:
         for name, value in values.items():
             if group[name] is not value:
                 group[name] = value
+    check_structure(opt)  # the state against the groups: granularity, parameters, precision, device
