@@ -114,7 +114,8 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     return second_moment - torch.mean(losses) ** 2
 
 
-def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tuple[Tensor, Tensor | None]:
+def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool,
+                 allow_empty: bool = False) -> tuple[Tensor, Tensor | None]:
     """(L_k, s_k) from the per-sample losses (or their mean) a step is given, in at least float32.
 
     Given a single number (the mean) where the online R needs a statistic, s_k is mean² — the
@@ -124,12 +125,17 @@ def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tupl
         loss: the per-sample losses ℓ_i, or their mean (a tensor, or a Python number).
         kind: the statistic the online R follows (see :func:`loss_statistic`).
         needs_statistic: whether any filter estimates R online (else s_k is ``None``).
+        allow_empty: an empty loss gives (0, 0): a rank of several processes whose micro-batch is empty
+            contributes no sample to the global batch (the count it sends is 0); else it is refused.
 
     Raises:
         TypeError: a loss that is not a floating-point tensor or a real number.
         ValueError: an empty loss, or ``"variance"`` asked of a single (mean) loss.
     """
     losses = as_loss_tensor(loss)
+    if losses.numel() == 0 and allow_empty:
+        zero = torch.zeros((), dtype=statistics_dtype(losses.dtype), device=losses.device)
+        return zero, (zero.clone() if needs_statistic else None)
     if losses.numel() == 0:
         raise ValueError(f"the loss is empty (shape {tuple(losses.shape)}): a batch with no sample has no loss to "
                          "measure; pass the per-sample losses or their mean (and skip the step of an empty batch)")

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from kalmanopt.checkpoint import checked_state
 from kalmanopt.composition import Composition
 from kalmanopt.contract import contract_gap, state_table
-from kalmanopt.engines import driver, resolve_engine
+from kalmanopt.engines import distributed, driver, resolve_engine
 from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.groups import checked_group_values, validate_groups
@@ -308,7 +308,9 @@ class KalmanOptimizer(Optimizer):
 
     def _split_step_loss(self, loss: Any) -> tuple[Tensor, Tensor | None]:
         """(L_k, s_k) of a step's loss; warns once when an online R has only the mean to follow."""
-        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
+        # (several processes: a rank's empty micro-batch adds no sample to the global batch)
+        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic(),
+                                       allow_empty=distributed.process_group(self) is not None)
         if statistic is not None and as_loss_tensor(loss).numel() == 1:
             self._warn_once("scalar loss", "step() was given one number (the mean loss) while R is estimated "
                             "online (r=None), so R follows mean² rather than the second moment of the per-sample "

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
+from kalmanopt import ranks
+
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.optimizer import KalmanOptimizer
 
@@ -242,7 +244,8 @@ def synchronize_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | N
         if red:
             device = next(iter(red.values())).device
             break
-    (moments,) = _reduce_tables([moments], _sharded_rows(works), group, device)
+    # (with every rank's gradient census and a row for every sharded layer: the same payload on every rank)
+    moments = ranks.reduce_update_payload(moments, works, group, device, all_reduce_sum)
     count = moments[2]
     mean = (moments[0] / count).to(loss.dtype)
     if statistic is None:

@@ -45,6 +45,7 @@ from kalmanopt.contract import (
 )
 from kalmanopt.engines import distributed, resolve_engine
 from kalmanopt.engines.torch_ops import GroupContext
+from kalmanopt.ranks import NoGradientOnAnyRank
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.optimizer import KalmanOptimizer
@@ -265,7 +266,11 @@ def run_step(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor | None) -> No
     amp = grad_scaler_code(opt)
     if amp is None and graphs.graphed_step(opt, loss, statistic):
         return
-    code = _predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
+    try:
+        code = _predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
+    except NoGradientOnAnyRank:  # several processes: no rank has a gradient (they found out together)
+        opt._warn_once("no gradient", MESSAGES["no gradient"].format(call="step()"))
+        return
     run_predict(opt, (code & CODE_SKIPS) == 0, ridden=True)
     report(opt, code)
 
@@ -329,7 +334,11 @@ def run_two_phase_update(opt: KalmanOptimizer, loss: Tensor, statistic: Tensor |
     _report_landed(opt)
     if _no_gradient(opt, "update()"):
         return False
-    code = _predict_if_due_then_update(opt, loss, statistic)
+    try:
+        code = _predict_if_due_then_update(opt, loss, statistic)
+    except NoGradientOnAnyRank:  # several processes: no rank has a gradient (they found out together)
+        opt._warn_once("no gradient", MESSAGES["no gradient"].format(call="update()"))
+        return False
     applied = (code & CODE_SKIPS) == 0
     opt._predicted = not bool(applied)  # a skipped update leaves its predict standing
     report(opt, code)
@@ -340,6 +349,8 @@ def _no_gradient(opt: KalmanOptimizer, call: str) -> bool:
     """Whether no parameter has a gradient (backward forgotten); if so, warn once. Nothing is changed."""
     if opt._gradients():
         return False
+    if distributed.process_group(opt) is not None:
+        return False  # several processes: every rank takes part in the step's all-reduce (kalmanopt/ranks.py)
     opt._warn_once("no gradient", MESSAGES["no gradient"].format(call=call))
     return True
 
