@@ -310,10 +310,12 @@ def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4, d
     return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head, dropout, bias)
 
 
-def _read_text_file(path: Path) -> bytes:
-    """The bytes of the ``--data`` file of the text task; ConfigError (one line) if it cannot be read."""
+def _read_text_file(path: Path, max_bytes: int) -> bytes:
+    """The first ``max_bytes`` bytes of the ``--data`` file of the text task (no more is read: a huge file
+    costs no memory beyond them); ConfigError (one line) if it cannot be read."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read(max_bytes)
     except OSError as exc:
         raise ConfigError(f"task 'text': cannot read the data file {str(path)!r} ({exc.strerror or exc}); "
                           "pass --data FILE, a readable text file") from None
@@ -391,7 +393,7 @@ class TextTask(Task):
         """The byte stream split into a training head and a validation tail."""
         _check_fraction(options, self.name)
         block = int(options["block_size"])
-        raw = _read_text_file(Path(options["data"]))[:options["max_bytes"]] if options["data"] else \
+        raw = _read_text_file(Path(options["data"]), int(options["max_bytes"])) if options["data"] else \
             stdlib_corpus(options["max_bytes"])
         vocab_size = 256
         if options["vocab"] == "chars":  # nanoGPT's character vocabulary: the corpus's characters, sorted
