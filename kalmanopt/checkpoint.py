@@ -30,15 +30,10 @@ from torch import Tensor
 
 from kalmanopt.engines.distributed import local_tensor
 from kalmanopt.groups import checked_group_values
-from kalmanopt.layers import state_dtype
+from kalmanopt.layers import group_key, state_dtype
 from kalmanopt.options import GROUP_OPTIONS
 
 __all__ = ["CheckedState", "checked_state", "state_layout", "group_key", "CheckpointOwner"]
-
-
-def group_key(index: int) -> str:
-    """The key of group ``index``'s shared state in ``optimizer.state`` (``"group0"``, ...)."""
-    return f"group{index}"
 
 
 class CheckpointOwner(Protocol):
@@ -60,6 +55,9 @@ PROBE_SIZES = (5, 7)
 N = "n"
 #: group-state entries that must be positive (R_k ≥ the smallest normal number, see LossMeasurement)
 POSITIVE = ("R",)
+#: hyper-parameters added after checkpoints were written, with the value that reproduces what those runs did
+#: (an older state dict lacks them; it loads with these and continues as it was)
+ADDED_LATER = {"target": 0.0}
 #: group-state entries an older checkpoint may lack, with the value they start from (event counters)
 FILLED = {"predicted": False, "steps": 0, "nonfinite_steps": 0, "skipped_layers": 0, "guard_restarts": 0,
           "rows_dropped": 0}
@@ -154,8 +152,16 @@ def _check_entries(value: Any, layout: Mapping[str, Any], n: int, where: str, dt
     return out
 
 
+#: the kinds of state tensors, in words
+KIND_WORDS = {"f": "floating-point", "i": "integer", "b": "boolean", "c": "complex"}
+
+
 def _checked_tensor(t: Any, spec: TensorSpec, n: int, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` checked against ``spec`` (shape, kind: exactly the kind the optimizer creates) and copied to
+    ``device``; floating-point tensors in ``dtype``. A Python number of the slot's kind stands for a 0-d tensor."""
     target = {"f": dtype, "i": torch.int64, "b": torch.bool}[spec.kind]
+    if isinstance(t, bool) and spec.kind != "b":
+        raise ValueError(f"{name} is the bool {t!r}; a {KIND_WORDS[spec.kind]} number or tensor belongs there")
     if isinstance(t, bool) or (isinstance(t, (int, float)) and spec.kind != "b"):
         if spec.shape != ():
             raise ValueError(f"{name} is the number {t!r}; a tensor of shape {spec.expected(n)} belongs there")
@@ -163,16 +169,20 @@ def _checked_tensor(t: Any, spec: TensorSpec, n: int, name: str, dtype: torch.dt
             raise ValueError(f"{name} = {t!r} must be a whole number")
         t = torch.tensor(t, dtype=target)
     if not isinstance(t, Tensor):
-        raise ValueError(f"{name} is not a tensor ({type(t).__name__})")
+        raise ValueError(f"{name} is not a tensor ({type(t).__name__}); a {KIND_WORDS[spec.kind]} tensor of shape "
+                         f"{spec.expected(n)} belongs there")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it has no values); a checkpoint must hold the state's "
+                         "values")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} is a {t.layout} tensor; the state holds dense (strided) tensors")
     if tuple(t.shape) != spec.expected(n):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not fit this optimizer: it needs "
                          f"{spec.expected(n)}")
-    kind = _kind(t)
-    if kind != spec.kind and not (spec.kind == "f" and kind == "i") and not (spec.kind == "i" and kind == "b"):
-        words = {"f": "floating-point", "i": "integer", "b": "boolean"}
-        raise ValueError(f"{name} is {words[kind]} ({t.dtype}); a {words[spec.kind]} tensor belongs there")
-    if t.is_complex() or t.is_sparse:
-        raise ValueError(f"{name} must be a dense real tensor")
+    kind = "c" if t.is_complex() else _kind(t)
+    if kind != spec.kind:  # (a cast would change what the slot means: an int64 P, a bool S)
+        raise ValueError(f"{name} is {KIND_WORDS[kind]} ({t.dtype}); a {KIND_WORDS[spec.kind]} tensor belongs "
+                         f"there (this optimizer keeps it as {target})")
     if kind == "f" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} is not finite; a checkpoint with NaN or inf filter state would write them "
                          "into the weights at the next step")
@@ -193,18 +203,30 @@ def _checked_groups(opt: CheckpointOwner, saved_groups: Any) -> list[dict[str, A
         raise ValueError(f"the state has {len(saved_groups)} parameter group(s), this optimizer "
                          f"{len(opt.param_groups)}")
     new_groups = []
+    seen: dict[Any, int] = {}
     for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
             raise ValueError(f"param_groups[{index}] must be a dict with a 'params' list")
+        for key in saved["params"]:
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise ValueError(f"param_groups[{index}]['params'] holds {key!r} ({type(key).__name__}); the ids of "
+                                 "a state dict's parameters are integers")
+            if key in seen:
+                raise ValueError(f"param_groups[{index}]['params'] repeats the parameter id {key!r} (already in "
+                                 f"param_groups[{seen[key]}]); each parameter has one id")
+            seen[key] = index
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"group {index}: the state has {len(saved['params'])} parameters, "
                              f"this optimizer {len(group['params'])}")
-        missing = set(opt.specs) - set(saved)
+        missing = set(opt.specs) - set(saved) - set(ADDED_LATER)
         if missing:
             raise ValueError(f"group {index}: the state was saved by another composition (it lacks the "
                              f"hyper-parameters {sorted(missing)}); this optimizer runs {opt.filter.name!r}")
         # other keys (a scheduler's initial_lr, a user's label) travel with the group, as in torch
         merged = {k: v for k, v in saved.items() if k != "params"}
+        for name, value in ADDED_LATER.items():  # an older checkpoint: the behaviour it was saved with
+            if name in opt.specs:
+                merged.setdefault(name, value)
         for name in GROUP_OPTIONS:  # an older checkpoint: the options it lacks take this optimizer's defaults
             merged.setdefault(name, opt.defaults[name])
         try:

@@ -7,7 +7,8 @@
     kalmanopt plot runs/a
 
 A bad config stops before any training with one line naming every problem and the valid choices
-(exit status 2). Ctrl-C, or SIGTERM from a cluster scheduler, stops cleanly, keeping the runs that
+(exit status 2), and so does a file that cannot be read or written (a full disk: the runs saved before
+it stay in results.json). Ctrl-C, or SIGTERM from a cluster scheduler, stops cleanly, keeping the runs that
 finished (exit status 130, or 143 for SIGTERM); the same command with the same ``--out`` resumes.
 Progress is logged on stderr through Python ``logging``; a progress bar is drawn only on a terminal.
 """
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _error(message: str) -> int:
     print(f"kalmanopt: error: {message}", file=sys.stderr)
     return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an ``OSError`` that stopped a run (a full disk while writing results, a lost folder)."""
+    where = f" {str(exc.filename)!r}" if exc.filename is not None else ""
+    return (f"could not read or write{where}: {exc.strerror or exc}; the runs that finished before it are kept in "
+            "results.json (each file is replaced whole or not at all); fix the cause (free disk space) and run "
+            "the same command to resume")
 
 
 def _format_keywords(keywords: dict) -> str:
@@ -173,6 +182,8 @@ def _run(args: argparse.Namespace) -> int:
                 outcome = run_experiment(config, out, progress=progress)
             except ConfigError as exc:
                 return _error(str(exc))
+            except OSError as exc:  # a full disk, a folder that went away: one line, what was saved stays
+                return _error(os_error_message(exc))
             except KeyboardInterrupt as exc:  # outside the grid's loop (which keeps what finished itself)
                 how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
                 print(f"{how} outside training: every run that finished is kept in results.json; the same "
@@ -223,6 +234,8 @@ def _plot(args: argparse.Namespace) -> int:
             plots = write_reports(out, config, records) if records else []
     except ConfigError as exc:
         return _error(str(exc))
+    except OSError as exc:
+        return _error(os_error_message(exc))
     print(f"wrote {out}/summary.md, " + ", ".join(p.name for p in plots))
     return 0
 

@@ -29,7 +29,7 @@ class GradientMeasurement(LossMeasurement):
     """The minibatch gradient as a per-coordinate measurement of the true gradient.
 
     H_ℓ = g_ℓ;  L_ℓ = 1 (the innovation −H_ℓ is a vector, carried by the surrogate's direction;
-    with the guard, L_ℓ = 0 where the loss is below the target 0: a zero step).
+    with the guard, L_ℓ = 0 where the loss is below the target L*, ``target`` (0 by default): a zero step).
     R_k, the noise of the scalar loss, follows ``r`` and ``alpha_r`` as in
     :class:`~kalmanopt.measurement.LossMeasurement` (reported in the diagnostics, so that every
     preset takes the same noise keywords) but the step does not read it: the noise that matters
@@ -57,8 +57,10 @@ class GradientMeasurement(LossMeasurement):
             b.new_group["R"] = R_k
         b.R = R_k
         # L_ℓ = 1: the step's scalar factor; the innovation −H_ℓ is in the direction. With the guard a
-        # loss below the target L* = 0 gives a zero step, as for every preset (L_ℓ = 0)
-        below = (b.loss < 0) if b.hp.get("guard", True) else torch.zeros((), dtype=torch.bool, device=hh.device)
+        # loss below the target L* (``target``, 0 by default) gives a zero step, as for every preset (L_ℓ = 0)
+        under = b.loss < float(b.hp.get("target", 0.0))
+        b.count("below_target", under.to(torch.int64))
+        below = under if b.hp.get("guard", True) else torch.zeros((), dtype=torch.bool, device=hh.device)
         b.L = torch.where(below, torch.zeros_like(hh), torch.ones_like(hh))
         small = ~(torch.sqrt(hh) >= SKIP_GRAD_NORM)
         overflow = ~small & ~torch.isfinite(hh)

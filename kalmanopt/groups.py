@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Protocol
 
 from kalmanopt.options import GROUP_OPTIONS
+from kalmanopt.structure import check_structure
 
 __all__ = ["checked_group_values", "validate_groups", "GroupOwner"]
 
@@ -69,3 +70,4 @@ def validate_groups(opt: GroupOwner) -> None:
         for name, value in values.items():
             if group[name] is not value:
                 group[name] = value
+    check_structure(opt)  # the state against the groups: granularity, parameters, precision, device

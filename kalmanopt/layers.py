@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "state_dtype"]
+__all__ = ["Layer", "state_dtype", "group_key"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,3 +69,8 @@ class Layer:
             n = p.numel()
             p.detach().copy_(theta[offset : offset + n].view_as(p))
             offset += n
+
+
+def group_key(index: int) -> str:
+    """The key of group ``index``'s shared state in ``optimizer.state`` (``"group0"``, ...)."""
+    return f"group{index}"

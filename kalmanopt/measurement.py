@@ -1,6 +1,7 @@
 """The measurement model: what a minibatch tells the filter.
 
-Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* = 0. Per layer the
+Each minibatch loss L_k(θ) is a noisy scalar measurement of the target L* (the ``target``
+hyper-parameter, 0 by default; a loss that can be negative needs one at or below its minimum). Per layer the
 measurement Jacobian is the gradient with weight decay folded in, and the measured value is the
 loss with the layer's decay term added. The measurement noise R_k is fixed or estimated online.
 """
@@ -23,7 +24,7 @@ from kalmanopt.state import GroupState, StateTable
 SKIP_GRAD_NORM = 1e-9
 
 __all__ = ["SKIP_GRAD_NORM", "MeasurementModel", "LossMeasurement", "LOSS_STATISTICS", "loss_statistic",
-           "split_losses", "as_loss_tensor", "statistics_dtype"]
+           "split_losses", "as_loss_tensor", "statistics_dtype", "check_loss_device", "parameter_devices"]
 
 #: the loss statistics an online R estimate can follow
 LOSS_STATISTICS = ("second_moment", "variance")
@@ -47,6 +48,7 @@ def as_loss_tensor(loss: Any) -> Tensor:
             a loss must be.
     """
     if isinstance(loss, Tensor):
+        _check_loss_storage(loss)
         loss = loss.detach()
     elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
         loss = torch.tensor(float(loss), dtype=torch.float64)
@@ -57,8 +59,40 @@ def as_loss_tensor(loss: Any) -> Tensor:
                         f"Python number; got {type(loss).__name__}. A closure must return the loss itself "
                         "(not a tuple or a dict of outputs), step(loss=...) must be given it")
     if not loss.is_floating_point():
-        raise TypeError(f"the loss must be a floating-point tensor, got {loss.dtype}")
+        raise TypeError(f"the loss must be a floating-point tensor, got {loss.dtype}"
+                        + (" (an integer or boolean loss has no value to filter: compute it in floating point)"
+                           if not loss.is_complex() else " (the filter measures a real loss)"))
     return loss
+
+
+def _check_loss_storage(loss: Tensor) -> None:
+    """Refuse a loss tensor whose values cannot be read as a dense tensor (``ValueError``)."""
+    if loss.device.type == "meta":
+        raise ValueError("the loss is on the meta device: it has no values to measure (was the model built under "
+                         "torch.device('meta') and not materialised?); compute the loss on the parameters' device")
+    if getattr(loss, "is_nested", False):
+        raise ValueError("the loss is a nested tensor; pass the per-sample losses as one dense 1-D tensor "
+                         "(e.g. torch.cat(list_of_losses))")
+    if loss.layout != torch.strided:
+        raise ValueError(f"the loss is a {loss.layout} tensor; pass it dense (loss.to_dense())")
+
+
+def parameter_devices(param_groups: Any) -> set[torch.device]:
+    """The devices of the parameters of ``param_groups`` (a DTensor's: its local shard's)."""
+    return {p.device for group in param_groups for p in group["params"]}
+
+
+def check_loss_device(loss: Tensor, devices: set[torch.device], what: str = "the loss") -> None:
+    """Refuse a loss on another device than the parameters (``ValueError`` naming both); nothing is read.
+
+    A CPU tensor (as a Python number becomes) is accepted anywhere: it is one number or a few, copied to
+    the state's device. A loss on another accelerator than the parameters, or on the meta device, is refused.
+    """
+    if loss.device.type == "cpu" or not devices or loss.device in devices:
+        return
+    where = ", ".join(sorted(str(d) for d in devices))
+    raise ValueError(f"{what} is on {loss.device}, the parameters on {where}; compute it on the parameters' "
+                     "device (or pass it as a CPU tensor or a Python number)")
 
 
 def loss_statistic(losses: Tensor, kind: str) -> Tensor:
@@ -73,7 +107,7 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     """
     if kind not in LOSS_STATISTICS:
         raise ValueError(f"unknown loss_statistic {kind!r}; valid choices: {', '.join(LOSS_STATISTICS)}")
-    losses = losses.detach()
+    losses = as_loss_tensor(losses)
     losses = losses.to(statistics_dtype(losses.dtype))
     second_moment = torch.mean(torch.pow(losses, 2))
     if kind == "second_moment":
@@ -81,7 +115,8 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     return second_moment - torch.mean(losses) ** 2
 
 
-def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tuple[Tensor, Tensor | None]:
+def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool,
+                 allow_empty: bool = False) -> tuple[Tensor, Tensor | None]:
     """(L_k, s_k) from the per-sample losses (or their mean) a step is given, in at least float32.
 
     Given a single number (the mean) where the online R needs a statistic, s_k is mean² — the
@@ -91,15 +126,25 @@ def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool) -> tupl
         loss: the per-sample losses ℓ_i, or their mean (a tensor, or a Python number).
         kind: the statistic the online R follows (see :func:`loss_statistic`).
         needs_statistic: whether any filter estimates R online (else s_k is ``None``).
+        allow_empty: an empty loss gives (0, 0): a rank of several processes whose micro-batch is empty
+            contributes no sample to the global batch (the count it sends is 0); else it is refused.
 
     Raises:
         TypeError: a loss that is not a floating-point tensor or a real number.
         ValueError: an empty loss, or ``"variance"`` asked of a single (mean) loss.
     """
     losses = as_loss_tensor(loss)
-    losses = losses.to(statistics_dtype(losses.dtype))
+    if losses.numel() == 0 and allow_empty:
+        zero = torch.zeros((), dtype=statistics_dtype(losses.dtype), device=losses.device)
+        return zero, (zero.clone() if needs_statistic else None)
     if losses.numel() == 0:
-        raise ValueError("the loss is empty; pass the per-sample losses or their mean")
+        raise ValueError(f"the loss is empty (shape {tuple(losses.shape)}): a batch with no sample has no loss to "
+                         "measure; pass the per-sample losses or their mean (and skip the step of an empty batch)")
+    if sum(d > 1 for d in losses.shape) > 1:
+        raise ValueError(f"the per-sample losses have shape {tuple(losses.shape)}: which entries are the samples? "
+                         "Pass one loss per sample as a 1-D tensor (e.g. per-token losses: losses.mean(dim=1) per "
+                         "sequence, or losses.flatten() if every entry is a sample), or their mean")
+    losses = losses.to(statistics_dtype(losses.dtype))
     mean = losses.mean()
     if not needs_statistic:
         return mean, None
@@ -176,7 +221,8 @@ class MeasurementModel(Part, ABC):
 class LossMeasurement(MeasurementModel):
     """The loss as the measurement, weight decay folded into H and L, R fixed or an EMA.
 
-    H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²;
+    H_ℓ = g_ℓ + wd · θ_ℓ;   L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖², measured against the target L* (``target``,
+    default 0: the filter's innovation is L* − L_ℓ);
     R_k = r if r is given, else R_k = α_r R_{k-1} + (1 − α_r) s_k with R_0 = 1.
     A layer whose ‖g_ℓ‖₂ < 1e-9 is skipped (no state of it changes), and so is one whose ‖H_ℓ‖² or
     L_ℓ overflows the state precision (counted, reported).
@@ -188,6 +234,10 @@ class LossMeasurement(MeasurementModel):
         HyperParameter("alpha_r", 0.9, Range(0.0, 1.0, high_open=True),
                        "smoothing of the online estimate R_k = α_r R_{k-1} + (1 − α_r) s_k"),
         HyperParameter("weight_decay", 0.0, Range(0.0), "L2 weight decay folded into H and L"),
+        HyperParameter("target", 0.0, Range(),
+                       "the target L* the loss is measured against (the innovation is L* − L_ℓ): 0 for a loss "
+                       "that is >= 0; for one that can be negative (a Gaussian negative log-likelihood), a value "
+                       "at or below its minimum"),
     )
 
     def state_table(self) -> StateTable:
@@ -214,8 +264,12 @@ class LossMeasurement(MeasurementModel):
         b.R = R_k
         hh = red["hh"]
         gg = red.get("gg", hh)
-        # L_ℓ = L_k + ½ · wd · ‖θ_ℓ‖²
-        b.L = b.loss + 0.5 * wd * red["tt"] if "tt" in red else b.loss.expand_as(hh)
+        # L_ℓ − L* = (L_k − L*) + ½ · wd · ‖θ_ℓ‖²   (the measured value against its target; L* = 0 by default)
+        target = float(hp.get("target", 0.0))
+        excess = b.loss - target if target != 0.0 else b.loss
+        b.L = excess + 0.5 * wd * red["tt"] if "tt" in red else excess.expand_as(hh)
+        # a loss below its target: reported (the guard's clamped innovation leaves such a layer where it is)
+        b.count("below_target", (b.loss < target).to(torch.int64))
         # a layer with ‖g_ℓ‖₂ < 1e-9 is skipped; so is one whose ‖H_ℓ‖² or L_ℓ overflows the state precision
         small = ~(torch.sqrt(gg) >= SKIP_GRAD_NORM)
         overflow = ~small & ~(torch.isfinite(hh) & torch.isfinite(b.L))

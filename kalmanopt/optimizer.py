@@ -10,13 +10,13 @@ from torch.optim import Optimizer
 
 from kalmanopt.checkpoint import checked_state, group_key
 from kalmanopt.composition import Composition
-from kalmanopt.engines import resolve_engine, step
+from kalmanopt.engines import distributed, resolve_engine, step
 from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.engines.runtime import Runtime
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
-from kalmanopt.measurement import as_loss_tensor, split_losses, statistics_dtype
+from kalmanopt.measurement import as_loss_tensor, check_loss_device, parameter_devices, split_losses, statistics_dtype
 from kalmanopt.options import (
     GRANULARITIES,
     GROUP_OPTIONS,
@@ -302,6 +302,7 @@ class KalmanOptimizer(Optimizer):
         """
         self.validate_groups()
         loss = step_loss(closure, loss, type(self).__name__)
+        check_loss_device(as_loss_tensor(loss), parameter_devices(self.param_groups))
         mean, statistic = self._split_step_loss(loss)
         self.runtime.loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
         step.run_step(self, mean, statistic)
@@ -313,7 +314,9 @@ class KalmanOptimizer(Optimizer):
 
     def _split_step_loss(self, loss: Any) -> tuple[Tensor, Tensor | None]:
         """(L_k, s_k) of a step's loss; warns once when an online R has only the mean to follow."""
-        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic())
+        # (several processes: a rank's empty micro-batch adds no sample to the global batch)
+        mean, statistic = split_losses(loss, self.loss_statistic, self._needs_statistic(),
+                                       allow_empty=distributed.process_group(self) is not None)
         if statistic is not None and as_loss_tensor(loss).numel() == 1:
             self.runtime.warn_once("scalar loss", "step() was given one number (the mean loss) while R is estimated "
                             "online (r=None), so R follows mean² rather than the second moment of the per-sample "
@@ -323,6 +326,7 @@ class KalmanOptimizer(Optimizer):
     def _as_tensors(self, loss_mean: Tensor | float, loss_statistic: Tensor | float | None
                     ) -> tuple[Tensor, Tensor | None]:
         loss = as_loss_tensor(loss_mean)
+        check_loss_device(loss, parameter_devices(self.param_groups), "loss_mean")
         if loss.numel() != 1:
             raise ValueError(f"update() takes the mean loss (one number), got a tensor of shape "
                              f"{tuple(loss.shape)}; use step(loss=per_sample_losses) for those")
@@ -330,6 +334,7 @@ class KalmanOptimizer(Optimizer):
         statistic = None
         if loss_statistic is not None:
             statistic = as_loss_tensor(loss_statistic)
+            check_loss_device(statistic, parameter_devices(self.param_groups), "loss_statistic")
             if statistic.numel() != 1:
                 raise ValueError(
                     f"update(loss_mean, loss_statistic) takes the loss statistic s_k (one number: "

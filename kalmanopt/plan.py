@@ -237,8 +237,10 @@ def run_update_coefficients(composition: FilterParts, b: CoefficientStage) -> Co
     info = b.counters.pop("overflow", None)
     if info is not None:
         code = code | (info > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
+    below = b.counters.pop("below_target", None)  # (the measurement's: the loss below its target L*)
     if b.hp.get("guard", True):
-        code = code | (b.loss < 0).to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
+        below = (b.loss < 0) if below is None else below > 0
+        code = code | below.to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
     b.code = code
     b.count("skipped_layers", b.skip.sum() if b.skip.numel() else like.new_zeros((), dtype=torch.int64))
     return b

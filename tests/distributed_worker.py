@@ -225,6 +225,73 @@ def scenario_masked(rank: int, out: dict, *_: str) -> None:
         torch_ops.TorchEngine._host, buckets.CONFIG["elements"] = original
 
 
+ODD_PRESETS = ("koala++", "koala-m")
+
+
+def _odd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, rank: int, odd: int, case: str) -> tuple:
+    """One step of the ``odd`` scenario: rank ``odd`` is the odd one in the way ``case`` says. Returns (what
+    happened: "stepped", "refused: <message>" or "warned: <message>", the collectives of the step)."""
+    import warnings
+
+    x, y = batch(step, torch.float64)
+    half = GLOBAL_BATCH // WORLD
+    x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    if case == "empty" and rank == odd:
+        x, y = x[:0], y[:0]
+    two_phase = case.endswith("(update)")
+    case = case.replace(" (update)", "")
+    if two_phase:
+        opt.predict()
+    opt.zero_grad()
+    losses = losses_of(model, x, y)
+    if case != "none":  # "none": no rank runs backward
+        (losses.sum() / GLOBAL_BATCH).backward()
+    if case == "dropped" and rank == odd:
+        for p in model.parameters():
+            p.grad = None
+    if case == "one layer" and rank == odd:
+        list(model.parameters())[2].grad = None
+    with counting() as calls, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if two_phase:
+                mean = losses.detach().mean() if losses.numel() else torch.zeros((), dtype=losses.dtype)
+                applied = opt.update(mean, kalmanopt.loss_statistic(losses.detach(), "second_moment")
+                                     if losses.numel() else torch.zeros((), dtype=losses.dtype))
+                what = "stepped" if applied else "skipped"
+            else:
+                opt.step(loss=losses.detach())
+                what = "stepped"
+        except RuntimeError as e:
+            what = f"refused: {e}"
+    messages = [str(w.message) for w in caught if "no gradient" in str(w.message)]
+    if what in ("stepped", "skipped") and messages:
+        what = f"warned: {messages[0]}"
+    return what, len(calls)
+
+
+def scenario_odd(rank: int, out: dict, *_: str) -> None:
+    """Issue 27, item 1: each rank in turn the odd one — its gradients dropped (all, or one layer's), an empty
+    micro-batch — and no rank with a gradient, under DDP and FSDP2. Every rank takes part in every collective
+    (a gloo hang or read error otherwise) and all ranks do the same: step, refuse or skip together."""
+    for mode in ("ddp", "fsdp"):
+        for preset in ODD_PRESETS:
+            for case in ("dropped", "one layer", "empty", "none", "dropped (update)", "none (update)"):
+                for odd in range(WORLD) if not case.startswith("none") else (0,):
+                    model = wrap(make_model(torch.float64), mode)
+                    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+                    first, _ = _odd_step(model, opt, 0, rank, odd, "ok")  # a normal step: the state exists
+                    before = [full(p) for p in model.parameters()]
+                    counters = dict(opt.diagnostics()["counters"])
+                    what, calls = _odd_step(model, opt, 1, rank, odd, case)
+                    unchanged = all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())) and \
+                        opt.diagnostics()["counters"] == counters
+                    after, _ = _odd_step(model, opt, 2, rank, odd, "ok")  # and the run goes on
+                    out[("odd", mode, preset, case, odd)] = (first, what, calls, unchanged, after,
+                                                             [full(p) for p in model.parameters()],
+                                                             opt.diagnostics()["counters"])
+
+
 CHECKPOINT_PRESETS = ("koala++", "koala-m")
 
 

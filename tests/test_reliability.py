@@ -424,14 +424,14 @@ def test_weights_near_the_top_of_float32_keep_the_filter_state_finite(preset, im
 
 # ----------------------------------------------------------------------------- the guarantees' tests exist
 def test_every_test_the_guarantees_name_exists():
-    """docs/reliability.md §9 names a test for each guarantee: every `file.py::test_name` (and `::test_name`,
+    """docs/reliability.md's last section names a test per guarantee: every `file.py::test_name` (and `::test_name`,
     which continues the last file named in the same cell) is a test function defined in that file."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     text = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
-    section = text[text.index("## 9. Each guarantee and the test that holds it"):]
+    section = text[text.index("Each guarantee and the test that holds it"):]
     named = []
     for line in section.splitlines():
         if not line.startswith("| ") or line.startswith("| ---") or line.startswith("| guarantee"):

@@ -23,14 +23,15 @@ process filters its own loss), or a ``ProcessGroup``.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from kalmanopt.engines import ranks
 from kalmanopt.engines.runtime import OptimizerView
+from kalmanopt.engines.shards import _is_dtensor, is_sharded, local_tensor
 from kalmanopt.plan import state_table
 
 __all__ = ["AUTO", "check_process_group", "check_group_parameters", "process_group", "is_sharded",
@@ -44,36 +45,6 @@ def _dist() -> Any:
     import torch.distributed as dist
 
     return dist
-
-
-@functools.lru_cache(maxsize=1)
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
-#: tensor types that are never DTensors (checked first: the fused engine asks for every parameter each step)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _is_dtensor(t: Any) -> bool:
-    if type(t) in _PLAIN:
-        return False
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (shares its storage), or ``t`` itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def is_sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor split over ranks (a ``Shard`` placement)."""
-    return _is_dtensor(t) and any(p.is_shard() for p in t.placements)
 
 
 def check_process_group(value: Any) -> Any:
@@ -240,7 +211,8 @@ def synchronize_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | Non
         if red:
             device = next(iter(red.values())).device
             break
-    (moments,) = _reduce_tables([moments], _sharded_rows(works), group, device)
+    # (with every rank's gradient census and a row for every sharded layer: the same payload on every rank)
+    moments = ranks.reduce_update_payload(moments, works, group, device, all_reduce_sum)
     count = moments[2]
     mean = (moments[0] / count).to(loss.dtype)
     if statistic is None:

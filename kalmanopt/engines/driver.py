@@ -58,8 +58,10 @@ NONFINITE_KINDS = ((CODE_LOSS, "loss"), (CODE_STATISTIC, "statistic"), (CODE_GRA
 MESSAGES = {
     "nonfinite": ("non-finite {kinds} at {when}: the step was skipped and the parameters and filter state are "
                   "unchanged"),
-    "negative loss": ("the loss is negative; the filter's target is L* = 0, so a layer whose loss is below it "
-                      "does not move (shift the loss to be >= 0)"),
+    "negative loss": ("the loss is negative while the filter's target is L* = 0 (or below a target set with "
+                      "target=), so a layer whose loss is below it does not move; for a loss that can be "
+                      "negative (a Gaussian negative log-likelihood, a log-density) set target= at or below its "
+                      "minimum (docs/reliability.md)"),
     "overflow": "‖H‖² or the loss of a layer overflows the state precision; the layer was skipped (counted in "
                 "skipped_layers)",
     "step overflow": ("the step η·L·K of a layer overflows the state precision (a measurement noise R on its "
@@ -290,6 +292,8 @@ def no_gradient(opt: OptimizerView, call: str) -> bool:
     """Whether no parameter has a gradient (backward forgotten); if so, warn once. Nothing is changed."""
     if opt.gradients():
         return False
+    if distributed.process_group(opt) is not None:
+        return False  # several processes: every rank takes part in the step's all-reduce (engines/ranks.py)
     opt.runtime.warn_once("no gradient", MESSAGES["no gradient"].format(call=call))
     return True
 

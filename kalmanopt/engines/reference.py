@@ -63,8 +63,10 @@ class ReferenceEngine(TorchEngine):
         code = torch.zeros((), dtype=torch.int32, device=b.ok.device)
         if overflow is not None:
             code = code | (overflow > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
+        below = b.counters.pop("below_target", None)  # (the measurement's: the loss below its target L*)
         if b.hp.get("guard", True):
-            code = code | (b.loss < 0).to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
+            below = (b.loss < 0) if below is None else below > 0
+            code = code | below.to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
         b.code = code
         return b
 

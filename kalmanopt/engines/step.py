@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kalmanopt.contract import CODE_SKIPS
 from kalmanopt.engines import driver, graphs
+from kalmanopt.engines.ranks import NoGradientOnAnyRank
 from kalmanopt.engines.runtime import OptimizerView
 
 __all__ = ["run_step", "run_two_phase_update", "run_predict"]
@@ -39,7 +40,11 @@ def run_step(opt: OptimizerView, loss: Tensor, statistic: Tensor | None) -> None
     amp = driver.grad_scaler_code(opt)
     if amp is None and graphs.graphed_step(opt, loss, statistic):
         return
-    code = driver.predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
+    try:
+        code = driver.predict_if_due_then_update(opt, loss, statistic, amp, ride_predict=True)
+    except NoGradientOnAnyRank:  # several processes: no rank has a gradient (they found out together)
+        opt.runtime.warn_once("no gradient", driver.MESSAGES["no gradient"].format(call="step()"))
+        return
     driver.run_predict(opt, (code & CODE_SKIPS) == 0, ridden=True)
     driver.report(opt, code)
 
@@ -59,7 +64,11 @@ def run_two_phase_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | N
     driver.report_landed(opt)
     if driver.no_gradient(opt, "update()"):
         return False
-    code = driver.predict_if_due_then_update(opt, loss, statistic)
+    try:
+        code = driver.predict_if_due_then_update(opt, loss, statistic)
+    except NoGradientOnAnyRank:  # several processes: no rank has a gradient (they found out together)
+        opt.runtime.warn_once("no gradient", driver.MESSAGES["no gradient"].format(call="update()"))
+        return False
     applied = (code & CODE_SKIPS) == 0
     opt.runtime.predicted = not bool(applied)  # a skipped update leaves its predict standing
     driver.report(opt, code)

@@ -22,7 +22,7 @@ from typing import IO, Any, Callable
 
 from kalmanopt.runner.errors import ConfigError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_with", "OutputLock", "LOCK_NAME"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_with", "naming", "OutputLock", "LOCK_NAME"]
 
 #: the lock file inside an output folder
 LOCK_NAME = ".kalmanopt.lock"
@@ -54,13 +54,22 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[Any]], None], *, new
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:  # (a write's ENOSPC names no file: name it)
+            raise naming(exc, path) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` with ``path`` as its file name (an ``OSError`` of the same errno), for one-line reports."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

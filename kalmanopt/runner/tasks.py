@@ -310,6 +310,52 @@ def _gpt(data: Dataset, d_model: int = 128, n_layer: int = 2, n_head: int = 4, d
     return models.GPT(data.info["vocab_size"], data.info["block_size"], d_model, n_layer, n_head, dropout, bias)
 
 
+def _read_text_file(path: Path, max_bytes: int) -> bytes:
+    """The first ``max_bytes`` bytes of the ``--data`` file of the text task (no more is read: a huge file
+    costs no memory beyond them); ConfigError (one line) if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(max_bytes)
+    except OSError as exc:
+        raise ConfigError(f"task 'text': cannot read the data file {str(path)!r} ({exc.strerror or exc}); "
+                          "pass --data FILE, a readable text file") from None
+
+
+def _smallest_corpus(block: int, val_fraction: float) -> int:
+    """The fewest bytes a corpus needs: a validation tail and a training head of ``block + 1`` each."""
+    n = 2 * (block + 1)
+    while n - max(block + 1, int(n * val_fraction)) < block + 1:
+        n += 1
+    return n
+
+
+def _check_text_file(path: Path, block: int, val_fraction: Any, max_bytes: int) -> None:
+    """The upfront check of the text task's data file: readable, not empty, long enough for a block.
+
+    (Binary content is valid: the ``bytes`` vocabulary reads any bytes, ``chars`` decodes with
+    replacement characters.)
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(min(max_bytes, 1 << 24))
+    except OSError as exc:
+        raise ConfigError(f"task 'text': cannot read the data file {str(path)!r} ({exc.strerror or exc}); "
+                          "pass --data FILE, a readable text file") from None
+    if not head:
+        raise ConfigError(f"task 'text': the data file {str(path)!r} is empty; pass --data FILE with a text "
+                          "(e.g. path/to/tinyshakespeare.txt)")
+    try:
+        fraction = float(val_fraction)
+    except (TypeError, ValueError):
+        return  # (the task's own fraction check reports it)
+    if 0.0 < fraction < 1.0 and block >= 1:
+        needed = _smallest_corpus(block, fraction)
+        if len(head) < needed:
+            raise ConfigError(f"task 'text': the data file {str(path)!r} has {len(head)} bytes, too few for "
+                              f"block_size {block} and a validation split (at least {needed}); use a longer "
+                              "file or a smaller block_size")
+
+
 class TextTask(Task):
     """Byte-level language modelling: predict each next byte of a text."""
 
@@ -338,13 +384,16 @@ class TextTask(Task):
             raise ConfigError(f"task 'text': data file {str(options['data'])!r} not found; pass --data FILE "
                               "(a text file, e.g. path/to/tinyshakespeare.txt) or leave it out to "
                               "use Python's standard-library sources")
+        if options["data"] is not None:
+            _check_text_file(Path(options["data"]), int(options["block_size"]), options["val_fraction"],
+                             int(options["max_bytes"]))
         return options
 
     def load(self, options: dict[str, Any]) -> Dataset:
         """The byte stream split into a training head and a validation tail."""
         _check_fraction(options, self.name)
         block = int(options["block_size"])
-        raw = Path(options["data"]).read_bytes()[:options["max_bytes"]] if options["data"] else \
+        raw = _read_text_file(Path(options["data"]), int(options["max_bytes"])) if options["data"] else \
             stdlib_corpus(options["max_bytes"])
         vocab_size = 256
         if options["vocab"] == "chars":  # nanoGPT's character vocabulary: the corpus's characters, sorted
@@ -353,8 +402,9 @@ class TextTask(Task):
             index = {c: i for i, c in enumerate(chars)}
             stream = torch.tensor([index[c] for c in text], dtype=torch.long)
             vocab_size = len(chars)
-        else:
-            stream = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        else:  # (torch.frombuffer refuses an empty buffer: the length check below says what is wrong)
+            stream = torch.tensor(list(raw), dtype=torch.long) if not raw else \
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         n_val = max(block + 1, int(len(stream) * options["val_fraction"]))
         if len(stream) - n_val < block + 1:
             raise ConfigError(f"task 'text': the corpus has {len(stream)} bytes, too few for block_size {block} "
@@ -405,8 +455,19 @@ def _resnet50(data: Dataset, width: int = 64) -> nn.Module:
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """One batch file of the CIFAR python-format archive; ConfigError (one line) if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    except Exception as exc:  # garbage, a truncated download: pickle raises many kinds
+        raise ConfigError(f"{str(path)!r} is not a CIFAR python-format batch (unpickling failed: "
+                          f"{type(exc).__name__}); download the python version of the archive again") from None
+    if not isinstance(batch, dict):
+        raise ConfigError(f"{str(path)!r} is not a CIFAR python-format batch (it holds a {type(batch).__name__}, "
+                          "not a dict)")
+    return batch
 
 
 class CifarTask(Task):
@@ -455,8 +516,12 @@ class CifarTask(Task):
         images, labels = [], []
         for path in paths:
             batch = _unpickle(path)
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[self.label_key])
+            try:
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(batch[self.label_key])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"{str(path)!r} is not a CIFAR python-format batch ({type(exc).__name__}: "
+                                  f"{exc}); download the python version of the archive again") from None
         return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
 
     def load(self, options: dict[str, Any]) -> Dataset:

@@ -19,7 +19,7 @@ from kalmanopt.runner.distributed import Launch, device_of, global_mean, local_b
 from kalmanopt.runner.health import assess
 from kalmanopt.runner.provenance import engine_of, resolved_hyperparameters
 from kalmanopt.runner.results import json_safe as _json_safe
-from kalmanopt.runner.storage import atomic_write_with
+from kalmanopt.runner.storage import atomic_write_with, naming
 from kalmanopt.runner.tasks import Dataset, Task
 
 __all__ = ["MetricsLog", "train_run", "layer_names", "autocast_context", "PROGRESS_SECONDS"]
@@ -41,8 +41,11 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""
-        self._file.write(json.dumps(_json_safe(record)) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(_json_safe(record)) + "\n")
+            self._file.flush()
+        except OSError as exc:  # (a full disk: name the file)
+            raise naming(exc, self.path) from exc
 
     def close(self) -> None:
         """Close the file."""
