@@ -11,6 +11,7 @@ KOALA++ are presets.
 """
 
 from kalmanopt import filters as filters  # registers the built-in parts and presets
+from kalmanopt import optim as optim  # a torch.optim.Optimizer class per preset (kalmanopt.optim.KoalaPP)
 from kalmanopt.api import create, preset_keywords
 from kalmanopt.composition import Composition
 from kalmanopt.covariance import (
@@ -29,6 +30,7 @@ from kalmanopt.covariance import (
 from kalmanopt.dynamics import Dynamics, Momentum, RandomWalk
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.measurement import LossMeasurement, MeasurementModel, loss_statistic
+from kalmanopt.observation import observe
 from kalmanopt.optimizer import KalmanOptimizer, NonFiniteError
 from kalmanopt.registry import compose, get_part, get_preset, parts, presets, register_part, register_preset
 
@@ -36,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "create", "presets", "preset_keywords", "compose", "register_part", "register_preset", "get_part",
-    "get_preset", "parts", "KalmanOptimizer", "NonFiniteError", "Composition", "MeasurementModel",
+    "get_preset", "parts", "observe", "optim", "KalmanOptimizer", "NonFiniteError", "Composition", "MeasurementModel",
     "LossMeasurement", "loss_statistic", "Dynamics", "RandomWalk", "Momentum", "CovarianceSurrogate",
     "LeastSquaresEstimator", "Gain", "UpdateContext", "ScalarSurrogate", "BlockSurrogate",
     "DiagonalSurrogate", "ProductSurrogate", "LowRankSurrogate", "VanillaLeastSquares",

@@ -81,6 +81,9 @@ def list_everything() -> str:
         lines.append(f"  {'':<{width}}hyper-parameters: {_format_keywords({k: s.default for k, s in specs.items()})}")
         if preset.options():
             lines.append(f"  {'':<{width}}structural options: {_format_keywords(preset.options())}")
+        cls = kalmanopt.optim.preset_class(name)
+        torch_names = "".join(f"; torch's {a.name} = {'/'.join(a.targets)}" for a in cls.torch_aliases)
+        lines.append(f"  {'':<{width}}class: kalmanopt.optim.{cls.__name__}(params, **hyper-parameters){torch_names}")
     lines.append(f"  every Kalman optimizer also takes: {_format_keywords(OPTIONS)}, loss_statistic='second_moment' "
                  "(or 'variance'), strict=False, track_diagnostics=False")
     lines.append("")
