@@ -449,3 +449,33 @@ def test_timm_native_scaler_takes_the_observed_loss():
         scaler(losses.mean(), opt, clip_grad=1.0, parameters=model.parameters())
     with torch.no_grad():
         assert F.cross_entropy(model(X), y).item() < 0.5 * before
+
+
+# ---------------------------------------------------------------------- docs/integrations.md
+
+
+def _page_examples():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [pytest.param(block, id=f"{i}-{block.splitlines()[0].split(':')[1].strip()}")
+            for i, block in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("code", _page_examples())
+def test_each_example_of_the_integrations_page_runs(code, tmp_path, monkeypatch):
+    """Each block names what it requires on its first line (``# requires: lightning``); it runs as written."""
+    required = code.splitlines()[0].split(":", 1)[1].strip()
+    _import_or_skip(required, extra="timm" if required == "timm" else "integrations")
+    if required == "accelerate":
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__docs__"})
