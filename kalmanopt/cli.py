@@ -5,6 +5,7 @@
     kalmanopt run CONFIG --out runs/a --quick --seeds 0,1
     kalmanopt list
     kalmanopt plot runs/a
+    kalmanopt run my.toml --plugins my_parts     # import my_parts.py (it registers parts/presets) first
 
 A bad config stops before any training with one line naming every problem and the valid choices
 (exit status 2). Ctrl-C, or SIGTERM from a cluster scheduler, stops cleanly, keeping the runs that
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="the task's data: a text file (text) or the folder holding the CIFAR archive")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, plain log lines only (the default when stderr is not a terminal)")
-    commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
+    listing = commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
+    for command in (run, listing):
+        command.add_argument("--plugins", metavar="MODULES",
+                             help="modules to import first, with commas (a file my_parts.py in the current "
+                                  "folder is my_parts): they register parts and presets with kalmanopt's registry")
     plot = commands.add_parser("plot", help="redraw the summary and plots of an output folder")
     plot.add_argument("out", help="an output folder of kalmanopt run")
     return parser
@@ -230,10 +237,30 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_plugins(spec: str | None) -> None:
+    """Import the modules of ``--plugins`` (names with commas), the current folder first on the path.
+
+    Raises:
+        ImportError: a module that cannot be imported, with the name and the reason.
+    """
+    names = [name.strip() for name in (spec or "").split(",") if name.strip()]
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name.removesuffix(".py"))
+        except Exception as exc:  # noqa: BLE001 - the plugin's own error, reported as one line
+            raise ImportError(f"--plugins: cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kalmanopt`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        import_plugins(getattr(args, "plugins", None))
+    except ImportError as exc:
+        return _error(str(exc))
     if args.command == "run":
         return _run(args)
     if args.command == "list":

@@ -48,7 +48,7 @@ class KalmanTrainer(Trainer):
     Args:
         per_sample_loss: ``fn(outputs, labels) -> losses`` (1-D) for a model whose task is not one of
             :data:`~kalmanopt.integrations.hf_losses.TASKS`; the training loss is then their mean.
-        *args, **kwargs: as ``Trainer``; its optimizer must be a kalmanopt optimizer (``optimizers=`` or
+        args, kwargs: as ``Trainer``'s; its optimizer must be a kalmanopt optimizer (``optimizers=`` or
             ``optimizer_cls_and_kwargs=``).
 
     Raises:
