@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", help="a count N (seeds 0 .. N-1: --seeds 3 runs 0, 1, 2) or a list of seeds with "
                                      "commas (--seeds 0,5,7; one seed: --seeds 5,); overrides the config")
     run.add_argument("--quick", action="store_true", help="a short smoke run: the config's [quick] overrides")
+    run.add_argument("--steps", type=int, help="optimizer steps per run (replaces the config's steps or epochs)")
+    run.add_argument("--epochs", type=int, help="passes over the training data per run (replaces the config's "
+                                                "steps or epochs)")
     run.add_argument("--data", help="the task's data: a text file (text) or the folder holding the CIFAR archive")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, plain log lines only (the default when stderr is not a terminal)")
@@ -176,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
         with _sigterm_as_interrupt():
             try:
                 seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-                overrides = {"device": args.device, "seeds": seeds, "data": args.data}
+                overrides = {"device": args.device, "seeds": seeds, "data": args.data, "steps": args.steps,
+                             "epochs": args.epochs}
                 config = load_config(args.config, quick=args.quick, overrides=overrides)
                 out = Path(args.out) if args.out else None
                 progress = not args.no_progress and sys.stderr.isatty()

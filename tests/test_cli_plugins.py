@@ -65,3 +65,18 @@ def test_the_summary_says_triton_is_not_installed():
                 "provenance": {"torch": "2.13.0", "triton": None, "kalmanopt": "0.1.0", "python": "3.11"}}]
     text = "\n".join(_provenance_lines(records, {}))
     assert "triton not installed" in text and "torch 2.13.0" in text
+
+
+def test_steps_or_epochs_from_the_command_line_replace_the_configs_length(capsys):
+    from kalmanopt.runner import load_config
+
+    default = load_config(None)
+    assert default.epochs is not None and default.steps is None
+    by_steps = load_config(None, overrides={"steps": 3})
+    assert (by_steps.steps, by_steps.epochs) == (3, None)
+    by_epochs = load_config(None, quick=True, overrides={"epochs": 1})
+    assert (by_epochs.steps, by_epochs.epochs) == (None, 1)
+    assert main(["run", "--steps", "2", "--epochs", "1", "--out", "/nonexistent/never"]) == 2
+    assert "give exactly one of epochs and steps" in capsys.readouterr().err
+    assert main(["run", "--steps", "0", "--out", "/nonexistent/never"]) == 2
+    assert "steps" in capsys.readouterr().err
