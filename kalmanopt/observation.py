@@ -156,7 +156,8 @@ def closure_loss(out: Any, owner: str) -> Any:
         TypeError: ``None``, a tuple, a list or a dict, saying what the closure must return.
     """
     if out is None:  # (Lightning's do-nothing closure, where optimizer_step calls optimizer.step() bare)
-        raise TypeError("the closure returned None; "
+        raise TypeError(f"the closure returned None; {owner}.step(closure) needs it to return the loss: a tensor of "
+                        "per-sample losses or their mean, or a Python number. "
                         + NO_LOSS.format(owner=owner, integrations="; ".join(INTEGRATIONS)))
     if isinstance(out, (tuple, list, dict)):
         raise TypeError(f"the closure returned {type(out).__name__}; {owner}.step(closure) needs it to return the "
