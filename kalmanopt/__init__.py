@@ -11,7 +11,8 @@ KOALA++ are presets.
 """
 
 from kalmanopt import filters as filters  # registers the built-in parts and presets
-from kalmanopt.api import create, preset_keywords
+from kalmanopt import optim as optim  # a torch.optim.Optimizer class per preset (kalmanopt.optim.KoalaPP)
+from kalmanopt.api import create, find_kalman_optimizer, observe, preset_keywords
 from kalmanopt.composition import Composition
 from kalmanopt.covariance import (
     BlockSurrogate,
@@ -36,7 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "create", "presets", "preset_keywords", "compose", "register_part", "register_preset", "get_part",
-    "get_preset", "parts", "KalmanOptimizer", "NonFiniteError", "Composition", "MeasurementModel",
+    "get_preset", "parts", "observe", "find_kalman_optimizer", "optim",
+    "KalmanOptimizer", "NonFiniteError", "Composition", "MeasurementModel",
     "LossMeasurement", "loss_statistic", "Dynamics", "RandomWalk", "Momentum", "CovarianceSurrogate",
     "LeastSquaresEstimator", "Gain", "UpdateContext", "ScalarSurrogate", "BlockSurrogate",
     "DiagonalSurrogate", "ProductSurrogate", "LowRankSurrogate", "VanillaLeastSquares",

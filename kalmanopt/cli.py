@@ -5,6 +5,7 @@
     kalmanopt run CONFIG --out runs/a --quick --seeds 0,1
     kalmanopt list
     kalmanopt plot runs/a
+    kalmanopt run my.toml --plugins my_parts     # import my_parts.py (it registers parts/presets) first
 
 A bad config stops before any training with one line naming every problem and the valid choices
 (exit status 2), and so does a file that cannot be read or written (a full disk: the runs saved before
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,10 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", help="a count N (seeds 0 .. N-1: --seeds 3 runs 0, 1, 2) or a list of seeds with "
                                      "commas (--seeds 0,5,7; one seed: --seeds 5,); overrides the config")
     run.add_argument("--quick", action="store_true", help="a short smoke run: the config's [quick] overrides")
+    run.add_argument("--steps", type=int, help="optimizer steps per run (replaces the config's steps or epochs)")
+    run.add_argument("--epochs", type=int, help="passes over the training data per run (replaces the config's "
+                                                "steps or epochs)")
     run.add_argument("--data", help="the task's data: a text file (text) or the folder holding the CIFAR archive")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, plain log lines only (the default when stderr is not a terminal)")
-    commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
+    listing = commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
+    for command in (run, listing):
+        command.add_argument("--plugins", metavar="MODULES",
+                             help="modules to import first, with commas (a file my_parts.py in the current "
+                                  "folder is my_parts): they register parts and presets with kalmanopt's registry")
     plot = commands.add_parser("plot", help="redraw the summary and plots of an output folder")
     plot.add_argument("out", help="an output folder of kalmanopt run")
     return parser
@@ -90,6 +100,9 @@ def list_everything() -> str:
         lines.append(f"  {'':<{width}}hyper-parameters: {_format_keywords({k: s.default for k, s in specs.items()})}")
         if preset.options():
             lines.append(f"  {'':<{width}}structural options: {_format_keywords(preset.options())}")
+        cls = kalmanopt.optim.preset_class(name)
+        torch_names = "".join(f"; torch's {a.name} = {'/'.join(a.targets)}" for a in cls.torch_aliases)
+        lines.append(f"  {'':<{width}}class: kalmanopt.optim.{cls.__name__}(params, **hyper-parameters){torch_names}")
     lines.append(f"  every Kalman optimizer also takes: {_format_keywords(OPTIONS)}, loss_statistic='second_moment' "
                  "(or 'variance'), strict=False, track_diagnostics=False")
     lines.append("")
@@ -175,7 +188,8 @@ def _run(args: argparse.Namespace) -> int:
         with _sigterm_as_interrupt():
             try:
                 seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-                overrides = {"device": args.device, "seeds": seeds, "data": args.data}
+                overrides = {"device": args.device, "seeds": seeds, "data": args.data, "steps": args.steps,
+                             "epochs": args.epochs}
                 config = load_config(args.config, quick=args.quick, overrides=overrides)
                 out = Path(args.out) if args.out else None
                 progress = not args.no_progress and sys.stderr.isatty()
@@ -240,10 +254,30 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_plugins(spec: str | None) -> None:
+    """Import the modules of ``--plugins`` (names with commas), the current folder first on the path.
+
+    Raises:
+        ImportError: a module that cannot be imported, with the name and the reason.
+    """
+    names = [name.strip() for name in (spec or "").split(",") if name.strip()]
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name.removesuffix(".py"))
+        except Exception as exc:  # noqa: BLE001 - the plugin's own error, reported as one line
+            raise ImportError(f"--plugins: cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kalmanopt`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        import_plugins(getattr(args, "plugins", None))
+    except ImportError as exc:
+        return _error(str(exc))
     if args.command == "run":
         return _run(args)
     if args.command == "list":

@@ -17,6 +17,7 @@ from kalmanopt.engines.runtime import Runtime
 from kalmanopt.groups import checked_group_values, validate_groups
 from kalmanopt.layers import Layer, state_dtype
 from kalmanopt.measurement import as_loss_tensor, check_loss_device, parameter_devices, split_losses, statistics_dtype
+from kalmanopt.observation import ObservedLosses
 from kalmanopt.options import (
     GRANULARITIES,
     GROUP_OPTIONS,
@@ -130,6 +131,7 @@ class KalmanOptimizer(Optimizer):
         #: everything a step remembers for the next one: caches, flags, deferred warnings
         #: (:class:`~kalmanopt.engines.runtime.Runtime`); the engines keep nothing of their own
         self.runtime = Runtime()
+        self._observed = ObservedLosses()  # observe(): the losses step() uses when it is given none
         unknown = set(hyperparameters) - set(self.specs) - set(GROUP_OPTIONS)
         if unknown:
             raise TypeError(
@@ -205,6 +207,7 @@ class KalmanOptimizer(Optimizer):
                        "diagnostics": self.__dict__.pop("_diagnostics", {})}
         self.runtime = Runtime.from_carried(carried)
         self.__dict__.setdefault("process_group", "auto")
+        self.__dict__.setdefault("_observed", ObservedLosses())  # (pending observations are not copied)
 
     def group_state(self, index: int) -> dict:
         """The shared state of group ``index`` (``opt.state["group{index}"]``), created on first use from the
@@ -284,6 +287,16 @@ class KalmanOptimizer(Optimizer):
         return step.run_two_phase_update(self, loss, statistic)
 
     # ------------------------------------------------------------------ the one-call API
+    def observe(self, loss: Tensor | float) -> None:
+        """Hand one micro-batch's losses to the next ``step()``: per-sample losses (preferred) or their mean.
+
+        Call it once per micro-batch, after its backward; ``step()`` with no arguments then uses what was
+        observed since the last step, combined as one batch (:mod:`kalmanopt.observation`). This is how the
+        loss reaches the filter from trainers that call ``optimizer.step()`` with no arguments;
+        ``kalmanopt.observe(optimizer, loss)`` finds this optimizer inside their wrappers.
+        """
+        self._observed.add(loss)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
         """One step: the update for the current gradients, then the predict of the next step.
@@ -294,6 +307,10 @@ class KalmanOptimizer(Optimizer):
             loss: the per-sample losses (preferred: the statistic for R comes from them) or
                 their mean.
 
+        With neither, the step uses the losses given to :meth:`observe` since the last step (they also
+        win over a closure's return value, where the closure observed them); with nothing observed it
+        raises ``TypeError`` naming ``observe`` and the integrations, and changes nothing.
+
         Returns:
             The loss (the closure's, if one was given).
 
@@ -301,12 +318,12 @@ class KalmanOptimizer(Optimizer):
         nothing: no parameter, no filter state, no counter.
         """
         self.validate_groups()
-        loss = step_loss(closure, loss, type(self).__name__)
+        loss, returned = self._observed.step_loss(closure, loss, type(self).__name__)  # given, closure's, observed
         check_loss_device(as_loss_tensor(loss), parameter_devices(self.param_groups))
         mean, statistic = self._split_step_loss(loss)
         self.runtime.loss_count = as_loss_tensor(loss).numel()  # this process's samples (several processes)
         step.run_step(self, mean, statistic)
-        return loss
+        return returned
 
     # ------------------------------------------------------------------ internals
     def _needs_statistic(self) -> bool:

@@ -558,7 +558,8 @@ def load_config(path: str | Path | None = None, *, quick: bool = False, override
         path: a TOML file, or ``None`` for :data:`DEFAULT_CONFIG`.
         quick: apply the ``[quick]`` overrides.
         overrides: top-level values set after reading (``device``, ``seeds``; ``data`` goes to
-            ``task_options``), as the command line's flags do.
+            ``task_options``; ``steps`` or ``epochs`` replaces the config's length, given in either),
+            as the command line's flags do.
 
     Raises:
         ConfigError: every problem found, in one message, before anything is trained.
@@ -573,6 +574,9 @@ def load_config(path: str | Path | None = None, *, quick: bool = False, override
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
+    length = [key for key in ("steps", "epochs") if overrides.get(key) is not None]
+    if len(length) == 1:  # --steps or --epochs: the run's length replaces the config's, given either way
+        setattr(config, "epochs" if length == ["steps"] else "steps", None)
     if data is not None and isinstance(config.task_options, dict):
         config.task_options = {**config.task_options, "data": str(data)}
     with problems.collect():

@@ -145,9 +145,10 @@ COUNTER_COLUMNS = {"skipped_layers": "skipped layers", "guard_restarts": "guard 
                    "nonfinite_steps": "non-finite steps"}
 
 
-def _distinct(records: list[dict[str, Any]], key: str) -> str:
+def _distinct(records: list[dict[str, Any]], key: str, missing: str = "unknown") -> str:
+    """The distinct values of a provenance entry over the runs; ``missing`` where none has one."""
     values = list(dict.fromkeys(str((r.get("provenance") or {}).get(key)) for r in records))
-    values = [v for v in values if v not in ("None", "")] or ["unknown"]
+    values = [v for v in values if v not in ("None", "")] or [missing]
     return " / ".join(values)
 
 
@@ -175,7 +176,8 @@ def _provenance_lines(records: list[dict[str, Any]], config: dict[str, Any]) -> 
     wall = sum(float(r.get("seconds", 0.0)) for r in records)
     commit = _distinct(records, "git_commit")
     where = [f"**Device**: {_distinct(records, 'device')} ({_distinct(records, 'device_name')})",
-             f"**Versions**: torch {_distinct(records, 'torch')}, triton {_distinct(records, 'triton')}, "
+             f"**Versions**: torch {_distinct(records, 'torch')}, "
+             f"triton {_distinct(records, 'triton', 'not installed')}, "
              f"kalmanopt {_distinct(records, 'kalmanopt')}, Python {_distinct(records, 'python')}",
              f"**Commit**: {commit if commit != 'unknown' else 'not a git checkout'}",
              f"**Wall time**: {wall:.1f} s of training in {len(records)} runs"]

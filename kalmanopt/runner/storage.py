@@ -41,6 +41,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_with(path: str | Path, write: Callable[[IO[Any]], None], *, newline: str | None = None,
                       binary: bool = False) -> None:
     """Replace ``path`` by what ``write(file)`` writes into a text (or, ``binary``, bytes) file, atomically
@@ -48,6 +55,7 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[Any]], None], *, new
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: the mode open() gives (0644)
         opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline=newline)
         with opened as f:
             write(f)
