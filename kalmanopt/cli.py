@@ -28,13 +28,22 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import kalmanopt
+from kalmanopt.optimizer import OPTIONS
+from kalmanopt.registry import get_preset
+from kalmanopt.runner import ConfigError, load_config, run_experiment
+from kalmanopt.runner.config import parse_seeds
+from kalmanopt.runner.experiment import write_reports
+from kalmanopt.runner.optimizers import TORCH_BASELINES, baseline_keywords
+from kalmanopt.runner.results import load_results
+from kalmanopt.runner.storage import OutputLock
+from kalmanopt.runner.tasks import TASKS, model_keywords
+
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kalmanopt`` command."""
-    import kalmanopt
-
     parser = argparse.ArgumentParser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch: "
                                      "run ablations and compare them with torch baselines.")
     parser.add_argument("--version", action="version", version=f"kalmanopt {kalmanopt.__version__}")
@@ -85,12 +94,6 @@ def _format_keywords(keywords: dict) -> str:
 
 def list_everything() -> str:
     """The text of ``kalmanopt list``."""
-    import kalmanopt
-    from kalmanopt.optimizer import OPTIONS
-    from kalmanopt.registry import get_preset
-    from kalmanopt.runner.optimizers import TORCH_BASELINES, baseline_keywords
-    from kalmanopt.runner.tasks import TASKS, model_keywords
-
     lines = ["Presets  ([[optimizers]] preset = NAME, or kalmanopt.create(NAME, params, ...)):"]
     width = max(len(n) for n in kalmanopt.presets()) + 2
     for name in kalmanopt.presets():
@@ -179,9 +182,6 @@ def _setup_logging() -> logging.Handler:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kalmanopt.runner import ConfigError, load_config, run_experiment
-    from kalmanopt.runner.config import parse_seeds
-
     handler = _setup_logging()
     terminated = _Terminated.seen = False
     try:
@@ -229,11 +229,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from kalmanopt.runner import ConfigError
-    from kalmanopt.runner.experiment import write_reports
-    from kalmanopt.runner.results import load_results
-    from kalmanopt.runner.storage import OutputLock
-
     out = Path(args.out)
     if not (out / "results.json").is_file():
         return _error(f"{str(out)!r} holds no results.json; pass an output folder of `kalmanopt run`")
