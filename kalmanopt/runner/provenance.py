@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+import kalmanopt
 from kalmanopt.engines import resolve_engine as resolve_implementation
 from kalmanopt.optimizer import KalmanOptimizer
 
@@ -62,8 +63,6 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device, requested: str | None = None) -> dict[str, Any]:
     """The machine and software a run used (see the module docstring)."""
-    import kalmanopt
-
     info: dict[str, Any] = {
         "device": str(device),
         "device_requested": requested if requested is not None else str(device),
