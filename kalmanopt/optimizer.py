@@ -435,28 +435,6 @@ class KalmanOptimizer(Optimizer):
             post_hook(self)
 
 
-def step_loss(closure: Callable[[], Tensor] | None, loss: Tensor | None, owner: str) -> Tensor:
-    """The loss a ``step(closure=None, *, loss=None)`` works with: ``loss``, else the closure's.
-
-    The closure runs with gradients enabled (it calls ``backward``) whenever one is given. It must
-    return the loss: a tensor (per-sample losses or their mean) or a Python number; a tuple or a
-    dict is a ``TypeError`` saying so.
-    """
-    if closure is not None:
-        with torch.enable_grad():
-            out = closure()
-        if loss is None:
-            if out is None or isinstance(out, (tuple, list, dict)):
-                raise TypeError(f"the closure returned {type(out).__name__}; {owner}.step(closure) needs it to "
-                                "return the loss: a tensor of per-sample losses or their mean, or a Python number "
-                                "(return loss, not (loss, output) or a dict)")
-            loss = out
-    if loss is None:
-        raise TypeError(f"{owner}.step needs the loss: step(loss=per_sample_losses) or "
-                        "step(closure) with a closure that returns it")
-    return loss
-
-
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """A copy of ``value`` on ``device``, floating-point tensors in the filter-state precision ``dtype``.
 

@@ -43,7 +43,7 @@ from kalmanopt.state import StateTable
 
 __all__ = ["FilterParts", "UpdatePlan", "PredictPlan", "StepPlan", "DeclarationError", "compile_plan",
            "plan_key", "update_plan", "predict_plan", "state_table", "contract_gap", "find_contract_gap",
-           "check_declarations", "run_update_coefficients", "run_predict_coefficients"]
+           "check_declarations", "run_update_coefficients", "run_predict_coefficients", "measurement_report"]
 
 
 class FilterParts(Protocol):
@@ -234,16 +234,25 @@ def run_update_coefficients(composition: FilterParts, b: CoefficientStage) -> Co
     composition.dynamics.coefficients(b)
     if wild is not None:
         code = code | wild.any().to(torch.int32) * CODE_STEP_OVERFLOW * b.ok.to(torch.int32)
-    info = b.counters.pop("overflow", None)
-    if info is not None:
-        code = code | (info > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
+    b.code = code | measurement_report(b)
+    b.count("skipped_layers", b.skip.sum() if b.skip.numel() else like.new_zeros((), dtype=torch.int64))
+    return b
+
+
+def measurement_report(b: CoefficientStage) -> Tensor:
+    """The bits of a step's code the measurement reports (a 0-d int32): a layer whose ‖H‖² or loss overflowed
+    (the ``overflow`` counter), a loss below the target L* (``below_target``; with the guard). Pops both
+    counters; 0 where the step is not ok."""
+    ok = b.ok.to(torch.int32)
+    code = torch.zeros((), dtype=torch.int32, device=b.ok.device)
+    overflow = b.counters.pop("overflow", None)
+    if overflow is not None:
+        code = code | (overflow > 0).to(torch.int32) * CODE_OVERFLOW * ok
     below = b.counters.pop("below_target", None)  # (the measurement's: the loss below its target L*)
     if b.hp.get("guard", True):
         below = (b.loss < 0) if below is None else below > 0
-        code = code | below.to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
-    b.code = code
-    b.count("skipped_layers", b.skip.sum() if b.skip.numel() else like.new_zeros((), dtype=torch.int64))
-    return b
+        code = code | below.to(torch.int32) * CODE_NEGATIVE_LOSS * ok
+    return code
 
 
 def run_predict_coefficients(composition: FilterParts, b: CoefficientStage) -> CoefficientStage:

@@ -22,8 +22,6 @@ import torch
 from torch import Tensor
 
 from kalmanopt.contract import (
-    CODE_NEGATIVE_LOSS,
-    CODE_OVERFLOW,
     CODE_STEP_OVERFLOW,
     STEP_COEFFICIENT,
     CoefficientStage,
@@ -31,7 +29,7 @@ from kalmanopt.contract import (
 )
 from kalmanopt.covariance.base import Gain
 from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
-from kalmanopt.plan import DeclarationError, contract_gap
+from kalmanopt.plan import DeclarationError, contract_gap, measurement_report
 from kalmanopt.program import Reduction, Vec, hp_coefficients, prepare_program, reduce_layer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,15 +57,7 @@ class ReferenceEngine(TorchEngine):
         # the measurement's part of the batch (R_k, L_ℓ, the skip rule); gains come per layer in apply
         composition.measurement.coefficients(b)
         b.skip = b.skip | ~b.ok
-        overflow = b.counters.pop("overflow", None)
-        code = torch.zeros((), dtype=torch.int32, device=b.ok.device)
-        if overflow is not None:
-            code = code | (overflow > 0).to(torch.int32) * CODE_OVERFLOW * b.ok.to(torch.int32)
-        below = b.counters.pop("below_target", None)  # (the measurement's: the loss below its target L*)
-        if b.hp.get("guard", True):
-            below = (b.loss < 0) if below is None else below > 0
-            code = code | below.to(torch.int32) * CODE_NEGATIVE_LOSS * b.ok.to(torch.int32)
-        b.code = code
+        b.code = measurement_report(b)
         return b
 
     def reduce_update(self, ctx: GroupContext) -> tuple[_Work, dict[str, Tensor], dict[str, Tensor], Tensor]:
