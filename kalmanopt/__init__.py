@@ -18,7 +18,9 @@ from kalmanopt.covariance import (
     BlockSurrogate,
     CovarianceSurrogate,
     DiagonalSurrogate,
+    FactoredSurrogate,
     Gain,
+    KroneckerSurrogate,
     LeastSquaresEstimator,
     LowRankSurrogate,
     ProductSurrogate,
@@ -42,5 +44,5 @@ __all__ = [
     "LossMeasurement", "loss_statistic", "Dynamics", "RandomWalk", "Momentum", "CovarianceSurrogate",
     "LeastSquaresEstimator", "Gain", "UpdateContext", "ScalarSurrogate", "BlockSurrogate",
     "DiagonalSurrogate", "ProductSurrogate", "LowRankSurrogate", "VanillaLeastSquares",
-    "SymmetricLeastSquares", "HyperParameter", "Range", "__version__",
+    "SymmetricLeastSquares", "FactoredSurrogate", "KroneckerSurrogate", "HyperParameter", "Range", "__version__",
 ]

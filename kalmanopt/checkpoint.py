@@ -32,6 +32,7 @@ from kalmanopt.engines.distributed import local_tensor
 from kalmanopt.groups import checked_group_values
 from kalmanopt.layers import group_key, state_dtype
 from kalmanopt.options import GROUP_OPTIONS
+from kalmanopt.plan import state_table
 
 __all__ = ["CheckedState", "checked_state", "state_layout", "group_key", "CheckpointOwner"]
 
@@ -245,6 +246,17 @@ def _checked_groups(opt: CheckpointOwner, saved_groups: Any) -> list[dict[str, A
     return new_groups
 
 
+def _layer_layout(opt: CheckpointOwner, layout: Mapping[str, Any], group: Mapping[str, Any], p: Tensor
+                  ) -> dict[str, Any]:
+    """The layout of parameter ``p``'s state: the probe's, without workspace vectors (never saved), and with
+    each factor shaped for ``p`` read as a matrix (the probe's parameters are vectors)."""
+    table = state_table(opt.filter)
+    out = {k: v for k, v in layout.items() if k not in table.workspace_keys}
+    for name, shape in table.factor_shapes(tuple(p.shape), group).items():
+        out[name] = TensorSpec(shape, "f")
+    return out
+
+
 def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
     """Check ``state_dict`` against ``opt`` and return what loading it commits; ``ValueError`` if it does not fit.
 
@@ -281,7 +293,8 @@ def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
             if new_groups[index]["granularity"] == "global":
                 raise ValueError(f"state of parameter {key!r}: group {index} runs one global filter, which keeps "
                                  "its state in the group, not per parameter")
-            new_state[p] = _check_entries(value, layout(index)["layer"], local_tensor(p).numel(),
+            new_state[p] = _check_entries(value, _layer_layout(opt, layout(index)["layer"], new_groups[index], p),
+                                          local_tensor(p).numel(),
                                           f"state of parameter {key!r} (shape {tuple(p.shape)})",
                                           state_dtype(p.dtype), p.device)
         elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
@@ -290,6 +303,9 @@ def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
             params = opt.param_groups[index]["params"]
             dtype, device = _group_dtype_device(params)
             group_layout = dict(layout(index)["group"])
+            workspace = state_table(opt.filter).workspace_keys
+            group_layout = {k: ({n: spec for n, spec in v.items() if n not in workspace} if isinstance(v, Mapping)
+                                else v) for k, v in group_layout.items()}
             nested = [k for k, v in group_layout.items() if isinstance(v, Mapping)]
             if new_groups[index]["granularity"] != "global":
                 for k in nested:

@@ -404,6 +404,9 @@ class KalmanOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The torch state dict (tensors, numbers, strings only) plus ``"filter"``: the parts that made it."""
         state = super().state_dict()
+        workspace = state_table(self.filter).workspace_keys
+        if workspace:  # (buffers a matrix stage fills before every use: never saved)
+            state["state"] = {key: _without(entry, workspace) for key, entry in state["state"].items()}
         state["filter"] = self.filter_signature()
         return state
 
@@ -445,3 +448,10 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(value, Mapping):
         return {k: _to_device(v, device, dtype) for k, v in value.items()}
     return value
+
+
+def _without(entry: Any, keys: tuple[str, ...]) -> Any:
+    """A state entry without ``keys`` (also inside a global layer's nested entry)."""
+    if not isinstance(entry, Mapping):
+        return entry
+    return {k: _without(v, keys) for k, v in entry.items() if k not in keys}

@@ -7,6 +7,10 @@ A step of a Kalman optimizer, per parameter group, is three stages (see docs/des
    a :class:`~kalmanopt.contract.CoefficientStage`, no Python loop over layers, no host synchronisation);
 3. **apply**: one pass over each layer's vectors running the element-wise programs.
 
+A structured surrogate adds **matrix stages** (:mod:`kalmanopt.matrix`) around them: batched torch work on
+each layer read as an m × n matrix, ahead of stage 1 (filling workspace vectors the passes read) and
+after stage 3 (its factors' posterior, from this step's coefficients).
+
 :func:`compile_plan` joins the declarations of a composition's parts into an immutable
 :class:`StepPlan` (one update and one predict) for a group's structural options; engines execute it
 and name no part. :func:`check_declarations` runs when a composition is built: it walks the plan and
@@ -38,6 +42,7 @@ from kalmanopt.contract import (
     finite_steps,
 )
 from kalmanopt.hyperparams import HyperParameter
+from kalmanopt.matrix import MatrixBlock, MatrixStage
 from kalmanopt.program import MEASUREMENT_VECTORS, Assign, Reduction, State, coefficients_read, vectors_read
 from kalmanopt.state import StateTable
 
@@ -70,6 +75,7 @@ class UpdatePlan:
     program: tuple[Assign, ...]      # the surrogate's and the dynamics' correction
     outputs: tuple[str, ...]         # env keys written back (state vectors, theta)
     n_gain: int
+    stages: tuple[MatrixStage, ...] = ()  # the surrogate's matrix stages (kalmanopt.matrix), in order
 
     @property
     def full_program(self) -> tuple[Assign, ...]:
@@ -191,7 +197,8 @@ def update_plan(composition: FilterParts, hp: Mapping[str, Any], diagnostics: bo
     n_gain = d.state_dim
     steps = [STEP_COEFFICIENT.format(i) for i in range(n_gain)]
     program = tuple(s.program(hp)) + tuple(d.correction(s.direction(hp), steps, hp))
-    return UpdatePlan(state_table(composition), reductions, pre, program, _outputs(program), n_gain)
+    stages = tuple(s.matrix_stages(hp)) if hasattr(s, "matrix_stages") else ()
+    return UpdatePlan(state_table(composition), reductions, pre, program, _outputs(program), n_gain, stages)
 
 
 def predict_plan(composition: FilterParts, hp: Mapping[str, Any]) -> PredictPlan:
@@ -425,6 +432,70 @@ def _check_update(composition: FilterParts, m: Any, d: Any, s: Any, hp: dict[str
         known.add(a.target.name)
     _check_program(f"{_part_name('surrogate', s)}'s or {_part_name('dynamics', d)}'s update program", plan.program,
                    table, known, provided, "hyper-parameters and the coefficients the parts make")
+    if plan.stages:
+        _check_stages(_part_name("surrogate", s), plan, hp, set(b.coef))
+
+
+def _check_stages(owner: str, plan: UpdatePlan, hp: Mapping[str, Any], coefficients: set[str]) -> None:
+    """The matrix stages' reads, writes, factors and coefficients declared, then a dry run on two tiny blocks
+    (a 3 × 2 matrix and a column that is not one), their outputs' shapes checked."""
+    table = plan.table
+    vectors = {e.name for e in table.vectors}
+    factors = {e.name for e in table.factors}
+    provided = coefficients | set(hp)
+    for stage in plan.stages:
+        where = f"{owner}'s matrix stage {stage.name!r}"
+        for name in stage.reads:
+            if name not in (*MEASUREMENT_VECTORS, *vectors):
+                raise DeclarationError(f"{where} reads the vector {name!r}, which is neither a measurement vector "
+                                       f"({', '.join(MEASUREMENT_VECTORS)}) nor a declared state vector (declared: "
+                                       f"{', '.join(map(repr, sorted(vectors))) or 'none'})")
+        for name in stage.writes:
+            if name not in vectors:
+                raise DeclarationError(f"{where} writes the vector {name!r}, which no part declares (add "
+                                       f"VectorState({name!r}, workspace=True) to the part's state_table())")
+        for name in stage.factors:
+            if name not in factors:
+                raise DeclarationError(f"{where} reads the factor {name!r}, which no part declares (declared: "
+                                       f"{', '.join(map(repr, sorted(factors))) or 'none'}; add a FactorState)")
+        for name in stage.coefficients:
+            if name not in provided:
+                raise DeclarationError(f"{where} reads the coefficient {name!r}, which no part provides (the "
+                                       f"coefficients the parts make: {', '.join(map(repr, sorted(coefficients)))})")
+        stage.interval(hp)
+    for shape in ((3, 2), (4,)):
+        _dry_stages(owner, plan, hp, shape)
+
+
+def _dry_stages(owner: str, plan: UpdatePlan, hp: Mapping[str, Any], shape: tuple[int, ...]) -> None:
+    m, n = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+    layers = 2
+    like = torch.ones((), dtype=torch.float64)
+    block = MatrixBlock(m, n, len(shape) == 2, hp)
+    reads = {name for stage in plan.stages for name in stage.reads}
+    block.x = {name: torch.linspace(0.5, 1.5, layers * m * n, dtype=like.dtype).reshape(layers, m, n)
+               for name in reads}
+    block.factors = {e.name: torch.stack([e.initial(shape, hp, like.dtype, like.device)] * layers)
+                     for e in plan.table.factors}
+    block.keep = torch.ones(layers, dtype=torch.bool)
+    block.coef = {name: torch.full((layers,), 2.0, dtype=like.dtype) for stage in plan.stages
+                  for name in stage.coefficients}
+    for stage in [s for s in plan.stages if s.when == "before"] + [s for s in plan.stages if s.when == "after"]:
+        where = f"{owner}'s matrix stage {stage.name!r} (dry run on {layers} layers of shape {shape})"
+        block.out = {}
+        stage.run(block)
+        for name in stage.writes:
+            out = block.out.get(name)
+            if not isinstance(out, Tensor) or tuple(out.shape) != (layers, m, n):
+                got = tuple(out.shape) if isinstance(out, Tensor) else "nothing"
+                raise DeclarationError(f"{where} made {name!r} of shape {got}; it must be [layers, m, n] = "
+                                       f"{(layers, m, n)}")
+        for name, new in block.new_factors.items():
+            old = block.factors.get(name)
+            if old is None or not isinstance(new, Tensor) or new.shape != old.shape:
+                want = tuple(old.shape) if old is not None else "a declared factor"
+                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise DeclarationError(f"{where} set the factor {name!r} of shape {got}; it must be {want}")
 
 
 def _check_predict(composition: FilterParts, d: Any, hp: dict[str, Any], hp_names: set[str]) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor
 from kalmanopt.engines.shards import local_tensor
 from kalmanopt.layers import group_key, state_dtype
 from kalmanopt.options import OPTIMIZER_OPTIONS
+from kalmanopt.plan import state_table
 
 
 class StructureOwner(Protocol):
@@ -88,8 +89,9 @@ def _check_group(opt: StructureOwner, index: int, group: Mapping[str, Any]) -> N
         state = group_state.get("global") if isinstance(group_state, Mapping) else None
         if state:
             numel = sum(_local(p).numel() for p in params)
+            factors = {e.name for e in state_table(opt.filter).factors}  # (sized by the layer's rows or columns)
             for name, value in state.items():
-                if isinstance(value, Tensor) and value.dim() == 1 and value.numel() != numel:
+                if isinstance(value, Tensor) and value.dim() == 1 and value.numel() != numel and name not in factors:
                     raise ValueError(f"{where}: the parameters of its global filter changed ({numel} elements now, "
                                      f"{value.numel()} in its state {name!r}); the global state does not follow "
                                      "another set of parameters: build a new optimizer; nothing changed")

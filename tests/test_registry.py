@@ -131,6 +131,7 @@ def test_registering_a_taken_name_needs_replace():
 
 def test_every_preset_lists_its_keywords_and_builds():
     assert kalmanopt.presets() == sorted(["koala-v", "koala-m", "koala++", "koala++-ns", "koala-diag", "koala++-lr",
+                                          "koala-factored", "koala-kron",
                                           "koala-adam", "koala-adam-riccati", "koala-adam-innovation",
                                           "koala-adam-steady"])
     for name in kalmanopt.presets():

@@ -15,6 +15,7 @@ from kalmanopt.covariance.per_layer import (
     contract_gain,
     predict_group_in_place,
 )
+from kalmanopt.matrix import MatrixStage
 from kalmanopt.part import Part
 from kalmanopt.program import Assign, Expr, Reduction
 from kalmanopt.state import StateTable
@@ -80,6 +81,10 @@ class CovarianceSurrogate(Part, ABC):
 
     def predict_group(self, b: Any, F: Tensor, Q: Tensor) -> None:
         """P̂ = F P Fᵀ + Q for a shared P, into ``b.new_group``; default: nothing."""
+
+    def matrix_stages(self, hp: Mapping[str, Any]) -> tuple[MatrixStage, ...]:
+        """The surrogate's work on layers read as matrices (:mod:`kalmanopt.matrix`); default: none."""
+        return ()
 
     # ------------------------------------------------------------------ the per-layer API
     def init_group_state(self, group_state: dict, hp: Mapping[str, Any], dtype: torch.dtype,

@@ -9,7 +9,8 @@ For every engine, an update is::
     batched    engine.update_coefficients(batch)    every part's coefficients, all layers at once
     pass 2     engine.apply_update(group, batch)    element-wise programs, state, counters
 
-and a predict the same with the dynamics' reductions and program. A skipped step changes nothing.
+with a structured surrogate's matrix stages (:mod:`kalmanopt.engines.matrix_stages`) before pass 1 and
+after pass 2, and a predict the same with the dynamics' reductions and program. A skipped step changes nothing.
 On an engine with ``device_step`` the check is a device mask, and the warning is deferred: the code is
 OR-ed into a device accumulator, copied without blocking to pinned memory and read on a later step
 once the copy has landed (at once on the CPU, where reading costs nothing).
@@ -42,7 +43,7 @@ from kalmanopt.contract import (
     STEP_COEFFICIENT,
     CoefficientStage,
 )
-from kalmanopt.engines import distributed
+from kalmanopt.engines import distributed, matrix_stages
 from kalmanopt.engines.runtime import OptimizerView
 from kalmanopt.engines.selection import resolve_engine
 from kalmanopt.engines.torch_ops import GroupContext
@@ -189,7 +190,12 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
     contexts = group_contexts(opt, ride_predict=ride_predict)
     device = _device(opt)
     works = []
+    staged = []
     for engine, ctx in contexts:
+        # a structured surrogate's matrix stages first: the workspace vectors the passes read
+        staged.append(matrix_stages.run_before(ctx.composition, ctx.group, ctx.group_state, ctx.layers, ctx.runtime,
+                                               ctx.index, ctx.diagnostics)
+                      if matrix_stages.has_stages(ctx.composition, ctx.group, ctx.runtime) else None)
         works.append(engine.reduce_update(ctx))
     # several processes: the global batch's loss and statistic, the sharded layers' sums (one all-reduce)
     loss, statistic = distributed.synchronize_update(opt, loss, statistic, works)
@@ -224,8 +230,9 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
         engine.update_coefficients(ctx.composition, b)
         batches.append(b)
-    for (engine, ctx), (work, _, _, _), b in zip(contexts, works, batches):
+    for (engine, ctx), (work, _, _, _), b, group_stages in zip(contexts, works, batches, staged):
         engine.apply_update(work, b)
+        matrix_stages.run_after(group_stages, b)  # the factors' posterior, where a layer took the update
         _drop_empty_global(ctx.group_state)
         state = ctx.group_state
         state["steps"].add_(b.ok.to(torch.int64))

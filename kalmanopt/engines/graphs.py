@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from kalmanopt.contract import CODE_SKIPS
-from kalmanopt.engines import driver
+from kalmanopt.engines import driver, matrix_stages
 from kalmanopt.engines.distributed import process_group
 from kalmanopt.engines.runtime import OptimizerView
 from kalmanopt.engines.torch_ops import GroupContext
@@ -71,6 +71,8 @@ def graphed_step(opt: OptimizerView, loss: Tensor, statistic: Tensor | None) -> 
     if key is None:
         return False
     group = opt.param_groups[0]
+    if not matrix_stages.fixed_every_step(opt.filter, group, opt.runtime):
+        return False  # a stage run every k-th step: not the same work at every replay
     engine = driver.engine_for(opt, 0, group)
     token_of = getattr(engine, "graph_token", None)
     if token_of is None:

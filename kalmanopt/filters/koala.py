@@ -11,6 +11,8 @@ from kalmanopt.composition import Composition
 from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate
 from kalmanopt.covariance.block import BlockSurrogate
 from kalmanopt.covariance.diagonal import DiagonalSurrogate
+from kalmanopt.covariance.factored import FactoredSurrogate
+from kalmanopt.covariance.kronecker import KroneckerSurrogate
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares, VanillaLeastSquares
 from kalmanopt.covariance.lowrank import LowRankSurrogate
 from kalmanopt.covariance.product import ProductSurrogate
@@ -21,7 +23,8 @@ from kalmanopt.gradient_measurement import GradientMeasurement
 from kalmanopt.measurement import LossMeasurement
 from kalmanopt.registry import register_part, register_preset
 
-__all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_pp_lr", "koala_adam",
+__all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_factored", "koala_kron",
+           "KOALA_KRON_DEFAULTS", "koala_pp_lr", "koala_adam",
            "koala_adam_riccati", "koala_adam_innovation", "KOALA_ADAM_DEFAULTS"]
 
 # The built-in parts, by the names `compose` and config files use.
@@ -36,6 +39,8 @@ register_part("surrogate", "lowrank", LowRankSurrogate)
 register_part("measurement", "gradient", GradientMeasurement)
 register_part("dynamics", "decaying_random_walk", DecayingRandomWalk)
 register_part("surrogate", "adaptive_diagonal", AdaptiveDiagonalSurrogate)
+register_part("surrogate", "factored", FactoredSurrogate)
+register_part("surrogate", "kronecker", KroneckerSurrogate)
 register_part("estimator", "vanilla", VanillaLeastSquares)
 register_part("estimator", "symmetric", SymmetricLeastSquares)
 
@@ -68,6 +73,23 @@ def koala_pp_ns() -> Composition:
 def koala_diag() -> Composition:
     """Diagonal covariance, random walk: one variance per parameter."""
     return Composition(LossMeasurement(), RandomWalk(), DiagonalSurrogate(), name="koala-diag")
+
+
+@register_preset("koala-factored")
+def koala_factored() -> Composition:
+    """Diagonal covariance kept as row and column factors (Adafactor's factoring): O(m + n) state per weight."""
+    return Composition(LossMeasurement(), RandomWalk(), FactoredSurrogate(), name="koala-factored")
+
+
+#: the defaults of ``koala-kron`` that differ from its parts' (the factors absorb every 10th step's posterior)
+KOALA_KRON_DEFAULTS = {"refresh": 10}
+
+
+@register_preset("koala-kron")
+def koala_kron() -> Composition:
+    """Kronecker-factored covariance P ≈ A ⊗ B per weight matrix: a two-sided preconditioned gradient A H B."""
+    return Composition(LossMeasurement(), RandomWalk(), KroneckerSurrogate(), name="koala-kron",
+                       defaults=KOALA_KRON_DEFAULTS)
 
 
 @register_preset("koala++-lr")

@@ -1,0 +1,181 @@
+"""Optimizer step time and state of the structured-covariance presets against AdamW and Muon.
+
+On GPT-2 small's (or medium's) parameter tensors with random gradients, in one process on one device:
+``koala-factored`` and ``koala-kron`` (its factors refreshed every 10 steps by default) against torch's AdamW
+(fused) and torch's Muon (the hidden weight matrices; AdamW fused for the embeddings, norms and biases, as
+Muon's documentation prescribes). A step with a refresh interval costs more on its refresh steps, so each
+optimizer is timed as the mean over a whole number of intervals (CUDA events around the block of steps),
+in rounds whose order alternates. Reported beside the times: the optimizer state (the bytes a state dict
+holds: AdamW's two moments, Muon's momentum, the factors), the workspace a step keeps besides, and the peak
+memory the optimizer adds beyond parameters and gradients.
+
+Usage::
+
+    python benchmarks/structured_step.py --device cuda --sets "GPT-2 small" --rounds 3 --out structured.md
+    python benchmarks/structured_step.py --device cpu --sets tiny      # a smoke run on the CPU
+
+It writes a Markdown table (and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_time import gpt2_shapes, make_params, sync  # noqa: E402
+
+import kalmanopt  # noqa: E402
+
+PARAMETER_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "GPT-2 small": lambda: gpt2_shapes(12, 768),
+    "GPT-2 medium": lambda: gpt2_shapes(24, 1024),
+    "tiny": lambda: gpt2_shapes(2, 64, vocab=256, context=64),
+}
+
+
+def _hidden_matrices(params: list[torch.nn.Parameter], shapes: list[tuple[int, ...]]) -> list[bool]:
+    """Which tensors Muon takes: 2-D, and not the token or position embedding (the first two of GPT-2's)."""
+    return [len(s) == 2 and i >= 2 for i, s in enumerate(shapes)]
+
+
+class MuonWithAdamW:
+    """torch's Muon on the hidden matrices and AdamW (fused) on the rest, stepped together."""
+
+    def __init__(self, params: list[torch.nn.Parameter], shapes: list[tuple[int, ...]], lr: float = 4e-3,
+                 adamw_lr: float = 1e-3, weight_decay: float = 0.1) -> None:
+        hidden = _hidden_matrices(params, shapes)
+        self.muon = torch.optim.Muon([p for p, h in zip(params, hidden) if h], lr=lr, weight_decay=weight_decay,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([p for p, h in zip(params, hidden) if not h], lr=adamw_lr,
+                                       weight_decay=weight_decay, fused=params[0].is_cuda)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict_bytes(self) -> int:
+        return _state_bytes(self.muon) + _state_bytes(self.adamw)
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """The bytes of the tensors in ``opt.state_dict()["state"]`` (what a checkpoint holds), step counters aside."""
+    total = 0
+    for entry in opt.state_dict()["state"].values():
+        for value in entry.values() if isinstance(entry, dict) else ():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _workspace_bytes(opt: torch.optim.Optimizer) -> int:
+    if not isinstance(opt, kalmanopt.KalmanOptimizer):
+        return 0
+    names = set(kalmanopt.plan.state_table(opt.filter).workspace_keys)
+    return sum(t.numel() * t.element_size() for entry in opt.state.values() if isinstance(entry, dict)
+               for k, t in entry.items() if k in names and isinstance(t, torch.Tensor))
+
+
+def build(label: str, params: list[torch.nn.Parameter], shapes: list[tuple[int, ...]]) -> tuple[object, Callable]:
+    """The optimizer ``label`` over ``params`` and its step function."""
+    if label == "AdamW fused":
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=params[0].is_cuda)
+        return opt, opt.step
+    if label == "Muon + AdamW":
+        muon = MuonWithAdamW(params, shapes)
+        return muon, muon.step
+    preset, _, rest = label.partition(" ")
+    keywords = {"implementation": "fused" if params[0].is_cuda else "foreach", "weight_decay": 1e-4, "r": 1.0,
+                "lr": 1e-3}
+    if rest.startswith("refresh="):
+        keywords["refresh"] = int(rest.split("=")[1])
+    opt = kalmanopt.create(preset, params, **keywords)
+    loss = torch.tensor(1.0, device=params[0].device)
+    return opt, lambda: opt.step(loss=loss)
+
+
+def time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> dict:
+    params = make_params(shapes, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    opt, step = build(label, params, shapes)
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        sync(device)
+        ms = start.elapsed_time(end) / steps
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        ms = (time.perf_counter() - t0) * 1e3 / steps
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if device.type == "cuda" else float("nan")
+    state = opt.state_dict_bytes() if isinstance(opt, MuonWithAdamW) else _state_bytes(opt)
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    return {"ms": ms, "peak_mib": peak, "state_mib": state / 2 ** 20, "workspace_mib": _workspace_bytes(opt) / 2 ** 20,
+            "finite": finite}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--sets", nargs="+", default=["GPT-2 small"], choices=list(PARAMETER_SETS))
+    parser.add_argument("--optimizers", nargs="+",
+                        default=["AdamW fused", "Muon + AdamW", "koala-factored", "koala-kron refresh=10",
+                                 "koala-kron refresh=1"])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40, help="steps timed per round (a multiple of the refresh)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"Device: **{name}**, torch {torch.__version__}. Mean ms per optimizer step over {args.steps} steps "
+             f"after {args.warmup} warm-up steps; the median of {args.rounds} rounds (order alternating) and their "
+             "range. 'state': the tensors a state dict holds; 'workspace': buffers a step keeps besides (never "
+             "saved); 'peak': the memory the optimizer adds beyond parameters and gradients.", "",
+             "| parameter set | optimizer | step (ms) | × AdamW fused | rounds' range (ms) | state (MiB) "
+             "| state × AdamW's | workspace (MiB) | peak (MiB) | finite |",
+             "|" + "---|" * 10]
+    for set_name in args.sets:
+        shapes = PARAMETER_SETS[set_name]()
+        rows: dict[str, list[dict]] = {label: [] for label in args.optimizers}
+        for r in range(args.rounds):
+            order = args.optimizers if r % 2 == 0 else list(reversed(args.optimizers))
+            for label in order:
+                rows[label].append(time_one(label, shapes, device, args.warmup, args.steps))
+                print(f"{set_name} round {r + 1}: {label} {rows[label][-1]['ms']:.3f} ms", file=sys.stderr)
+        adam = statistics.median(x["ms"] for x in rows["AdamW fused"]) if "AdamW fused" in rows else float("nan")
+        adam_state = rows["AdamW fused"][0]["state_mib"] if "AdamW fused" in rows else float("nan")
+        for label, runs in rows.items():
+            ms = statistics.median(x["ms"] for x in runs)
+            first = runs[0]
+            lines.append(f"| {set_name} | {label} | {ms:.3f} | {ms / adam:.2f} | "
+                         f"{min(x['ms'] for x in runs):.3f}–{max(x['ms'] for x in runs):.3f} | "
+                         f"{first['state_mib']:.1f} | {first['state_mib'] / adam_state:.3f} | "
+                         f"{first['workspace_mib']:.1f} | {max(x['peak_mib'] for x in runs):.0f} | "
+                         f"{all(x['finite'] for x in runs)} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out is not None:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

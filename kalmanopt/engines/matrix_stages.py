@@ -1,0 +1,324 @@
+"""The executor of matrix stages (:mod:`kalmanopt.matrix`), the same for every engine.
+
+The driver calls :func:`run_before` ahead of an engine's first pass and :func:`run_after` after its
+element-wise pass. Per group, the layers that have a gradient are grouped by the shape they are read as
+(and their factors' shapes); each block's vectors and factors are stacked, the part's stage function runs
+once per block as batched torch operations, and its workspace vectors are copied into the layers' state
+vectors (where every engine reads them) and its new factors committed where the layer took the update.
+Nothing here synchronises with the host; a stage's interval is counted on the host, per group, in the
+optimizer's runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kalmanopt.contract import CoefficientStage
+from kalmanopt.engines.shards import is_sharded, local_tensor
+from kalmanopt.layers import Layer
+from kalmanopt.matrix import MatrixBlock, MatrixStage
+from kalmanopt.plan import UpdatePlan, contract_gap, plan_key, update_plan
+from kalmanopt.program import PreparedProgram, hp_coefficients, prepare_program
+from kalmanopt.state import matricised_shape
+
+__all__ = ["StagedGroup", "has_stages", "run_before", "run_after", "fixed_every_step"]
+
+
+@dataclass
+class _Block:
+    """Layers of one group read as matrices of one shape, with their positions among the active layers."""
+
+    m: int
+    n: int
+    matrix: bool
+    layers: list[Layer]
+    rows: list[int]
+    block: MatrixBlock | None = None
+
+
+@dataclass
+class StagedGroup:
+    """What :func:`run_before` leaves for :func:`run_after` in one step of one group."""
+
+    plan: UpdatePlan
+    blocks: list[_Block]
+    pre: PreparedProgram
+    hp: dict[str, float]
+    counter: dict[tuple, int]
+    created: list[Layer] = field(default_factory=list)
+    due: dict[str, bool] = field(default_factory=dict)
+
+
+def _plan(composition: Any, group: Mapping[str, Any], diagnostics: bool, runtime: Any) -> tuple[UpdatePlan,
+                                                                                               PreparedProgram]:
+    def make() -> tuple[UpdatePlan, PreparedProgram]:
+        plan = update_plan(composition, group, diagnostics)
+        return plan, prepare_program(plan.pre, ())
+
+    return runtime.cached("plans", ("matrix", plan_key(group, diagnostics)), make)
+
+
+def has_stages(composition: Any, group: Mapping[str, Any], runtime: Any) -> bool:
+    """Whether the composition declares matrix stages for this group (a surrogate written per layer has none)."""
+    if contract_gap(composition) is not None:
+        return False
+    return bool(_plan(composition, group, False, runtime)[0].stages)
+
+
+def fixed_every_step(composition: Any, group: Mapping[str, Any], runtime: Any) -> bool:
+    """Whether every matrix stage of the composition runs at every step (a captured CUDA graph replays the
+    same work each time, so a stage with an interval keeps its group off the graph)."""
+    if not has_stages(composition, group, runtime):
+        return True
+    return all(stage.interval(group) == 1 for stage in _plan(composition, group, False, runtime)[0].stages)
+
+
+def _active(layers: Sequence[Layer]) -> list[Layer]:
+    return [layer for layer in layers if any(p.grad is not None for p in layer.params)]
+
+
+def _blocks(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[_Block]:
+    by_key: dict[tuple, _Block] = {}
+    for row, layer in enumerate(layers):
+        if len(layer.params) != 1:
+            shape: tuple[int, ...] = (layer.numel,)  # a global layer: one vector
+        else:
+            shape = tuple(layer.params[0].shape)
+        if any(is_sharded(p) for p in layer.params):
+            raise NotImplementedError(
+                f"{layer.name} is sharded over ranks (FSDP2), and this composition's matrix stages read whole "
+                "layers; run it with DDP (replicated parameters) or on one process")
+        m, n, matrix = matricised_shape(shape)
+        factors = tuple(plan.table.factor_shapes(shape, group).values())
+        key = (m, n, matrix, factors, layer.dtype)
+        block = by_key.get(key)
+        if block is None:
+            block = by_key[key] = _Block(m, n, matrix, [], [])
+        block.layers.append(layer)
+        block.rows.append(row)
+    return list(by_key.values())
+
+
+def _ensure(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[Layer]:
+    """Create the missing per-layer state (vectors, scalars, factors); the layers that got new state."""
+    table = plan.table
+    created = []
+    for layer in layers:
+        p = layer.params[0]
+        shape = tuple(p.shape) if len(layer.params) == 1 else (layer.numel,)
+        new = False
+        if not all(k in layer.state for k in table.layer_keys):
+            new = table.init_layer(layer.state, layer.numel, group, layer.dtype, p.device)
+        new = table.init_factors(layer.state, shape, group, layer.dtype, p.device) or new
+        if new:
+            created.append(layer)
+    return created
+
+
+def _stack(block: _Block, name: str, env_of: list[dict[str, Tensor]]) -> Tensor:
+    return torch.stack([env[name].view(block.m, block.n) for env in env_of])
+
+
+def _envs(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: set[str], hp: dict[str, float]
+          ) -> list[dict[str, Tensor]]:
+    """Per layer: the flat vectors the block's stages read (θ, g, H from the measurement, state vectors)."""
+    envs = []
+    for layer in block.layers:
+        p = layer.params[0] if len(layer.params) == 1 else None
+        theta = local_tensor(p).detach().reshape(-1).to(layer.dtype) if p is not None else layer.theta()
+        if p is not None:
+            g = p.grad.detach().reshape(-1).to(layer.dtype) if p.grad is not None else torch.zeros_like(theta)
+        else:
+            g = layer.grad()
+        env = {"theta": theta, "g": g}
+        if "H" in reads:
+            pre.run(env, hp, in_place=False)
+        for name in reads - {"theta", "g", "H"}:
+            env[name] = layer.state[name]
+        envs.append(env)
+    return envs
+
+
+_COUNTER = ("matrix-stage-steps",)
+
+
+def _counter(runtime: Any, index: int, group: dict[str, Any], group_state: Mapping[str, Tensor],
+             device: torch.device) -> dict[tuple, int]:
+    """The host count of the group's updates that a stage's interval runs on (kept in the runtime).
+
+    On the CPU it counts the applied updates (reading whether a step was applied is free there), so a
+    skipped step leaves the refresh phase as it was; on other devices every update counts (reading it
+    would wait for the device). A fresh runtime (a new or loaded optimizer, a changed group) starts from
+    the group's step counters, read once, so that a resumed run refreshes at the steps a straight run does.
+    """
+    kept = runtime.group(index, group).staging
+    if _COUNTER not in kept:
+        start = 0
+        if "steps" in group_state:
+            start = int(group_state["steps"])
+            if device.type != "cpu":
+                start += int(group_state["nonfinite_steps"])
+        kept[_COUNTER] = start
+    return kept
+
+
+def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str, Tensor], layers: Sequence[Layer],
+               runtime: Any, index: int, diagnostics: bool) -> StagedGroup | None:
+    """The ``before`` stages of one group (ahead of the engine's first pass); what ``after`` needs, or None."""
+    plan, pre = _plan(composition, group, diagnostics, runtime)
+    if not plan.stages:
+        return None
+    active = _active(layers)
+    blocks = _blocks(plan, active, group)
+    created = _ensure(plan, active, group)
+    device = active[0].params[0].device if active else torch.device("cpu")
+    counter = _counter(runtime, index, group, group_state, device)
+    staged = StagedGroup(plan, blocks, pre, hp_coefficients(group), counter, created)
+    calls = counter[_COUNTER]
+    for stage in plan.stages:
+        staged.due[stage.name] = calls % stage.interval(group) == 0
+    before = [s for s in plan.stages if s.when == "before" and staged.due[s.name]]
+    reads = {name for s in before for name in s.reads}
+    for block in staged.blocks:
+        mb = MatrixBlock(block.m, block.n, block.matrix, group)
+        mb.x = _read(block, staged, reads)
+        mb.factors = {e.name: torch.stack([layer.state[e.name] for layer in block.layers]) for e in plan.table.factors}
+        block.block = mb
+        for stage in before:
+            _run(stage, mb)
+            _write_outputs(stage, block, mb)
+    return staged
+
+
+def _read(block: _Block, staged: StagedGroup, reads: set[str]) -> dict[str, Tensor]:
+    """The vectors ``reads`` of the block's layers as they are now, stacked ``[b, m, n]``."""
+    if not reads:
+        return {}
+    envs = _envs(block, staged.plan, staged.pre, reads, staged.hp)
+    return {name: _stack(block, name, envs) for name in sorted(reads)}
+
+
+def _run(stage: MatrixStage, mb: MatrixBlock) -> None:
+    mb.out = {}
+    stage.run(mb)
+    unknown = sorted(set(mb.out) - set(stage.writes))
+    if unknown:
+        raise ValueError(f"the matrix stage {stage.name!r} wrote {unknown}, which it does not declare in writes "
+                         f"({list(stage.writes)})")
+
+
+def _write_outputs(stage: MatrixStage, block: _Block, mb: MatrixBlock) -> None:
+    for name in stage.writes:
+        out = mb.out.get(name)
+        if out is None:
+            raise ValueError(f"the matrix stage {stage.name!r} declares it writes {name!r} but did not set "
+                             f"block.out[{name!r}]")
+        if tuple(out.shape) != (len(block.layers), block.m, block.n):
+            raise ValueError(f"the matrix stage {stage.name!r} wrote {name!r} of shape {tuple(out.shape)}; it must "
+                             f"be [layers, m, n] = {(len(block.layers), block.m, block.n)}")
+        pairs = [(layer.state[name].view(block.m, block.n), value)
+                 for layer, value in zip(block.layers, out.unbind(0)) if name in layer.state]
+        if pairs:  # (a layer skipped at its first update holds no state any more)
+            torch._foreach_copy_([t for t, _ in pairs], [v.to(t.dtype) for t, v in pairs])
+
+
+def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
+    """The ``after`` stages of one group (after the element-wise pass): new factors where a layer took the
+    update (``b.ok`` and not ``b.skip``); the block's ``carry`` is dropped."""
+    if staged is None:
+        return
+    host = b.skip.device.type == "cpu"  # (free to read there)
+    staged.counter[_COUNTER] += int(bool(b.ok)) if host else 1
+    if host and staged.created:
+        _forget_skipped_new_state(staged, b)
+    after = [s for s in staged.plan.stages if s.when == "after" and staged.due[s.name]]
+    for block in staged.blocks:
+        mb = block.block
+        if mb is None:
+            continue
+        rows = torch.tensor(block.rows, dtype=torch.int64, device=b.skip.device) if after else None
+        if after:
+            keep = (~b.skip.index_select(0, rows)) & b.ok
+            mb.keep = keep
+            coef_names = {name for s in after for name in s.coefficients}
+            mb.coef = {name: _column(b, name, rows) for name in coef_names}
+            mb.new_factors = {}
+            for stage in after:
+                mb.x = _read(block, staged, set(stage.reads))  # (θ and state vectors after the update)
+                _run(stage, mb)
+                _write_outputs(stage, block, mb)
+            _commit_factors(staged.plan, block, mb, keep)
+        mb.carry.clear()
+        block.block = None
+
+
+def _forget_skipped_new_state(staged: StagedGroup, b: CoefficientStage) -> None:
+    """As if never touched: a layer skipped at its first update keeps no state (as the engines do)."""
+    skipped = set()
+    flags = b.skip.tolist()
+    for block in staged.blocks:
+        for layer, row in zip(block.layers, block.rows):
+            if flags[row] or not bool(b.ok):
+                skipped.add(id(layer))
+    keys = staged.plan.table.layer_keys + tuple(e.name for e in staged.plan.table.factors)
+    forgotten = set()
+    for layer in staged.created:
+        if id(layer) in skipped:
+            forgotten.add(id(layer))
+            for key in keys:
+                layer.state.pop(key, None)
+    for block in staged.blocks:  # the forgotten layers leave their blocks (and the stacked tensors)
+        keep = [i for i, layer in enumerate(block.layers) if id(layer) not in forgotten]
+        if len(keep) == len(block.layers):
+            continue
+        n = len(block.layers)
+        block.layers = [block.layers[i] for i in keep]
+        block.rows = [block.rows[i] for i in keep]
+        mb = block.block
+        if mb is None:
+            continue
+        if not keep:
+            block.block = None
+            continue
+        index = torch.tensor(keep, dtype=torch.int64, device=b.skip.device)
+
+        def take(value: Any, n: int = n, index: Tensor = index) -> Any:
+            return value.index_select(0, index.to(value.device)) if isinstance(value, Tensor) \
+                and value.dim() > 0 and value.shape[0] == n else value
+
+        mb.factors = {k: take(v) for k, v in mb.factors.items()}
+        mb.carry = {k: take(v) for k, v in mb.carry.items()}
+
+
+def _column(b: CoefficientStage, name: str, rows: Tensor) -> Tensor:
+    if name not in b.coef:
+        raise KeyError(f"a matrix stage reads the coefficient {name!r}, which no part provides "
+                       f"(provided: {sorted(b.coef)})")
+    column = b.coef[name]
+    if column.dim() == 0:
+        return column.expand(rows.numel())
+    return column.index_select(0, rows)
+
+
+def _commit_factors(plan: UpdatePlan, block: _Block, mb: MatrixBlock, keep: Tensor) -> None:
+    declared = {e.name for e in plan.table.factors}
+    for name, new in mb.new_factors.items():
+        if name not in declared:
+            raise ValueError(f"a matrix stage set the factor {name!r}, which no part declares "
+                             f"(declared: {sorted(declared)})")
+        old = mb.factors[name]
+        if new.shape != old.shape:
+            raise ValueError(f"a matrix stage set the factor {name!r} of shape {tuple(new.shape)}; it has "
+                             f"{tuple(old.shape)}")
+        new = new.to(old.dtype)
+        # a layer whose new factor is not finite (an overflowing gradient) keeps its factor
+        finite = torch.isfinite(new).flatten(1).all(1) if new.dim() > 1 else torch.isfinite(new)
+        mask = (keep & finite).reshape((-1,) + (1,) * (old.dim() - 1))
+        value = torch.where(mask, new, old)
+        pairs = [(layer.state[name], v) for layer, v in zip(block.layers, value.unbind(0)) if name in layer.state]
+        if pairs:
+            torch._foreach_copy_([t for t, _ in pairs], [v for _, v in pairs])
