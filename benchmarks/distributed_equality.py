@@ -58,6 +58,8 @@ def table(ranks: tuple[dict, ...]) -> str:
             for mode in ("ddp", "fsdp"):
                 worst, where, identical = 0.0, "", True
                 for preset in w.PRESETS:
+                    if mode == "fsdp" and preset in w.DDP_ONLY:
+                        continue  # (refused under FSDP2: docs/structured.md)
                     for engine in w.engines(preset):
                         key = (str(dtype), mode, preset, engine)
                         ref = w.reference_run(preset, engine, dtype)

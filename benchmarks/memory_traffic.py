@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kalmanopt  # noqa: E402
 from kalmanopt.engines.fused import memory_traffic  # noqa: E402
+from kalmanopt.plan import update_plan  # noqa: E402
 
 #: AdamW's fused step: it reads g, θ, m, v and writes θ, m, v
 ADAMW_ACCESSES = 7
@@ -37,7 +38,8 @@ def traffic_rows() -> list[tuple[str, object]]:
         warnings.simplefilter("ignore")
         for preset in kalmanopt.presets():
             opt = kalmanopt.create(preset, torch.nn.Linear(2, 2).parameters())
-            rows.append((preset, memory_traffic(opt.filter, opt.param_groups[0])))
+            stages = update_plan(opt.filter, opt.param_groups[0]).stages
+            rows.append((preset + (" ¹" if stages else ""), memory_traffic(opt.filter, opt.param_groups[0])))
     return rows
 
 
@@ -91,7 +93,10 @@ def table(rows: list[tuple[str, object]], step_times: tuple[float, float, dict[s
         read_label = names(t.update_reads) if not t.predict_reads else \
             f"{names(t.update_reads)}; predict: {names(t.predict_reads)}"
         lines.append(f"| {preset} | {t.passes} | {label} | {read_label} | {names(writes)} | {t.accesses} | "
-                     f"{t.accesses / ADAMW_ACCESSES:.2f} |" + extra(preset, t.accesses))
+                     f"{t.accesses / ADAMW_ACCESSES:.2f} |" + extra(preset.removesuffix(" ¹"), t.accesses))
+    if any(preset.endswith(" ¹") for preset, _ in rows):
+        lines += ["", "¹ The element-wise passes only: this preset's matrix stages (kalmanopt.matrix) add their "
+                  "own reads and writes (the workspace vector they fill, the stacked layers, the factors)."]
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kalmanopt  # noqa: E402
 
-PRESETS = ("koala++", "koala++-lr", "koala++-ns", "koala-diag", "koala-m", "koala-v")
+PRESETS = ("koala++", "koala++-lr", "koala++-ns", "koala-diag", "koala-m", "koala-v", "koala-factored", "koala-kron")
 ENGINES = ("reference", "foreach")
 DTYPES = (torch.float32, torch.float64)
 #: how far a distributed run may land from one process on the same global batch (relative), by dtype name
@@ -34,6 +34,10 @@ WORLD = int(os.environ.get("DISTRIBUTED_WORKER_WORLD", "2"))
 HP = {"weight_decay": 0.01}
 #: presets whose surrogate is written per layer (gain()): DDP only (every built-in meets the contract)
 PER_LAYER: tuple[str, ...] = ()
+#: presets whose matrix stages read whole layers: DDP only; FSDP2 refuses them on every rank (docs/structured.md)
+WHOLE_LAYER = ("koala-factored", "koala-kron")
+#: presets that run under DDP only
+DDP_ONLY = PER_LAYER + WHOLE_LAYER
 #: where the models and batches live: "cpu" (gloo), or "cuda" (NCCL, rank r on cuda:r; the cuda scenarios)
 DEVICE = "cpu"
 #: the engines of the CUDA scenario
@@ -162,7 +166,7 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
         for mode in ("ddp", "fsdp"):
             for preset in PRESETS:
                 for engine in engines_of(preset):
-                    if mode == "fsdp" and preset in PER_LAYER:
+                    if mode == "fsdp" and preset in DDP_ONLY:
                         continue
                     model = wrap(make_model(dtype), mode)
                     opt = kalmanopt.create(preset, model.parameters(), implementation=engine, **HP)
@@ -171,6 +175,15 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
                     out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
                     if engine == "fused":  # whether the generated kernels ran (not the torch operations)
                         out[("kernels", str(dtype), mode, preset)] = ran_kernels(opt)
+    for preset in WHOLE_LAYER:  # FSDP2: refused alike on every rank, before any state or weight changes
+        model = wrap(make_model(torch.float64), "fsdp")
+        opt = kalmanopt.create(preset, model.parameters(), implementation=nan_engine, **HP)
+        before = [full(p) for p in model.parameters()]
+        try:
+            train(model, opt, torch.float64, range(1), rank)
+        except NotImplementedError as exc:
+            out[("refused", preset)] = (str(exc), all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())),
+                                        not any(opt.state[p] for p in model.parameters()))
     for mode in ("ddp", "fsdp"):
         model = wrap(make_model(torch.float64), mode)
         opt = kalmanopt.create("koala++", model.parameters(), implementation=nan_engine, **HP)

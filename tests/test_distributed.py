@@ -41,7 +41,7 @@ def equality(launched):
 
 TOLERANCE = w.TOLERANCE
 CASES = [(str(dtype), mode, preset, engine) for dtype in w.DTYPES for mode in ("ddp", "fsdp") for preset in w.PRESETS
-         for engine in w.engines(preset) if not (mode == "fsdp" and preset in w.PER_LAYER)]
+         for engine in w.engines(preset) if not (mode == "fsdp" and preset in w.DDP_ONLY)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c).replace("torch.", "") for c in CASES])
@@ -72,6 +72,14 @@ def test_exactly_one_collective_per_step(equality):
     assert w.predict_collectives("koala-m") == 1 and w.predict_collectives("koala++") == 0
 
 
+def test_fsdp2_refuses_a_whole_layer_matrix_stage_on_every_rank_and_changes_nothing(equality):
+    for preset in w.WHOLE_LAYER:
+        for rank in range(w.WORLD):
+            message, weights_kept, no_state = equality[rank][("refused", preset)]
+            assert "sharded over ranks" in message and "DDP" in message, (preset, rank, message)
+            assert weights_kept and no_state, (preset, rank)
+
+
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,7 +88,7 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):
 
 
 MASKED_CASES = [(str(dtype), mode, preset) for dtype in w.DTYPES for mode in ("ddp", "fsdp") for preset in w.PRESETS
-                if not (mode == "fsdp" and preset in w.PER_LAYER)]
+                if not (mode == "fsdp" and preset in w.DDP_ONLY)]
 
 
 @pytest.mark.parametrize("case", MASKED_CASES, ids=["-".join(c).replace("torch.", "") for c in MASKED_CASES])

@@ -19,6 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kalmanopt
+from kalmanopt.plan import state_table
 
 PRESETS = kalmanopt.presets()
 PRODUCT_PRESETS = ["koala++", "koala++-ns", "koala++-lr"]
@@ -117,7 +118,11 @@ SKIPS = {
 
 
 def _snapshot(opt: kalmanopt.KalmanOptimizer, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    return p.detach().clone(), copy.deepcopy(dict(opt.state[p])) if p in opt.state else {}
+    """θ and the layer's filter state (a workspace vector, which a matrix stage fills before each use and no
+    state dict holds, is not state)."""
+    workspace = state_table(opt.filter).workspace_keys
+    state = {k: v for k, v in opt.state[p].items() if k not in workspace} if p in opt.state else {}
+    return p.detach().clone(), copy.deepcopy(state)
 
 
 def _same(a: dict, b: dict) -> bool:

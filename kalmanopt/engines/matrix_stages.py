@@ -49,6 +49,7 @@ class StagedGroup:
     pre: PreparedProgram
     hp: dict[str, float]
     counter: dict[tuple, int]
+    runtime: Any
     created: list[Layer] = field(default_factory=list)
     due: dict[str, bool] = field(default_factory=dict)
 
@@ -177,7 +178,7 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     created = _ensure(plan, active, group)
     device = active[0].params[0].device if active else torch.device("cpu")
     counter = _counter(runtime, index, group, group_state, device)
-    staged = StagedGroup(plan, blocks, pre, hp_coefficients(group), counter, created)
+    staged = StagedGroup(plan, blocks, pre, hp_coefficients(group), counter, runtime, created)
     calls = counter[_COUNTER]
     for stage in plan.stages:
         staged.due[stage.name] = calls % stage.interval(group) == 0
@@ -240,12 +241,13 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
         mb = block.block
         if mb is None:
             continue
-        rows = torch.tensor(block.rows, dtype=torch.int64, device=b.skip.device) if after else None
-        if after:
+        if after and block.layers:
+            rows = staged.runtime.int64(block.rows, b.skip.device)  # (cached: no copy to wait for)
             keep = (~b.skip.index_select(0, rows)) & b.ok
             mb.keep = keep
             coef_names = {name for s in after for name in s.coefficients}
-            mb.coef = {name: _column(b, name, rows) for name in coef_names}
+            dtype = block.layers[0].dtype  # (a group of mixed precisions: its coefficients in the widest)
+            mb.coef = {name: _column(b, name, rows).to(dtype) for name in coef_names}
             mb.new_factors = {}
             for stage in after:
                 mb.x = _read(block, staged, set(stage.reads))  # (θ and state vectors after the update)
