@@ -34,7 +34,7 @@ from kalmanopt.registry import get_preset
 from kalmanopt.runner import ConfigError, load_config, run_experiment
 from kalmanopt.runner.config import parse_seeds
 from kalmanopt.runner.experiment import write_reports
-from kalmanopt.runner.optimizers import TORCH_BASELINES, baseline_keywords
+from kalmanopt.runner.optimizers import EXCLUDED_BASELINES, TORCH_BASELINES, baseline_keywords
 from kalmanopt.runner.results import load_results
 from kalmanopt.runner.storage import OutputLock
 from kalmanopt.runner.tasks import TASKS, model_keywords
@@ -133,7 +133,13 @@ def list_everything() -> str:
     lines.append("Torch baselines  ([[optimizers]] torch = NAME; defaults the runner uses shown first):")
     for name, (cls, defaults) in TORCH_BASELINES.items():
         others = {k: v for k, v in baseline_keywords(name).items() if k not in defaults}
-        lines.append(f"  {name:<10}torch.optim.{cls.__name__}: {_format_keywords(defaults)}; also {', '.join(others)}")
+        summary = (inspect.getdoc(cls) or "").splitlines()[0].replace("`", "").rstrip(".")
+        where = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.") else \
+            f"{cls.__module__}.{cls.__name__} ({summary})"
+        runner = _format_keywords(defaults) if defaults else "the class's own defaults"
+        lines.append(f"  {name:<10}{where}: {runner}; also {', '.join(others)}")
+    for name, reason in EXCLUDED_BASELINES.items():
+        lines.append(f"  not {name}: {reason}")
     lines.append("")
     lines.append("Tasks  (task = NAME, model = ..., [task_options], [model_options]):")
     for name, task in sorted(TASKS.items()):
