@@ -6,6 +6,7 @@
     kalmanopt list
     kalmanopt plot runs/a
     kalmanopt run my.toml --plugins my_parts     # import my_parts.py (it registers parts/presets) first
+    kalmanopt tune configs/lm-tuning.toml --data tinyshakespeare.txt --device cuda   # sweep, pick, seeds
 
 A bad config stops before any training with one line naming every problem and the valid choices
 (exit status 2), and so does a file that cannot be read or written (a full disk: the runs saved before
@@ -34,10 +35,11 @@ from kalmanopt.registry import get_preset
 from kalmanopt.runner import ConfigError, load_config, run_experiment
 from kalmanopt.runner.config import parse_seeds
 from kalmanopt.runner.experiment import write_reports
-from kalmanopt.runner.optimizers import TORCH_BASELINES, baseline_keywords
+from kalmanopt.runner.optimizers import EXCLUDED_BASELINES, TORCH_BASELINES, baseline_keywords
 from kalmanopt.runner.results import load_results
 from kalmanopt.runner.storage import OutputLock
 from kalmanopt.runner.tasks import TASKS, model_keywords
+from kalmanopt.runner.tuning import MIN_POINTS, TUNING_SEEDS, run_tuning
 
 __all__ = ["main", "build_parser"]
 
@@ -47,12 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch: "
                                      "run ablations and compare them with torch baselines.")
     parser.add_argument("--version", action="version", version=f"kalmanopt {kalmanopt.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,list,plot}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,tune,list,plot}")
     run = commands.add_parser("run", help="train a grid of optimizers x settings x seeds; write tables and plots",
                               description="Run the grid of CONFIG (a TOML file; default: the built-in ablation "
                                           "on scikit-learn's digits) and write results.json, results.csv, "
                                           "summary.md, metrics.jsonl and PNG plots into --out.")
     run.add_argument("config", nargs="?", help="a TOML config (see configs/ and docs/runner.md)")
+    tune = commands.add_parser("tune", help="the tuning protocol: each optimizer's lr sweep at the first seed, "
+                                            "the pick on validation loss, then every seed at the pick",
+                               description=f"Sweep every optimizer's grid of CONFIG (lr over at least {MIN_POINTS} "
+                                           "values) at the first seed, pick each one's setting by final "
+                                           "validation loss (refused on the sweep's edge), run the pick at every "
+                                           f"seed (default {', '.join(map(str, TUNING_SEEDS))}), and write "
+                                           "tuning.md, tuning.json and tuning.png beside the runner's files "
+                                           "(docs/tuning.md).")
+    tune.add_argument("config", help="a TOML config whose optimizers sweep lr (see configs/lm-tuning.toml)")
+    for command in (run, tune):
+        _add_run_arguments(command)
+    listing = commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
+    for command in (run, tune, listing):
+        command.add_argument("--plugins", metavar="MODULES",
+                             help="modules to import first, with commas (a file my_parts.py in the current "
+                                  "folder is my_parts): they register parts and presets with kalmanopt's registry")
+    plot = commands.add_parser("plot", help="redraw the summary and plots of an output folder")
+    plot.add_argument("out", help="an output folder of kalmanopt run")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The flags ``run`` and ``tune`` share."""
     run.add_argument("--out", help="output folder (default runs/<config>-<timestamp>/, runs/<config>-quick-"
                                    "<timestamp>/ with --quick); an existing one of the same config and mode resumes")
     run.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (overrides the config)")
@@ -65,14 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="the task's data: a text file (text) or the folder holding the CIFAR archive")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, plain log lines only (the default when stderr is not a terminal)")
-    listing = commands.add_parser("list", help="the presets, parts with their keywords, torch baselines and tasks")
-    for command in (run, listing):
-        command.add_argument("--plugins", metavar="MODULES",
-                             help="modules to import first, with commas (a file my_parts.py in the current "
-                                  "folder is my_parts): they register parts and presets with kalmanopt's registry")
-    plot = commands.add_parser("plot", help="redraw the summary and plots of an output folder")
-    plot.add_argument("out", help="an output folder of kalmanopt run")
-    return parser
 
 
 def _error(message: str) -> int:
@@ -133,7 +150,13 @@ def list_everything() -> str:
     lines.append("Torch baselines  ([[optimizers]] torch = NAME; defaults the runner uses shown first):")
     for name, (cls, defaults) in TORCH_BASELINES.items():
         others = {k: v for k, v in baseline_keywords(name).items() if k not in defaults}
-        lines.append(f"  {name:<10}torch.optim.{cls.__name__}: {_format_keywords(defaults)}; also {', '.join(others)}")
+        summary = (inspect.getdoc(cls) or "").splitlines()[0].replace("`", "").rstrip(".")
+        where = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.") else \
+            f"{cls.__module__}.{cls.__name__} ({summary})"
+        runner = _format_keywords(defaults) if defaults else "the class's own defaults"
+        lines.append(f"  {name:<10}{where}: {runner}; also {', '.join(others)}")
+    for name, reason in EXCLUDED_BASELINES.items():
+        lines.append(f"  not {name}: {reason}")
     lines.append("")
     lines.append("Tasks  (task = NAME, model = ..., [task_options], [model_options]):")
     for name, task in sorted(TASKS.items()):
@@ -182,6 +205,8 @@ def _setup_logging() -> logging.Handler:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``kalmanopt run`` and ``kalmanopt tune``: load the config, train, print the report."""
+    tuning = args.command == "tune"
     handler = _setup_logging()
     terminated = _Terminated.seen = False
     try:
@@ -190,10 +215,11 @@ def _run(args: argparse.Namespace) -> int:
                 seeds = parse_seeds(args.seeds) if args.seeds is not None else None
                 overrides = {"device": args.device, "seeds": seeds, "data": args.data, "steps": args.steps,
                              "epochs": args.epochs}
-                config = load_config(args.config, quick=args.quick, overrides=overrides)
+                config = load_config(args.config, quick=args.quick, overrides=overrides,
+                                     defaults={"seeds": TUNING_SEEDS} if tuning else None)
                 out = Path(args.out) if args.out else None
                 progress = not args.no_progress and sys.stderr.isatty()
-                outcome = run_experiment(config, out, progress=progress)
+                outcome = (run_tuning if tuning else run_experiment)(config, out, progress=progress)
             except ConfigError as exc:
                 return _error(str(exc))
             except OSError as exc:  # a full disk, a folder that went away: one line, what was saved stays
@@ -212,15 +238,15 @@ def _run(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if not outcome.writer:  # a rank > 0 of a distributed grid: rank 0 reports
         return 0
-    summary = (outcome.out / "summary.md").read_text(encoding="utf-8")
-    print(summary)
+    print((outcome.out / ("tuning.md" if tuning else "summary.md")).read_text(encoding="utf-8"))
     if outcome.skipped:
         print(f"resumed: {outcome.skipped} run(s) were already finished in {outcome.out}")
+    written = outcome.files if tuning else outcome.plots
     print(f"wrote {outcome.out}/: results.json, results.csv, summary.md, metrics.jsonl, config.json, "
-          + ", ".join(p.name for p in outcome.plots) + f" ({outcome.seconds:.1f} s)")
+          + ", ".join(p.name for p in written) + f" ({outcome.seconds:.1f} s)")
     if outcome.interrupted:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        command = " ".join(["kalmanopt run", args.config or "", "--quick" if args.quick else "",
+        command = " ".join([f"kalmanopt {args.command}", args.config or "", "--quick" if args.quick else "",
                             f"--out {outcome.out}", f"--data {args.data}" if args.data else ""])
         print(f"{how}: kept {len(outcome.records)} finished run(s); resume with `{' '.join(command.split())}`",
               file=sys.stderr)
@@ -273,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_plugins(getattr(args, "plugins", None))
     except ImportError as exc:
         return _error(str(exc))
-    if args.command == "run":
+    if args.command in ("run", "tune"):
         return _run(args)
     if args.command == "list":
         print(list_everything())

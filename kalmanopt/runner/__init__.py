@@ -6,7 +6,8 @@
 
 Modules: :mod:`~kalmanopt.runner.config` (the TOML format and its checks),
 :mod:`~kalmanopt.runner.tasks` and :mod:`~kalmanopt.runner.models` (what is trained),
-:mod:`~kalmanopt.runner.optimizers` (presets, compositions, baselines),
+:mod:`~kalmanopt.runner.optimizers` (presets, compositions, baselines; :mod:`~kalmanopt.runner.muon` pairs
+Muon with AdamW), :mod:`~kalmanopt.runner.tuning` (``kalmanopt tune``: sweep, pick, seeds),
 :mod:`~kalmanopt.runner.training` (one run), :mod:`~kalmanopt.runner.experiment` (the grid),
 :mod:`~kalmanopt.runner.results` and :mod:`~kalmanopt.runner.plots` (what is written).
 """

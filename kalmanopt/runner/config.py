@@ -550,8 +550,8 @@ def parse_seeds(text: str) -> list[int]:
     return list(range(count))
 
 
-def load_config(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None
-                ) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read, override and check a config; ``path=None`` is the default ablation.
 
     Args:
@@ -560,6 +560,7 @@ def load_config(path: str | Path | None = None, *, quick: bool = False, override
         overrides: top-level values set after reading (``device``, ``seeds``; ``data`` goes to
             ``task_options``; ``steps`` or ``epochs`` replaces the config's length, given in either),
             as the command line's flags do.
+        defaults: top-level values used where the file gives none (``kalmanopt tune``: 3 seeds).
 
     Raises:
         ConfigError: every problem found, in one message, before anything is trained.
@@ -567,6 +568,8 @@ def load_config(path: str | Path | None = None, *, quick: bool = False, override
     raw = parse_toml(DEFAULT_CONFIG, "default config") if path is None else read_toml(path)
     if path is not None and "name" not in raw:
         raw["name"] = Path(path).stem
+    for key, value in (defaults or {}).items():
+        raw.setdefault(key, copy.deepcopy(value))
     overrides = dict(overrides or {})
     data = overrides.pop("data", None)
     problems = Problems()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kalmanopt.runner.analysis_hook import make_analysis_hook, run_ekf_comparisons
-from kalmanopt.runner.config import ExperimentConfig
+from kalmanopt.runner.config import ExperimentConfig, RunSpec
 from kalmanopt.runner.distributed import Launch, device_of, finish, launch
 from kalmanopt.runner.errors import ConfigError
 from kalmanopt.runner.health import HEALTHY, STATUSES
@@ -126,8 +126,8 @@ def _analysis_enabled(config: ExperimentConfig) -> bool:
     return bool(config.analysis.get("enabled", False))
 
 
-def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, progress: bool = False
-                   ) -> ExperimentOutcome:
+def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, progress: bool = False,
+                   runs: list[RunSpec] | None = None) -> ExperimentOutcome:
     """Train every run of ``config`` not already finished in ``out`` and write the reports.
 
     The config must have passed :meth:`ExperimentConfig.check` (``load_config`` does it). The
@@ -135,7 +135,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
     and checked to hold runs of this config and mode only; data is loaded once; each finished
     run is saved at once, so Ctrl-C keeps everything finished before it, and a later call with
     the same ``out`` trains only what is missing. ``progress`` draws one progress bar (over
-    every step of the grid) on stderr.
+    every step of the grid) on stderr. ``runs`` (of ``config``: from :meth:`ExperimentConfig.runs`
+    or built with :meth:`ExperimentConfig.run_id`) replaces the grid: only they are trained and
+    reported (``kalmanopt tune`` runs its sweep, then its seeds, this way).
 
     Raises:
         ConfigError: the folder is locked, unwritable, of another config or mode, or holds an
@@ -158,7 +160,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
         previous = [r for r in load_results(out) if r.get("status") in STATUSES]
         with tempfile.TemporaryDirectory(prefix=f"kalmanopt-rank{launched.rank}-") as scratch:
             logging.getLogger("kalmanopt").setLevel(logging.WARNING)
-            outcome = _run_grid(config, Path(scratch), previous, False, launched)
+            outcome = _run_grid(config, Path(scratch), previous, False, launched, runs)
         outcome.out, outcome.writer = out, False
         finish(launched)
         return outcome
@@ -169,7 +171,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
                                lock.took_over.get("pid", "unknown"))
             check_resumable(out, config)
             previous = [r for r in load_results(out) if r.get("status") in STATUSES]
-            outcome = _run_grid(config, out, previous, progress, launched)
+            outcome = _run_grid(config, out, previous, progress, launched, runs)
         finish(launched)
         return outcome
     finally:
@@ -192,7 +194,7 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]], progress: bool,
-              launched: Launch | None = None) -> ExperimentOutcome:
+              launched: Launch | None = None, runs: list[RunSpec] | None = None) -> ExperimentOutcome:
     started = time.perf_counter()
     logger.info("run %s%s: writing into %s", config.name, " --quick" if config.mode == "quick" else "",
                 out)
@@ -203,7 +205,7 @@ def _run_grid(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]
     task = get_task(config.task)
     data = task.load(config.task_options).to(device)
     env = environment(device, config.device)
-    runs = config.runs()
+    runs = list({r.run_id: r for r in (config.runs() if runs is None else runs)}.values())
     grid_ids = {r.run_id for r in runs}
     steps_per_run = config.total_steps(task.steps_per_epoch(data, config.batch_size))
     document = {**config.to_dict(), "steps_per_run": steps_per_run,

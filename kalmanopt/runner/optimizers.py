@@ -4,38 +4,115 @@ A config names each optimizer one of three ways::
 
     {preset = "koala++", sigma = 0.1, q = 0.1, lr = 1.0}
     {torch = "adamw", lr = 1e-3, weight_decay = 1e-2}
+    {torch = "muon", lr = {logspace = [1e-3, 1e-2, 5]}}
     {compose = {surrogate = "lowrank", estimator = "vanilla", memory = 3}, q = 0.1, label = "lr-ns-3"}
 
 or by a bare name (a preset or a baseline). Every keyword is checked against what the optimizer
-accepts, and every grid setting is built once on a dummy parameter, so a bad value fails before
-training starts.
+accepts, and every grid setting is built once on a dummy parameter (a baseline: on a tiny two-layer
+model), so a bad value fails before training starts.
+
+The torch baselines are every ``torch.optim.Optimizer`` subclass torch exports, by its lowercase
+name (:data:`TORCH_BASELINES`), except those the runner's step cannot drive
+(:data:`EXCLUDED_BASELINES`, with the reason); ``muon`` is ``torch.optim.Muon`` on the hidden
+matrices paired with AdamW for the rest (:mod:`kalmanopt.runner.muon`).
+
+A keyword given as ``{logspace = [low, high, n]}`` (in the entry or in its ``grid``) is swept over
+``n`` log-spaced values from ``low`` to ``high`` (:func:`logspace`).
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 import kalmanopt
 from kalmanopt.optimizer import OPTIONS, KalmanOptimizer
 from kalmanopt.registry import PART_KINDS
 from kalmanopt.runner.errors import ConfigError, Problems
+from kalmanopt.runner.muon import MuonWithAdamW, muon_param_groups
 
-__all__ = ["TORCH_BASELINES", "OptimizerSpec", "parse_optimizer", "baseline_keywords"]
+__all__ = ["TORCH_BASELINES", "EXCLUDED_BASELINES", "RUNNER_DEFAULTS", "OptimizerSpec", "parse_optimizer",
+           "baseline_keywords", "logspace"]
 
-#: torch optimizers users pick instead, with the defaults the runner uses when a config gives none
-TORCH_BASELINES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
-    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
-    "adam": (torch.optim.Adam, {"lr": 1e-3}),
-    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
-    "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+#: the runner's defaults where torch's own are a poor start (every other keyword keeps torch's default)
+RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+    "adam": {"lr": 1e-3},
+    "sgd": {"lr": 0.1, "momentum": 0.9},
+    "rmsprop": {"lr": 1e-3},
+    "adagrad": {"lr": 1e-2},
 }
+
+#: torch.optim classes that are not runner baselines, and why
+EXCLUDED_BASELINES: dict[str, str] = {
+    "lbfgs": "torch.optim.LBFGS needs a closure that re-evaluates the loss at every step (a line search); "
+             "the runner's step passes none",
+    "sparseadam": "torch.optim.SparseAdam takes sparse gradients only; the runner's models have dense ones",
+}
+
+
+def _torch_baselines() -> dict[str, tuple[type[Optimizer], dict[str, Any]]]:
+    """Every Optimizer subclass torch.optim exports, by lowercase name, less the excluded; ``muon`` paired."""
+    found: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {}
+    for name in sorted(torch.optim.__all__, key=str.lower):
+        cls = getattr(torch.optim, name, None)
+        key = name.lower()
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer or key in EXCLUDED_BASELINES:
+            continue
+        if cls is torch.optim.Muon:
+            cls = MuonWithAdamW
+        defaults = RUNNER_DEFAULTS.get(key, {})
+        required = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+                    if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+                    and p.name not in defaults]
+        if required:  # (a future torch optimizer with a keyword that has no default)
+            EXCLUDED_BASELINES[key] = f"torch.optim.{name} needs {', '.join(required)}, which have no default"
+            continue
+        found[key] = (cls, defaults)
+    return found
+
+
+#: torch optimizers users pick instead, with the defaults the runner uses when a config gives none:
+#: every ``torch.optim`` optimizer by its lowercase name, except :data:`EXCLUDED_BASELINES`;
+#: ``muon`` is :class:`~kalmanopt.runner.muon.MuonWithAdamW`
+TORCH_BASELINES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = _torch_baselines()
+
+
+def logspace(spec: Any, where: str = "logspace") -> list[float]:
+    """The values of ``{logspace = [low, high, n]}``: ``n`` log-spaced values from ``low`` to ``high``.
+
+    Each value is rounded to 3 significant digits (readable run ids; the ends stay exact).
+
+    Raises:
+        ConfigError: naming ``where`` and what is wrong (not three numbers, a bound not positive and
+            finite, ``low >= high``, ``n`` not an integer >= 2).
+    """
+    form = "{logspace = [low, high, n]}, e.g. {logspace = [1e-4, 1e-2, 5]}"
+    if not isinstance(spec, (list, tuple)) or len(spec) != 3:
+        raise ConfigError(f"{where}: logspace must be three values [low, high, n] as in {form}; got {spec!r}")
+    low, high, n = spec
+    for bound, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}: logspace bound {bound} must be a positive finite number (the values are "
+                              f"log-spaced), got {value!r}")
+    if not low < high:
+        raise ConfigError(f"{where}: logspace needs low < high, got low {low!r} and high {high!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"{where}: logspace needs an integer number of points n >= 2, got {n!r}")
+    values = [low * (high / low) ** (i / (n - 1)) for i in range(n)]
+    rounded = [float(f"{v:.3g}") for v in values[1:-1]]
+    return [float(low), *rounded, float(high)]
+
+
+def _is_logspace(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"logspace"}
 
 #: keys of an optimizer entry that are not keywords of the optimizer
 _ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid", "clip_grad_norm")
@@ -109,14 +186,19 @@ class OptimizerSpec:
         return kalmanopt.compose(name=self.label, **self.parts)
 
     def build(self, params: Iterable[torch.Tensor], keywords: dict[str, Any], *, track_diagnostics: bool = False,
-              loss_statistic: str = "second_moment") -> Optimizer:
+              loss_statistic: str = "second_moment", model: nn.Module | None = None) -> Optimizer:
         """The optimizer over ``params`` with ``keywords`` (a setting from :meth:`settings`).
 
         Kalman optimizers get ``track_diagnostics`` and the task's ``loss_statistic`` unless the
         keywords set them; baselines get the runner's defaults for what the keywords leave out.
+        ``model`` (the model ``params`` belong to) lets ``muon`` tell hidden matrices from embeddings
+        and the output layer (:func:`~kalmanopt.runner.muon.muon_param_groups`); without it, 2-D
+        tensors are taken as hidden matrices.
         """
         if self.family == "torch":
             cls, defaults = TORCH_BASELINES[self.name]
+            if cls is MuonWithAdamW and model is not None:
+                params = muon_param_groups(model, params)
             return cls(params, **{**defaults, **keywords})
         kalman_keywords = {"track_diagnostics": track_diagnostics, "loss_statistic": loss_statistic, **keywords}
         if self.family == "preset":
@@ -154,11 +236,26 @@ class OptimizerSpec:
         problems.raise_if_any()
         for setting in self.settings():
             dummy = torch.zeros(2, requires_grad=True)
+            probe = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))  # a hidden matrix, an output layer, biases
             try:
-                self.build([dummy], setting)
+                if self.family == "torch":
+                    self.build(probe.parameters(), setting, model=probe)
+                else:
+                    self.build([dummy], setting)
             except (ValueError, TypeError) as exc:
                 problems.add(f"optimizer {self.label!r} with {setting}: {exc}")
         problems.raise_if_any()
+
+
+def _expand_logspaces(name: str, keywords: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
+    """The grid with every ``{logspace = ...}`` expanded; such a keyword moves from ``keywords`` into it."""
+    grid = dict(grid)
+    for key in [k for k, v in keywords.items() if _is_logspace(v)]:
+        if key in grid:
+            raise ConfigError(f"optimizer {name!r}: {key} given both as a keyword and in the grid; keep one")
+        grid[key] = keywords.pop(key)
+    return {key: logspace(values["logspace"], f"optimizer {name!r}, {key}") if _is_logspace(values) else values
+            for key, values in grid.items()}
 
 
 def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
@@ -182,12 +279,13 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
         raise ConfigError(f"grid of optimizer {label or entry[how]!r} must be a table of lists, got {grid!r}")
     value = entry.pop(how)
     keywords = entry
+    grid = _expand_logspaces(label or str(value), keywords, grid)
     presets = kalmanopt.presets()
     if how == "name":
         key = str(value).lower()
         if key in presets:
             how = "preset"
-        elif key in TORCH_BASELINES:
+        elif key in TORCH_BASELINES or key in EXCLUDED_BASELINES:
             how = "torch"
         else:
             raise ConfigError(f"unknown optimizer {value!r}; valid choices: presets {', '.join(presets)}; "
@@ -200,6 +298,9 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
         return OptimizerSpec(label or name, "preset", name, {}, keywords, grid, clip)
     if how == "torch":
         name = str(value).lower()
+        if name in EXCLUDED_BASELINES:
+            raise ConfigError(f"torch baseline {value!r} is not available in the runner: {EXCLUDED_BASELINES[name]}; "
+                              f"valid baselines: {', '.join(TORCH_BASELINES)}")
         if name not in TORCH_BASELINES:
             raise ConfigError(f"unknown torch baseline {value!r}; valid baselines: {', '.join(TORCH_BASELINES)}")
         return OptimizerSpec(label or name, "torch", name, {}, keywords, grid, clip)

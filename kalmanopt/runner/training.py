@@ -152,7 +152,7 @@ def train_run(run: RunSpec, config: ExperimentConfig, task: Task, data: Dataset,
     model = wrap_model(task.build_model(config.model, data, config.model_options).to(device), launched)
     model.train()
     optimizer = spec.build(model.parameters(), run.hyperparameters, track_diagnostics=False,
-                           loss_statistic=task.loss_statistic)
+                           loss_statistic=task.loss_statistic, model=model)
     built_with = resolved_hyperparameters(optimizer)  # before the schedule scales lr
     names = layer_names(model, optimizer)
     steps_per_epoch = task.steps_per_epoch(data, config.batch_size)
