@@ -34,10 +34,10 @@ WORLD = int(os.environ.get("DISTRIBUTED_WORKER_WORLD", "2"))
 HP = {"weight_decay": 0.01}
 #: presets whose surrogate is written per layer (gain()): DDP only (every built-in meets the contract)
 PER_LAYER: tuple[str, ...] = ()
-#: presets whose matrix stages read whole layers: DDP only; FSDP2 refuses them on every rank (docs/structured.md)
+#: presets whose matrix stages read whole layers (under FSDP2 they gather them: docs/structured.md)
 WHOLE_LAYER = ("koala-factored", "koala-kron")
 #: presets that run under DDP only
-DDP_ONLY = PER_LAYER + WHOLE_LAYER
+DDP_ONLY = PER_LAYER
 #: where the models and batches live: "cpu" (gloo), or "cuda" (NCCL, rank r on cuda:r; the cuda scenarios)
 DEVICE = "cpu"
 #: the engines of the CUDA scenario
@@ -175,15 +175,25 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
                     out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
                     if engine == "fused":  # whether the generated kernels ran (not the torch operations)
                         out[("kernels", str(dtype), mode, preset)] = ran_kernels(opt)
-    for preset in WHOLE_LAYER:  # FSDP2: refused alike on every rank, before any state or weight changes
+    for preset in WHOLE_LAYER:  # FSDP2, rank 1 without one layer's gradient: every rank refuses alike, no hang
         model = wrap(make_model(torch.float64), "fsdp")
         opt = kalmanopt.create(preset, model.parameters(), implementation=nan_engine, **HP)
+        train(model, opt, torch.float64, range(1), rank)
         before = [full(p) for p in model.parameters()]
+        x, y = batch(1, torch.float64)
+        half = GLOBAL_BATCH // WORLD
+        opt.zero_grad()
+        losses = losses_of(model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        losses.mean().backward()
+        if rank == 1:
+            list(model.parameters())[2].grad = None
         try:
-            train(model, opt, torch.float64, range(1), rank)
-        except NotImplementedError as exc:
-            out[("refused", preset)] = (str(exc), all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())),
-                                        not any(opt.state[p] for p in model.parameters()))
+            opt.step(loss=losses.detach())
+            what = "stepped"
+        except RuntimeError as exc:
+            what = f"refused: {exc}"
+        out[("one rank lacks a layer", preset)] = (
+            what, all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())))
     for mode in ("ddp", "fsdp"):
         model = wrap(make_model(torch.float64), mode)
         opt = kalmanopt.create("koala++", model.parameters(), implementation=nan_engine, **HP)

@@ -64,6 +64,13 @@ def test_ddp_ranks_are_bit_identical(equality):
 def test_exactly_one_collective_per_step(equality):
     for case in CASES:
         _, mode, preset, _ = case
+        if mode == "fsdp" and preset in w.WHOLE_LAYER:
+            # the step's one all-reduce, and the matrix stages' gathers of the sharded layers (made inside
+            # DTensor, where the count may not see them): the same every step
+            for rank in range(w.WORLD):
+                counts = equality[rank][case][1]
+                assert len(set(counts)) == 1 and counts[0] >= 1, (case, rank, counts)
+            continue
         k = w.predict_collectives(preset) if mode == "fsdp" else 0
         # the first step also runs the first predict
         expected = [1 + 2 * k] + [1 + k] * (w.STEPS - 1)
@@ -72,12 +79,13 @@ def test_exactly_one_collective_per_step(equality):
     assert w.predict_collectives("koala-m") == 1 and w.predict_collectives("koala++") == 0
 
 
-def test_fsdp2_refuses_a_whole_layer_matrix_stage_on_every_rank_and_changes_nothing(equality):
+def test_a_rank_without_a_layers_gradient_is_refused_alike_under_fsdp2_matrix_stages(equality):
+    """The matrix stages gather a sharded layer on every rank (zeros where a rank has no gradient), so the
+    step's census still runs everywhere and refuses the step on every rank, changing nothing."""
     for preset in w.WHOLE_LAYER:
         for rank in range(w.WORLD):
-            message, weights_kept, no_state = equality[rank][("refused", preset)]
-            assert "sharded over ranks" in message and "DDP" in message, (preset, rank, message)
-            assert weights_kept and no_state, (preset, rank)
+            what, unchanged = equality[rank][("one rank lacks a layer", preset)]
+            assert what.startswith("refused") and "rank" in what and unchanged, (preset, rank, what)
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(equality):

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from kalmanopt.contract import CoefficientStage
-from kalmanopt.engines.shards import is_sharded, local_tensor
+from kalmanopt.engines.shards import full_tensor, gather_local, is_sharded, local_part, local_tensor
 from kalmanopt.layers import Layer
 from kalmanopt.matrix import MatrixBlock, MatrixStage
 from kalmanopt.plan import UpdatePlan, contract_gap, plan_key, update_plan
-from kalmanopt.program import PreparedProgram, hp_coefficients, prepare_program
+from kalmanopt.program import PreparedProgram, hp_coefficients, prepare_program, vectors_read
 from kalmanopt.state import matricised_shape
 
 __all__ = ["StagedGroup", "has_stages", "run_before", "run_after", "fixed_every_step"]
@@ -82,25 +82,37 @@ def _active(layers: Sequence[Layer]) -> list[Layer]:
     return [layer for layer in layers if any(p.grad is not None for p in layer.params)]
 
 
-def _blocks(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[_Block]:
+def _sharded(layer: Layer) -> bool:
+    return any(is_sharded(p) for p in layer.params)
+
+
+def _shape(layer: Layer) -> tuple[int, ...]:
+    return tuple(layer.params[0].shape) if len(layer.params) == 1 else (layer.numel,)  # (a global layer: a vector)
+
+
+def _blocks(plan: UpdatePlan, layers: Sequence[Layer], rows: Mapping[int, int], group: Mapping[str, Any]
+            ) -> list[_Block]:
+    """The layers that take part, by shape: every layer with a gradient here, and every sharded layer (its
+    stages gather it, a collective every rank must join whatever its gradients). ``rows``: a layer's position
+    among the layers with a gradient (the engines' order), absent for a sharded layer without one here."""
     by_key: dict[tuple, _Block] = {}
-    for row, layer in enumerate(layers):
-        if len(layer.params) != 1:
-            shape: tuple[int, ...] = (layer.numel,)  # a global layer: one vector
-        else:
-            shape = tuple(layer.params[0].shape)
-        if any(is_sharded(p) for p in layer.params):
+    for layer in layers:
+        sharded = _sharded(layer)
+        if id(layer) not in rows and not sharded:
+            continue
+        if sharded and len(layer.params) != 1:
             raise NotImplementedError(
-                f"{layer.name} is sharded over ranks (FSDP2), and this composition's matrix stages read whole "
-                "layers; run it with DDP (replicated parameters) or on one process")
+                f"{layer.name} is one global filter over sharded parameters; matrix stages need "
+                "granularity='layer' under FSDP2")
+        shape = _shape(layer)
         m, n, matrix = matricised_shape(shape)
         factors = tuple(plan.table.factor_shapes(shape, group).values())
-        key = (m, n, matrix, factors, layer.dtype)
+        key = (m, n, matrix, factors, layer.dtype, sharded)
         block = by_key.get(key)
         if block is None:
             block = by_key[key] = _Block(m, n, matrix, [], [])
         block.layers.append(layer)
-        block.rows.append(row)
+        block.rows.append(rows.get(id(layer), -1))
     return list(by_key.values())
 
 
@@ -110,14 +122,24 @@ def _ensure(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any])
     created = []
     for layer in layers:
         p = layer.params[0]
-        shape = tuple(p.shape) if len(layer.params) == 1 else (layer.numel,)
         new = False
         if not all(k in layer.state for k in table.layer_keys):
-            new = table.init_layer(layer.state, layer.numel, group, layer.dtype, p.device)
-        new = table.init_factors(layer.state, shape, group, layer.dtype, p.device) or new
+            new = table.init_layer(layer.state, sum(local_tensor(q).numel() for q in layer.params), group,
+                                   layer.dtype, p.device)
+        new = table.init_factors(layer.state, _shape(layer), group, layer.dtype, p.device) or new
         if new:
             created.append(layer)
     return created
+
+
+def _factor(plan: UpdatePlan, layer: Layer, name: str, group: Mapping[str, Any]) -> Tensor:
+    """A layer's factor; a sharded layer without a gradient here (and so without state) joins with its
+    initial value (its results are not committed)."""
+    found = layer.state.get(name)
+    if found is not None:
+        return found
+    entry = next(e for e in plan.table.factors if e.name == name)
+    return entry.initial(_shape(layer), group, layer.dtype, layer.params[0].device)
 
 
 def _stack(block: _Block, name: str, env_of: list[dict[str, Tensor]]) -> Tensor:
@@ -126,20 +148,35 @@ def _stack(block: _Block, name: str, env_of: list[dict[str, Tensor]]) -> Tensor:
 
 def _envs(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: set[str], hp: dict[str, float]
           ) -> list[dict[str, Tensor]]:
-    """Per layer: the flat vectors the block's stages read (θ, g, H from the measurement, state vectors)."""
+    """Per layer: the flat vectors the block's stages read (θ, g, H from the measurement, state vectors),
+    whole: a sharded layer's are gathered from every rank (a rank without its gradient gives zeros)."""
+    needed = set(reads)
+    if "H" in needed:
+        needed |= {"g"} | ({"theta"} & {v.name for v in vectors_read(a.expr for a in plan.pre)})
     envs = []
     for layer in block.layers:
         p = layer.params[0] if len(layer.params) == 1 else None
-        theta = local_tensor(p).detach().reshape(-1).to(layer.dtype) if p is not None else layer.theta()
-        if p is not None:
-            g = p.grad.detach().reshape(-1).to(layer.dtype) if p.grad is not None else torch.zeros_like(theta)
-        else:
-            g = layer.grad()
-        env = {"theta": theta, "g": g}
+        sharded = p is not None and is_sharded(p)
+        env: dict[str, Tensor] = {}
+        if "theta" in needed:
+            env["theta"] = (full_tensor(p.detach()).reshape(-1).to(layer.dtype) if p is not None
+                            else layer.theta())
+        if "g" in needed:
+            if p is None:
+                env["g"] = layer.grad()
+            elif p.grad is not None:
+                env["g"] = full_tensor(p.grad.detach()).reshape(-1).to(layer.dtype)
+            elif sharded:  # (no gradient here: zeros, so that the gather runs on every rank alike)
+                env["g"] = full_tensor(torch.zeros_like(p.detach())).reshape(-1).to(layer.dtype)
+            else:
+                env["g"] = torch.zeros(layer.numel, dtype=layer.dtype, device=layer.params[0].device)
         if "H" in reads:
             pre.run(env, hp, in_place=False)
         for name in reads - {"theta", "g", "H"}:
-            env[name] = layer.state[name]
+            flat = layer.state.get(name)
+            if flat is None:  # (a sharded layer without a gradient here: no state; zeros, gathered alike)
+                flat = torch.zeros(local_tensor(p).numel(), dtype=layer.dtype, device=p.device)
+            env[name] = gather_local(flat, p) if sharded else flat
         envs.append(env)
     return envs
 
@@ -174,7 +211,7 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     if not plan.stages:
         return None
     active = _active(layers)
-    blocks = _blocks(plan, active, group)
+    blocks = _blocks(plan, layers, {id(layer): i for i, layer in enumerate(active)}, group)
     created = _ensure(plan, active, group)
     device = active[0].params[0].device if active else torch.device("cpu")
     counter = _counter(runtime, index, group, group_state, device)
@@ -187,7 +224,8 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     for block in staged.blocks:
         mb = MatrixBlock(block.m, block.n, block.matrix, group)
         mb.x = _read(block, staged, reads)
-        mb.factors = {e.name: torch.stack([layer.state[e.name] for layer in block.layers]) for e in plan.table.factors}
+        mb.factors = {e.name: torch.stack([_factor(plan, layer, e.name, group) for layer in block.layers])
+                      for e in plan.table.factors}
         block.block = mb
         for stage in before:
             _run(stage, mb)
@@ -221,10 +259,16 @@ def _write_outputs(stage: MatrixStage, block: _Block, mb: MatrixBlock) -> None:
         if tuple(out.shape) != (len(block.layers), block.m, block.n):
             raise ValueError(f"the matrix stage {stage.name!r} wrote {name!r} of shape {tuple(out.shape)}; it must "
                              f"be [layers, m, n] = {(len(block.layers), block.m, block.n)}")
-        pairs = [(layer.state[name].view(block.m, block.n), value)
-                 for layer, value in zip(block.layers, out.unbind(0)) if name in layer.state]
+        pairs = [(layer.state[name], _local_part(value, layer)) for layer, value in zip(block.layers, out.unbind(0))
+                 if name in layer.state]
         if pairs:  # (a layer skipped at its first update holds no state any more)
             torch._foreach_copy_([t for t, _ in pairs], [v.to(t.dtype) for t, v in pairs])
+
+
+def _local_part(value: Tensor, layer: Layer) -> Tensor:
+    """A stage's output for one layer (m × n) as the layer's flat local vector (its rows here, if sharded)."""
+    p = layer.params[0]
+    return local_part(value, p) if len(layer.params) == 1 and is_sharded(p) else value.reshape(-1)
 
 
 def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
@@ -242,12 +286,11 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
         if mb is None:
             continue
         if after and block.layers:
-            rows = staged.runtime.int64(block.rows, b.skip.device)  # (cached: no copy to wait for)
-            keep = (~b.skip.index_select(0, rows)) & b.ok
+            keep = _kept(staged, block, b)
             mb.keep = keep
             coef_names = {name for s in after for name in s.coefficients}
             dtype = block.layers[0].dtype  # (a group of mixed precisions: its coefficients in the widest)
-            mb.coef = {name: _column(b, name, rows).to(dtype) for name in coef_names}
+            mb.coef = {name: _column(staged, block, b, name).to(dtype) for name in coef_names}
             mb.new_factors = {}
             for stage in after:
                 mb.x = _read(block, staged, set(stage.reads))  # (θ and state vectors after the update)
@@ -258,13 +301,26 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
         block.block = None
 
 
+def _kept(staged: StagedGroup, block: _Block, b: CoefficientStage) -> Tensor:
+    """``[layers]`` bool: the block's layers that took this step's update (``b.ok``, not skipped, and with a
+    gradient here)."""
+    device = b.skip.device
+    if all(row < 0 for row in block.rows):
+        return torch.zeros(len(block.rows), dtype=torch.bool, device=device)
+    rows = staged.runtime.int64([max(row, 0) for row in block.rows], device)  # (cached: no copy to wait for)
+    keep = (~b.skip.index_select(0, rows)) & b.ok
+    if any(row < 0 for row in block.rows):
+        keep = keep & (staged.runtime.int64([int(row >= 0) for row in block.rows], device) != 0)
+    return keep
+
+
 def _forget_skipped_new_state(staged: StagedGroup, b: CoefficientStage) -> None:
     """As if never touched: a layer skipped at its first update keeps no state (as the engines do)."""
     skipped = set()
     flags = b.skip.tolist()
     for block in staged.blocks:
         for layer, row in zip(block.layers, block.rows):
-            if flags[row] or not bool(b.ok):
+            if row < 0 or flags[row] or not bool(b.ok):
                 skipped.add(id(layer))
     keys = staged.plan.table.layer_keys + tuple(e.name for e in staged.plan.table.factors)
     forgotten = set()
@@ -296,13 +352,18 @@ def _forget_skipped_new_state(staged: StagedGroup, b: CoefficientStage) -> None:
         mb.carry = {k: take(v) for k, v in mb.carry.items()}
 
 
-def _column(b: CoefficientStage, name: str, rows: Tensor) -> Tensor:
+def _column(staged: StagedGroup, block: _Block, b: CoefficientStage, name: str) -> Tensor:
+    """The coefficient column ``name`` for the block's layers (1 where a layer has no row here: not committed)."""
     if name not in b.coef:
         raise KeyError(f"a matrix stage reads the coefficient {name!r}, which no part provides "
                        f"(provided: {sorted(b.coef)})")
     column = b.coef[name]
+    n = len(block.rows)
     if column.dim() == 0:
-        return column.expand(rows.numel())
+        return column.expand(n)
+    if all(row < 0 for row in block.rows):
+        return torch.ones(n, dtype=column.dtype, device=column.device)
+    rows = staged.runtime.int64([max(row, 0) for row in block.rows], column.device)
     return column.index_select(0, rows)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "is_sharded"]
+__all__ = ["local_tensor", "is_sharded", "full_tensor", "gather_local", "local_part"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,3 +39,29 @@ def local_tensor(t: Tensor) -> Tensor:
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor split over ranks (a ``Shard`` placement)."""
     return _is_dtensor(t) and any(p.is_shard() for p in t.placements)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole of a sharded DTensor on every rank (an all-gather over its mesh), or ``t`` itself."""
+    return t.full_tensor() if is_sharded(t) else local_tensor(t)
+
+
+def gather_local(flat: Tensor, like: Tensor) -> Tensor:
+    """The whole of a per-layer state vector whose local part ``flat`` follows the shards of the DTensor
+    ``like`` (a parameter), as one flat tensor on every rank (an all-gather)."""
+    cls = _dtensor_type()
+    local = flat.view(local_tensor(like).shape)
+    whole = cls.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                           stride=like.stride())
+    return whole.full_tensor().reshape(-1)
+
+
+def local_part(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of ``whole`` (the same on every rank, of ``like``'s global shape) in ``like``'s shards,
+    flat: no communication (a replicated tensor redistributed to shards is sliced locally)."""
+    from torch.distributed.tensor import Replicate
+
+    cls = _dtensor_type()
+    replicated = cls.from_local(whole.reshape(like.shape), like.device_mesh,
+                                [Replicate()] * like.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local().reshape(-1)
