@@ -315,7 +315,7 @@ def scenario_odd(rank: int, out: dict, *_: str) -> None:
                                                              opt.diagnostics()["counters"])
 
 
-CHECKPOINT_PRESETS = ("koala++", "koala-m")
+CHECKPOINT_PRESETS = ("koala++", "koala-m", "koala-kron", "koala-factored")
 
 
 def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
@@ -348,6 +348,43 @@ def scenario_checkpoint(rank: int, out: dict, base: str) -> None:
         kalmanopt.create("koala++", model.parameters(), process_group=subgroups[rank])
     except ValueError as e:
         out["mismatch create"] = str(e)
+
+
+def scenario_structured(rank: int, out: dict, *_: str) -> None:
+    """The presets whose matrix stages read whole layers, over ``WORLD`` ranks (three: uneven shards, and the
+    one-row last layer leaves two ranks an empty shard) under DDP and FSDP2, two samples per rank: each rank's
+    parameters after ``STEPS`` steps, for comparison with one process on the ``2 · WORLD`` samples."""
+    for mode in ("ddp", "fsdp"):
+        for preset in WHOLE_LAYER:
+            model = wrap(make_model(torch.float64), mode)
+            opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **_refresh(preset), **HP)
+            for step in range(STEPS):
+                x, y = batch(step, torch.float64)
+                x, y = x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]
+                opt.zero_grad()
+                losses = losses_of(model, x, y)
+                losses.mean().backward()
+                opt.step(loss=losses.detach())
+            out[("structured", mode, preset)] = [full(p) for p in model.parameters()]
+
+
+def _refresh(preset: str) -> dict:
+    """koala-kron refreshes its factors every second step here (the interval counted alike on every rank)."""
+    return {"refresh": 2} if preset == "koala-kron" else {}
+
+
+def structured_reference(preset: str, world: int) -> list[torch.Tensor]:
+    """One process on the ``2 · world`` samples of :func:`scenario_structured`."""
+    model = make_model(torch.float64)
+    opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", process_group=None,
+                           **_refresh(preset), **HP)
+    for step in range(STEPS):
+        x, y = batch(step, torch.float64)
+        opt.zero_grad()
+        losses = losses_of(model, x[:2 * world], y[:2 * world])
+        losses.mean().backward()
+        opt.step(loss=losses.detach())
+    return [p.detach().clone() for p in model.parameters()]
 
 
 RUNNER_CONFIG = """

@@ -311,3 +311,16 @@ def test_the_equality_script_reports_every_row_within_the_tolerance(equality):
     assert len(rows) == len(w.DTYPES) * 2
     for dtype, mode, worst, where, tolerance, identical in rows:
         assert float(worst) <= float(tolerance) and identical.strip() == "yes", (dtype, mode, where)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matrix_stages_on_uneven_shards_equal_one_process(tmp_path, world):
+    """koala-kron and koala-factored over two and three gloo ranks (DDP, and FSDP2 with uneven row shards and
+    empty ones), refreshing every second step: each rank's parameters equal one process on the same samples."""
+    ranks = _launch("structured", tmp_path / "out", world=world)
+    for mode in ("ddp", "fsdp"):
+        for preset in w.WHOLE_LAYER:
+            ref = w.structured_reference(preset, world)
+            for rank in range(world):
+                params = ranks[rank][("structured", mode, preset)]
+                assert _rel(params, ref) <= 1e-10, (mode, preset, world, rank, _rel(params, ref))

@@ -360,6 +360,7 @@ def load_checkpoint_state_dict(opt: OptimizerView, loaded: dict[str, Any]) -> No
     meta = loaded[META]
     if isinstance(meta, str):
         meta = json.loads(meta)
+    vectors = _vector_names(opt)
     state: dict[Any, dict] = {}
     for key, value in loaded.items():
         if key == META:
@@ -367,8 +368,9 @@ def load_checkpoint_state_dict(opt: OptimizerView, loaded: dict[str, Any]) -> No
         parts = key.split("/")
         owner: Any = int(parts[1]) if parts[1].isdigit() else parts[1]
         entry = state.setdefault(owner, {})
+        # (a per-layer state vector was saved in its parameter's shape; a factor keeps its own)
         tensor = local_tensor(value).reshape(-1) if len(parts) == 3 and parts[1].isdigit() \
-            and local_tensor(value).dim() > 0 else local_tensor(value)
+            and parts[2] in vectors and local_tensor(value).dim() > 0 else local_tensor(value)
         if len(parts) == 4:
             entry.setdefault(parts[2], {})[parts[3]] = tensor
         else:
