@@ -46,7 +46,10 @@ class MatrixBlock:
         m, n: the shape every layer of the block is read as.
         matrix: whether the layers are matrices (else vectors or scalars read as (numel, 1) columns).
         hp: the group's hyper-parameters (Python values).
-        x: the vectors the stage reads, ``[b, m, n]`` each (copies: writing them changes nothing).
+        x: the vectors the stage reads, ``[b, m, n]`` each (read only: a workspace vector is the block's buffer).
+        buffers: the block's workspace vectors as ``[b, m, n]`` buffers whose rows are the layers' entries (where
+            the layers allow it): a stage may fill one in place (``torch.mul(..., out=block.buffers["D"])``) and
+            set ``block.out["D"]`` to it, saving a copy.
         factors: the factors the stage reads, ``[b, k, k]`` (dense) or ``[b, k]`` (a diagonal or a vector).
         coef: (``after`` stages) this step's coefficient columns, ``[b]`` each.
         keep: (``after`` stages) ``[b]`` bool, the layers that took this step's update.
@@ -69,6 +72,7 @@ class MatrixBlock:
     coef: dict[str, Tensor] = field(default_factory=dict)
     keep: Tensor | None = None
     carry: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
     out: dict[str, Tensor] = field(default_factory=dict)
     new_factors: dict[str, Tensor] = field(default_factory=dict)
 
@@ -128,9 +132,12 @@ def left(A: Tensor, X: Tensor) -> Tensor:
     return A @ X if is_dense(A) else A[..., :, None] * X
 
 
-def right(X: Tensor, B: Tensor) -> Tensor:
-    """X B for X ``[b, m, n]`` and a stacked factor B (``[b, n, n]`` or its diagonal ``[b, n]``)."""
-    return X @ B if is_dense(B) else X * B[..., None, :]
+def right(X: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """X B for X ``[b, m, n]`` and a stacked factor B (``[b, n, n]`` or its diagonal ``[b, n]``), into ``out`` if
+    given."""
+    if out is None:
+        return X @ B if is_dense(B) else X * B[..., None, :]
+    return torch.matmul(X, B, out=out) if is_dense(B) else torch.mul(X, B[..., None, :], out=out)
 
 
 def frobenius2(A: Tensor) -> Tensor:

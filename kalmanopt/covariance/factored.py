@@ -35,7 +35,12 @@ def expand(block: MatrixBlock) -> None:
     r, c = block.factors["row"], block.factors["col"]
     q = float(block.hp["q"])
     scale = r.mean(-1).clamp_min(torch.finfo(r.dtype).tiny)
-    block.out["p"] = (r / scale[:, None])[:, :, None] * c[:, None, :] + q
+    rows, cols = (r / scale[:, None])[:, :, None], c[:, None, :]
+    buf = block.buffers.get("p")
+    if buf is None:
+        block.out["p"] = rows * cols + q
+    else:  # (in place, one pass)
+        block.out["p"] = torch.addcmul(rows.new_full((), q), rows, cols, out=buf)
 
 
 def project(block: MatrixBlock) -> None:

@@ -95,7 +95,7 @@ def predict(block: MatrixBlock) -> None:
     q = float(block.hp["q"])
     A_hat = nearest_left(A, B, q)
     B_hat = nearest_right(A_hat, A, B, q)
-    D = right(left(A_hat, block.x["H"]), B_hat)
+    D = right(left(A_hat, block.x["H"]), B_hat, out=block.buffers.get("D"))  # (in place where it can)
     block.carry.update(A_hat=A_hat, B_hat=B_hat, D=D)
     block.out["D"] = D
 

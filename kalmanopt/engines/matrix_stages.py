@@ -223,7 +223,9 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     reads = {name for s in before for name in s.reads}
     for block in staged.blocks:
         mb = MatrixBlock(block.m, block.n, block.matrix, group)
-        mb.x = _read(block, staged, reads)
+        mb.buffers = {name: buf for name in plan.table.workspace_keys
+                      if (buf := _joint(block, name)) is not None}
+        mb.x = _read(block, staged, reads, mb.buffers)
         mb.factors = {e.name: torch.stack([_factor(plan, layer, e.name, group) for layer in block.layers])
                       for e in plan.table.factors}
         block.block = mb
@@ -233,12 +235,36 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     return staged
 
 
-def _read(block: _Block, staged: StagedGroup, reads: set[str]) -> dict[str, Tensor]:
-    """The vectors ``reads`` of the block's layers as they are now, stacked ``[b, m, n]``."""
-    if not reads:
-        return {}
-    envs = _envs(block, staged.plan, staged.pre, reads, staged.hp)
-    return {name: _stack(block, name, envs) for name in sorted(reads)}
+def _read(block: _Block, staged: StagedGroup, reads: set[str], buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The vectors ``reads`` of the block's layers as they are now, ``[b, m, n]``: a workspace vector kept as one
+    block buffer is that buffer itself (no copy), the others are stacked."""
+    out = {name: buffers[name] for name in reads if name in buffers}
+    rest = reads - set(out)
+    if rest:
+        envs = _envs(block, staged.plan, staged.pre, rest, staged.hp)
+        out.update({name: _stack(block, name, envs) for name in sorted(rest)})
+    return out
+
+
+def _joint(block: _Block, name: str) -> Tensor | None:
+    """The block's workspace vector ``name`` as one ``[b, m, n]`` buffer whose rows are the layers' state entries
+    (made so the first time): a stage fills it in place and a later stage reads it without a copy. None for a
+    block with a sharded layer or a layer without the entry (they copy, as every other vector)."""
+    layers = block.layers
+    if any(name not in layer.state or _sharded(layer) for layer in layers):
+        return None
+    first = layers[0].state[name]
+    base = first._base
+    size = block.m * block.n
+    if base is not None and tuple(base.shape) == (len(layers), size) and all(
+            layer.state[name]._base is base and layer.state[name].data_ptr() == base[i].data_ptr()
+            for i, layer in enumerate(layers)):
+        return base.view(len(layers), block.m, block.n)
+    base = torch.empty((len(layers), size), dtype=first.dtype, device=first.device)
+    for i, layer in enumerate(layers):
+        base[i].copy_(layer.state[name])
+        layer.state[name] = base[i]
+    return base.view(len(layers), block.m, block.n)
 
 
 def _run(stage: MatrixStage, mb: MatrixBlock) -> None:
@@ -259,6 +285,8 @@ def _write_outputs(stage: MatrixStage, block: _Block, mb: MatrixBlock) -> None:
         if tuple(out.shape) != (len(block.layers), block.m, block.n):
             raise ValueError(f"the matrix stage {stage.name!r} wrote {name!r} of shape {tuple(out.shape)}; it must "
                              f"be [layers, m, n] = {(len(block.layers), block.m, block.n)}")
+        if out is mb.buffers.get(name):
+            continue  # (filled in place)
         pairs = [(layer.state[name], _local_part(value, layer)) for layer, value in zip(block.layers, out.unbind(0))
                  if name in layer.state]
         if pairs:  # (a layer skipped at its first update holds no state any more)
@@ -293,7 +321,7 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
             mb.coef = {name: _column(staged, block, b, name).to(dtype) for name in coef_names}
             mb.new_factors = {}
             for stage in after:
-                mb.x = _read(block, staged, set(stage.reads))  # (θ and state vectors after the update)
+                mb.x = _read(block, staged, set(stage.reads), mb.buffers)  # (θ and state vectors after the update)
                 _run(stage, mb)
                 _write_outputs(stage, block, mb)
             _commit_factors(staged.plan, block, mb, keep)
@@ -350,6 +378,7 @@ def _forget_skipped_new_state(staged: StagedGroup, b: CoefficientStage) -> None:
 
         mb.factors = {k: take(v) for k, v in mb.factors.items()}
         mb.carry = {k: take(v) for k, v in mb.carry.items()}
+        mb.buffers = {}  # (they hold the forgotten layers' rows too: the remaining layers' vectors are stacked)
 
 
 def _column(staged: StagedGroup, block: _Block, b: CoefficientStage, name: str) -> Tensor:
