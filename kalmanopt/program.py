@@ -11,7 +11,20 @@ and per-layer scalar coefficients::
 Vectors are the measurement's (``theta``, ``g``, ``H``), a part's state vectors (:class:`State`),
 or temporaries defined earlier in the program. Scalars are per-layer coefficients (:class:`Coef`,
 columns the part's batched coefficient function produces) and constants. Expressions combine them
-with ``+``, ``-``, ``*``, ``/``, :meth:`Expr.clamp_min` and :meth:`Expr.sqrt`.
+with
+
+- arithmetic: ``+``, ``-``, ``*``, ``/`` and ``**`` (:meth:`Expr.pow`: the exponent a number or an expression);
+- functions: :meth:`Expr.abs` (``abs(x)``), :meth:`Expr.sign`, :meth:`Expr.exp`, :meth:`Expr.log`,
+  :meth:`Expr.sqrt` and :meth:`Expr.clamp_min`; :func:`minimum` and :func:`maximum` of two expressions;
+- a choice: :func:`where` ``(cond, a, b)``, ``cond`` a comparison ``<``, ``<=``, ``>`` or ``>=`` of two
+  expressions (``==`` stays Python's structural equality of expressions, which the engines rely on)::
+
+      step = where(abs(H) > Coef("clip"), Coef("clip") * H.sign(), H)   # H clipped at ±clip
+
+Each has torch's semantics on every engine, NaN and ±inf included (``log(0) = -inf``, ``log(x < 0) = NaN``,
+``x ** y`` as :func:`torch.pow` of two tensors; :func:`minimum` and :func:`maximum` propagate NaN as
+:func:`torch.minimum` does), with one exception: :meth:`Expr.sign` is NaN where its argument is
+(:func:`torch.sign` gives 0 there), so that a NaN cannot vanish inside a sign.
 
 The same program is evaluated by torch operations (the reference and multi-tensor engines,
 :func:`prepare_program`) and turned into Triton source (the fused engine): a part is fast without
@@ -21,15 +34,16 @@ touching an engine. Sums over a layer (:class:`Reduction`) use the same expressi
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "Vec", "State", "Coef", "Const", "Assign", "Reduction", "PreparedProgram", "prepare_program",
-           "evaluate_vector", "vectors_read", "coefficients_read", "is_vector", "MEASUREMENT_VECTORS",
-           "hp_coefficients"]
+__all__ = ["Expr", "Vec", "State", "Coef", "Const", "Compare", "Assign", "Reduction", "minimum", "maximum", "where",
+           "PreparedProgram", "prepare_program", "evaluate_vector", "vectors_read", "coefficients_read", "is_vector",
+           "MEASUREMENT_VECTORS", "hp_coefficients"]
 
 #: the vectors the engine provides to every program: θ (the parameters), g (the gradient), H (g + wd θ)
 MEASUREMENT_VECTORS = ("theta", "g", "H")
@@ -37,15 +51,25 @@ MEASUREMENT_VECTORS = ("theta", "g", "H")
 Number = Union[int, float]
 
 
+def _as_expr(value: Expr | Number) -> Expr:
+    """``value`` as an expression: an expression itself, a number as a :class:`Const`."""
+    if isinstance(value, Expr):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"an element-wise expression combines expressions and numbers, got {type(value).__name__}")
+    return Const(float(value))
+
+
 class Expr:
-    """A node of an element-wise expression (build with operators, not by hand)."""
+    """A node of an element-wise expression (build with operators, not by hand).
+
+    ``==`` is the structural equality of two expressions (engines hash and compare declarations with it);
+    the other comparisons, ``<``, ``<=``, ``>`` and ``>=``, build a :class:`Compare`, the condition of
+    :func:`where`.
+    """
 
     def _wrap(self, other: Expr | Number) -> Expr:
-        if isinstance(other, Expr):
-            return other
-        if isinstance(other, bool) or not isinstance(other, (int, float)):
-            raise TypeError(f"an element-wise expression combines expressions and numbers, got {type(other).__name__}")
-        return Const(float(other))
+        return _as_expr(other)
 
     def __add__(self, other: Expr | Number) -> Expr:
         return BinOp("+", self, self._wrap(other))
@@ -78,6 +102,70 @@ class Expr:
     def sqrt(self) -> Expr:
         """√self, element-wise (correctly rounded on every engine; NaN below 0, as torch.sqrt)."""
         return Sqrt(self)
+
+    def abs(self) -> Expr:
+        """|self|, element-wise (also ``abs(x)``)."""
+        return Unary("abs", self)
+
+    def __abs__(self) -> Expr:
+        return Unary("abs", self)
+
+    def sign(self) -> Expr:
+        """-1, 0 or 1 as self is negative, zero or positive, element-wise; NaN where self is NaN (torch.sign
+        gives 0 there: here a NaN stays visible to the step's checks)."""
+        return Unary("sign", self)
+
+    def exp(self) -> Expr:
+        """e ** self, element-wise (as torch.exp: inf past the float's range, 0 at -inf)."""
+        return Unary("exp", self)
+
+    def log(self) -> Expr:
+        """The natural logarithm of self, element-wise (as torch.log: -inf at 0, NaN below 0)."""
+        return Unary("log", self)
+
+    def pow(self, exponent: Expr | Number) -> Expr:
+        """self ** exponent, element-wise, the exponent a number or an expression (also ``x ** y``); as
+        torch.pow of two tensors (C's pow): NaN for a negative base and a non-integer exponent, ``x ** 0 = 1``
+        and ``1 ** y = 1`` even for NaN, inf where it overflows. (A tensor to the number ±0.5 is a square root
+        in torch, -0 and NaN at -0 and -inf; here it is pow there too: +0 and +inf.)"""
+        return Pow(self, _as_expr(exponent))
+
+    def __pow__(self, other: Expr | Number) -> Expr:
+        return Pow(self, _as_expr(other))
+
+    def __rpow__(self, other: Number) -> Expr:
+        return Pow(_as_expr(other), self)
+
+    def __lt__(self, other: Expr | Number) -> Compare:
+        return Compare("<", self, _as_expr(other))
+
+    def __le__(self, other: Expr | Number) -> Compare:
+        return Compare("<=", self, _as_expr(other))
+
+    def __gt__(self, other: Expr | Number) -> Compare:
+        return Compare(">", self, _as_expr(other))
+
+    def __ge__(self, other: Expr | Number) -> Compare:
+        return Compare(">=", self, _as_expr(other))
+
+
+def minimum(a: Expr | Number, b: Expr | Number) -> Expr:
+    """min(a, b), element-wise; NaN where either is NaN (as torch.minimum)."""
+    return Extremum("minimum", _as_expr(a), _as_expr(b))
+
+
+def maximum(a: Expr | Number, b: Expr | Number) -> Expr:
+    """max(a, b), element-wise; NaN where either is NaN (as torch.maximum)."""
+    return Extremum("maximum", _as_expr(a), _as_expr(b))
+
+
+def where(cond: Compare, a: Expr | Number, b: Expr | Number) -> Expr:
+    """``a`` where ``cond`` holds, else ``b``, element-wise (as torch.where); ``cond`` is a comparison of
+    expressions, ``x < y``, ``x <= y``, ``x > y`` or ``x >= y`` (false where either side is NaN)."""
+    if not isinstance(cond, Compare):
+        raise TypeError(f"the condition of where() is a comparison of expressions (x < y, x >= y, ...), "
+                        f"got {type(cond).__name__}")
+    return Where(cond, _as_expr(a), _as_expr(b))
 
 
 @dataclass(frozen=True, eq=True)
@@ -127,6 +215,16 @@ class Const(Expr):
         return repr(self.value)
 
 
+def _check_values(node: Expr, *operands: Expr) -> None:
+    """Refuse a comparison where a value is expected (a comparison is only the condition of ``where``)."""
+    for operand in operands:
+        if isinstance(operand, Compare):
+            raise TypeError(f"{operand!r} is a condition, not a value: use it as where(cond, a, b)'s condition "
+                            f"(in {type(node).__name__})")
+        if not isinstance(operand, Expr):
+            raise TypeError(f"an operand of {type(node).__name__} is an expression, got {type(operand).__name__}")
+
+
 @dataclass(frozen=True, eq=True)
 class BinOp(Expr):
     """``a op b`` for op in + - * /."""
@@ -134,6 +232,9 @@ class BinOp(Expr):
     op: str
     a: Expr
     b: Expr
+
+    def __post_init__(self) -> None:
+        _check_values(self, self.a, self.b)
 
     def __repr__(self) -> str:
         return f"({self.a!r} {self.op} {self.b!r})"
@@ -146,6 +247,9 @@ class ClampMin(Expr):
     a: Expr
     low: float
 
+    def __post_init__(self) -> None:
+        _check_values(self, self.a)
+
     def __repr__(self) -> str:
         return f"max({self.a!r}, {self.low!r})"
 
@@ -156,8 +260,106 @@ class Sqrt(Expr):
 
     a: Expr
 
+    def __post_init__(self) -> None:
+        _check_values(self, self.a)
+
     def __repr__(self) -> str:
         return f"sqrt({self.a!r})"
+
+
+#: the element-wise functions of one argument (:class:`Unary`)
+UNARY_OPS = ("abs", "sign", "exp", "log")
+
+
+@dataclass(frozen=True, eq=True)
+class Unary(Expr):
+    """``op(a)`` for op in abs, sign, exp, log."""
+
+    op: str
+    a: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in UNARY_OPS:
+            raise ValueError(f"unknown element-wise function {self.op!r}; there are {', '.join(UNARY_OPS)}")
+        _check_values(self, self.a)
+
+    def __repr__(self) -> str:
+        return f"{self.op}({self.a!r})"
+
+
+@dataclass(frozen=True, eq=True)
+class Pow(Expr):
+    """``a ** b``."""
+
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        _check_values(self, self.a, self.b)
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} ** {self.b!r})"
+
+
+@dataclass(frozen=True, eq=True)
+class Extremum(Expr):
+    """``minimum(a, b)`` or ``maximum(a, b)`` (NaN where either is NaN)."""
+
+    op: str
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in ("minimum", "maximum"):
+            raise ValueError(f"an extremum is 'minimum' or 'maximum', got {self.op!r}")
+        _check_values(self, self.a, self.b)
+
+    def __repr__(self) -> str:
+        return f"{self.op}({self.a!r}, {self.b!r})"
+
+
+#: the comparisons a condition makes (:class:`Compare`)
+COMPARISONS = ("<", "<=", ">", ">=")
+
+
+@dataclass(frozen=True, eq=True)
+class Compare(Expr):
+    """``a op b`` for op in < <= > >=: the condition of :func:`where`, not a value (false where either
+    side is NaN)."""
+
+    op: str
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in COMPARISONS:
+            raise ValueError(f"a comparison is one of {' '.join(COMPARISONS)}, got {self.op!r}")
+        _check_values(self, self.a, self.b)
+
+    def __bool__(self) -> bool:
+        raise TypeError(f"{self!r} compares two element-wise expressions: it has no truth value in Python "
+                        "(use it as where(cond, a, b)'s condition)")
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {self.op} {self.b!r})"
+
+
+@dataclass(frozen=True, eq=True)
+class Where(Expr):
+    """``where(cond, a, b)``: ``a`` where the comparison ``cond`` holds, else ``b``."""
+
+    cond: Compare
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cond, Compare):
+            raise TypeError(f"the condition of where() is a comparison, got {type(self.cond).__name__}")
+        _check_values(self, self.a, self.b)
+
+    def __repr__(self) -> str:
+        cond = self.cond
+        return f"where({cond.a!r} {cond.op} {cond.b!r}, {self.a!r}, {self.b!r})"
 
 
 @dataclass(frozen=True)
@@ -172,8 +374,11 @@ class Assign:
             raise TypeError(f"the target of an assignment is a Vec or State, got {type(self.target).__name__}")
         if isinstance(self.expr, (int, float)):
             object.__setattr__(self, "expr", Const(float(self.expr)))
-        if not is_vector(self.expr) and not isinstance(self.expr, (Const, Coef, BinOp, ClampMin, Sqrt)):
+        if not isinstance(self.expr, Expr):
             raise TypeError(f"the value of an assignment is an expression, got {type(self.expr).__name__}")
+        if isinstance(self.expr, Compare):
+            raise TypeError(f"the value of an assignment is a value, got the condition {self.expr!r} "
+                            "(use it as where(cond, a, b)'s condition)")
         if self.target.name == "g" and not isinstance(self.target, State):
             raise ValueError("'g' is the gradient; a program cannot assign it")
 
@@ -185,12 +390,21 @@ class Reduction:
     name: str
     expr: Expr
 
+    def __post_init__(self) -> None:
+        if isinstance(self.expr, Compare):
+            raise TypeError(f"reduction {self.name!r} sums a value, got the condition {self.expr!r} (use it as "
+                            "where(cond, a, b)'s condition: where(cond, 1.0, 0.0) counts)")
+        if not isinstance(self.expr, Expr):
+            raise TypeError(f"reduction {self.name!r} sums an expression, got {type(self.expr).__name__}")
+
 
 def _children(e: Expr) -> tuple[Expr, ...]:
-    if isinstance(e, BinOp):
+    if isinstance(e, (BinOp, Pow, Extremum, Compare)):
         return (e.a, e.b)
-    if isinstance(e, (ClampMin, Sqrt)):
+    if isinstance(e, (ClampMin, Sqrt, Unary)):
         return (e.a,)
+    if isinstance(e, Where):
+        return (e.cond, e.a, e.b)
     return ()
 
 
@@ -244,11 +458,122 @@ def _scalar(e: Expr, coefs: Mapping[str, Scalar]) -> Scalar:
     if isinstance(e, Sqrt):
         a = _scalar(e.a, coefs)
         return (math.sqrt(a) if a >= 0.0 else math.nan) if isinstance(a, float) else a.sqrt()
+    if isinstance(e, Unary):
+        a = _scalar(e.a, coefs)
+        return _UNARY_FLOAT[e.op](a) if isinstance(a, float) else _unary_tensor(e.op, a, fresh=False)
+    if isinstance(e, Pow):
+        a, b = _scalar(e.a, coefs), _scalar(e.b, coefs)
+        if isinstance(a, float) and isinstance(b, float):
+            return _pow_float(a, b)
+        return torch.pow(a, _exponent(b, a) if isinstance(a, Tensor) else b)
+    if isinstance(e, Extremum):
+        a, b = _scalar(e.a, coefs), _scalar(e.b, coefs)
+        if isinstance(a, float) and isinstance(b, float):
+            return math.nan if math.isnan(a) or math.isnan(b) else (min(a, b) if e.op == "minimum" else max(a, b))
+        return _extremum(e.op, a, b, False, False)
+    if isinstance(e, Compare):
+        return _COMPARE[e.op](_scalar(e.a, coefs), _scalar(e.b, coefs))
+    if isinstance(e, Where):
+        x, y = _scalar(e.cond.a, coefs), _scalar(e.cond.b, coefs)
+        cond = _COMPARE[e.cond.op](x, y)
+        a, b = _scalar(e.a, coefs), _scalar(e.b, coefs)
+        if not isinstance(cond, Tensor):
+            return a if cond else b
+        return _where(cond, a, False, b, False, x if isinstance(x, Tensor) else y)
     raise TypeError(f"not a scalar expression: {e!r}")
 
 
+def _divide(a: Scalar, b: Scalar) -> Scalar:
+    """a / b; two floats as IEEE (and torch) divide them: ±inf or NaN by zero, where Python raises."""
+    if isinstance(a, float) and isinstance(b, float) and b == 0.0:
+        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a) * math.copysign(1.0, b)
+    return a / b
+
+
 _OPS: dict[str, Callable] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-                             "/": lambda a, b: a / b}
+                             "/": _divide}
+
+_COMPARE: dict[str, Callable] = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _sign_float(x: float) -> float:
+    if math.isnan(x):
+        return x
+    return 1.0 if x > 0.0 else -1.0 if x < 0.0 else 0.0
+
+
+def _exp_float(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _log_float(x: float) -> float:
+    if x > 0.0:
+        return math.log(x)
+    return -math.inf if x == 0.0 else math.nan  # (NaN stays NaN)
+
+
+#: the functions of :class:`Unary` on floats, as torch's on a float64 tensor (where Python's math raises, the
+#: IEEE value: log(0) = -inf, log(x < 0) = NaN, exp overflows to inf)
+_UNARY_FLOAT: dict[str, Callable[[float], float]] = {"abs": abs, "sign": _sign_float, "exp": _exp_float,
+                                                      "log": _log_float}
+
+
+def _pow_float(a: float, b: float) -> float:
+    """a ** b as torch.pow (C's pow): where Python's math.pow raises (a negative base to a fractional power,
+    zero to a negative one, an overflow), the value C gives, from torch."""
+    try:
+        return math.pow(a, b)
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return float(torch.pow(torch.tensor(a, dtype=torch.float64), b))
+
+
+def _exponent(b: Scalar, base: Tensor) -> Scalar:
+    """The exponent of ``base ** b`` as torch.pow takes it with C's pow semantics: torch computes a tensor to the
+    number ±0.5 as a square root (its reciprocal), whose values at -0 and -inf differ from pow's (-0 and NaN
+    for +0 and +inf); a tensor exponent takes pow's, as the fused engine does."""
+    if isinstance(b, float) and abs(b) == 0.5:
+        return torch.full((), b, dtype=base.dtype, device=base.device)
+    return b
+
+
+def _unary_tensor(op: str, a: Tensor, fresh: bool) -> Tensor:
+    """``op(a)``, in place where ``a`` is a temporary (``fresh``)."""
+    if op == "sign":  # NaN where a is NaN (torch.sign gives 0)
+        nan = torch.isnan(a)
+        return (a.sign_() if fresh else a.sign()).masked_fill_(nan, math.nan)
+    return getattr(a, f"{op}_")() if fresh else getattr(torch, op)(a)
+
+
+def _extremum(op: str, a: Scalar, b: Scalar, fresh_a: bool, fresh_b: bool) -> Tensor:
+    """minimum(a, b) or maximum(a, b) (NaN where either is NaN), at least one a tensor; into a temporary
+    where one fits."""
+    if not isinstance(b, Tensor) or not isinstance(a, Tensor):
+        x, bound, fresh = (a, b, fresh_a) if isinstance(a, Tensor) else (b, a, fresh_b)
+        clamp = "clamp_max" if op == "minimum" else "clamp_min"  # (a NaN bound gives NaN, as torch.minimum)
+        return getattr(x, f"{clamp}_")(bound) if fresh else getattr(x, clamp)(bound)
+    function = torch.minimum if op == "minimum" else torch.maximum
+    if fresh_a and _fits_into(b, a):
+        return function(a, b, out=a)
+    if fresh_b and _fits_into(a, b):
+        return function(a, b, out=b)
+    return function(a, b)
+
+
+def _where(cond: Tensor, a: Scalar, fresh_a: bool, b: Scalar, fresh_b: bool, like: Tensor) -> Tensor:
+    """torch.where(cond, a, b), into a temporary where one fits; two float branches take ``like``'s dtype
+    (torch would make them float32)."""
+    dtype = torch.result_type(a, b) if isinstance(a, Tensor) or isinstance(b, Tensor) else like.dtype
+    device = next(t.device for t in (a, b, cond) if isinstance(t, Tensor))
+    a = a if isinstance(a, Tensor) else torch.full((), a, dtype=dtype, device=device)
+    b = b if isinstance(b, Tensor) else torch.full((), b, dtype=dtype, device=device)
+    shape = torch.broadcast_shapes(cond.shape, a.shape, b.shape)
+    for value, fresh in ((a, fresh_a), (b, fresh_b)):
+        if fresh and value.shape == shape and value.dtype == dtype:
+            return torch.where(cond, a, b, out=value)
+    return torch.where(cond, a, b)
 
 
 def _linear_terms(e: Expr) -> list[tuple[Expr, Vec]] | None:
@@ -321,6 +646,31 @@ def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -
     if isinstance(e, Sqrt):
         a, fresh = _evaluate(e.a, env, coefs)
         return (a.sqrt_() if fresh else a.sqrt()), True
+    if isinstance(e, Unary):
+        a, fresh = _evaluate(e.a, env, coefs)
+        return _unary_tensor(e.op, a, fresh), True
+    if isinstance(e, Pow):
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        b = _exponent(b, a) if isinstance(a, Tensor) else b
+        if fresh_a and isinstance(a, Tensor) and _fits_into(b, a):
+            return a.pow_(b), True
+        if fresh_b and isinstance(b, Tensor) and _fits_into(a, b):
+            return torch.pow(a, b, out=b), True
+        return torch.pow(a, b), True
+    if isinstance(e, Extremum):
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        return _extremum(e.op, a, b, fresh_a, fresh_b), True
+    if isinstance(e, Compare):
+        (a, _), (b, _) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        return _COMPARE[e.op](a, b), True
+    if isinstance(e, Where):
+        (x, _), (y, _) = _evaluate(e.cond.a, env, coefs), _evaluate(e.cond.b, env, coefs)
+        cond = _COMPARE[e.cond.op](x, y)
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        like = next(t for t in (x, y, a, b) if isinstance(t, Tensor))
+        if not isinstance(cond, Tensor):  # (a scalar condition of floats, over vector branches)
+            cond = torch.full((), cond, dtype=torch.bool, device=like.device)
+        return _where(cond, a, fresh_a, b, fresh_b, like), True
     raise TypeError(f"not an expression: {e!r}")
 
 
