@@ -5,6 +5,15 @@ program's assignments become local variables, its outputs stores; a coefficient 
 ``[layers, columns]`` table the engine fills. Constants that float32 cannot hold exactly travel in
 that table too (Triton types a Python float literal as float32), so float64 state gets them exactly.
 
+A subexpression of constants alone is evaluated here, in double precision as the torch engines evaluate
+it, and enters the kernel as one constant. The functions whose Triton default is less accurate than
+torch's get helpers in the module's header (:data:`_HEADER`): ``precise_sqrt`` (correctly rounded),
+``precise_exp``, ``precise_log`` and ``precise_pow`` (libdevice's, as CUDA's own ``expf``, ``logf`` and
+``powf``: ``tl.exp`` is an approximation in float32), ``nan_sign`` (NaN stays NaN). Triton's interpreter
+has no libdevice: there the helpers take ``tl.exp`` and ``tl.log`` (numpy's), and ``precise_pow`` is
+built from them in float64 with C's special cases, a few ulps from torch's. ``minimum``/``maximum`` are
+``tl.minimum``/``tl.maximum`` with NaN propagated, as torch's.
+
 The generated module is written to a cache folder and imported, once per distinct declaration.
 """
 
@@ -14,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import re
 import tempfile
@@ -23,7 +33,25 @@ import torch
 from torch import Tensor
 
 from kalmanopt.engines.triton_config import CONFIG, interpreting
-from kalmanopt.program import Assign, BinOp, ClampMin, Coef, Const, Expr, Reduction, Sqrt, Vec
+from kalmanopt.program import (
+    Assign,
+    BinOp,
+    ClampMin,
+    Coef,
+    Compare,
+    Const,
+    Expr,
+    Extremum,
+    Pow,
+    Reduction,
+    Sqrt,
+    Unary,
+    Vec,
+    Where,
+    coefficients_read,
+    evaluate_vector,
+    is_vector,
+)
 
 __all__ = ["kernels_for", "Kernels", "source_for", "slot_traffic"]
 
@@ -36,7 +64,21 @@ def _name(key: str, slots: Sequence[str], assigned: set[str]) -> str:
 
 
 def _exact32(value: float) -> bool:
-    return float(torch.tensor(value, dtype=torch.float32)) == value
+    """Whether ``value`` can be written as a literal: finite (Triton source has no name for inf or NaN) and
+    exact in float32 (the type Triton gives a Python float literal)."""
+    return math.isfinite(value) and float(torch.tensor(value, dtype=torch.float32)) == value
+
+
+def _constant(e: Expr) -> bool:
+    """Whether ``e`` is a value computed from constants alone (folded at generation)."""
+    return not isinstance(e, Compare) and not is_vector(e) and not coefficients_read([e])
+
+
+#: the Triton function for each :class:`~kalmanopt.program.Unary` op, and whether its argument is converted
+#: to the kernel's state dtype first (a transcendental function of a float32 literal's value is not
+#: computed in float32 where the state is float64)
+_UNARY = {"abs": ("tl.abs", False), "sign": ("nan_sign", False), "exp": ("precise_exp", True),
+          "log": ("precise_log", True)}
 
 
 class _Writer:
@@ -64,17 +106,43 @@ class _Writer:
         if isinstance(e, Coef):
             return self.coef(e.name)
         if isinstance(e, Const):
-            if _exact32(e.value):
-                return repr(float(e.value))
-            return self.coef(f"__const:{e.value!r}")
+            return self.const(e.value)
+        if _constant(e):  # (evaluated here, in double precision, as the torch engines do)
+            return self.const(float(evaluate_vector(e, {}, {})))
         if isinstance(e, BinOp):
             return f"({self.expr(e.a)} {e.op} {self.expr(e.b)})"
         if isinstance(e, ClampMin):
-            low = repr(float(e.low)) if _exact32(e.low) else self.coef(f"__const:{e.low!r}")
-            return f"tl.maximum({self.expr(e.a)}, {low})"
+            return f"tl.maximum({self.expr(e.a)}, {self.const(e.low)})"
         if isinstance(e, Sqrt):
             return f"precise_sqrt({self.expr(e.a)})"
+        if isinstance(e, Unary):
+            function, convert = _UNARY[e.op]
+            return f"{function}({self.state_dtype(e.a) if convert else self.expr(e.a)})"
+        if isinstance(e, Pow):
+            return f"precise_pow({self.state_dtype(e.a)}, {self.state_dtype(e.b)})"
+        if isinstance(e, Extremum):
+            return f"tl.{e.op}({self.expr(e.a)}, {self.expr(e.b)}, propagate_nan=tl.PropagateNan.ALL)"
+        if isinstance(e, Compare):
+            return f"({self.expr(e.a)} {e.op} {self.expr(e.b)})"
+        if isinstance(e, Where):
+            return f"tl.where({self.expr(e.cond)}, {self.expr(e.a)}, {self.expr(e.b)})"
         raise TypeError(f"cannot write {e!r} as Triton source")
+
+    def const(self, value: float) -> str:
+        """A constant: a literal where float32 holds it exactly, else a column of the coefficient table."""
+        if _exact32(value):
+            return repr(float(value))
+        return self.coef(f"__const:{value!r}")
+
+    def state_dtype(self, e: Expr) -> str:
+        """``e`` as a tensor of the kernel's state dtype ``S_DT`` (a Python float literal is float32 in Triton,
+        and libdevice takes operands of one dtype)."""
+        if isinstance(e, Coef):
+            return self.expr(e)  # (loaded in S_DT)
+        if _constant(e):
+            value = e.value if isinstance(e, Const) else float(evaluate_vector(e, {}, {}))
+            return f"tl.full([], {value!r}, S_DT)" if _exact32(value) else self.const(value)
+        return f"({self.expr(e)}).to(S_DT)"
 
     def assign(self, a: Assign) -> str:
         value = self.expr(a.expr)
@@ -82,8 +150,14 @@ class _Writer:
         return f"{_name(a.target.key, self.slots, self.assigned)} = {value}"
 
 
-_HEADER = '''import triton
+_HEADER = '''import os
+
+import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+#: Triton's interpreter (TRITON_INTERPRET=1) has no libdevice: the helpers below take tl's functions there
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() == "1")
 
 
 @triton.jit
@@ -93,6 +167,56 @@ def precise_sqrt(x):
         return tl.sqrt_rn(x)
     else:
         return tl.sqrt(x)
+
+
+@triton.jit
+def precise_exp(x):
+    """e ** x as torch's: libdevice's exp (tl.exp is ex2.approx in float32); the interpreter's is numpy's."""
+    if INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def precise_log(x):
+    """The natural logarithm as torch's: libdevice's log (-inf at 0, NaN below); the interpreter's is numpy's."""
+    if INTERPRETED:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)
+
+
+@triton.jit
+def interpreted_pow(x, y):
+    """x ** y with C's special cases, from exp and log in float64 (the interpreter has no libdevice)."""
+    x, y = tl.broadcast(x, y)  # (the interpreter mistypes a comparison of scalars that it then broadcasts)
+    ax = tl.abs(x).to(tl.float64)
+    y64 = y.to(tl.float64)
+    r = tl.exp(y64 * tl.log(ax))
+    integer = tl.floor(y64) == y64  # (±inf count as even integers, NaN as not an integer)
+    odd = integer & (tl.floor(y64 * 0.5) != y64 * 0.5)
+    negative = (x < 0) | ((x == 0) & (1.0 / x < 0))  # (-0 included)
+    r = tl.where(negative & odd, -r, r)
+    r = tl.where((x < 0) & (x > -float("inf")) & (tl.floor(y64) != y64), float("nan"), r)
+    r = tl.where((ax == 1.0) & (tl.abs(y64) == float("inf")), 1.0, r)  # (-1) ** ±inf
+    r = tl.where((x == 1.0) | (y64 == 0.0), 1.0, r)  # 1 ** y and x ** 0, NaN included
+    return r.to(x.dtype)
+
+
+@triton.jit
+def precise_pow(x, y):
+    """x ** y as torch.pow (C's pow: libdevice's); x and y of one dtype."""
+    if INTERPRETED:
+        return interpreted_pow(x, y)
+    else:
+        return libdevice.pow(x, y)
+
+
+@triton.jit
+def nan_sign(x):
+    """-1, 0 or 1 as x is negative, zero or positive; NaN where x is NaN."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, tl.where(x == x, 0.0, x)))
 
 
 @triton.jit
