@@ -112,7 +112,7 @@ class _Writer:
         if isinstance(e, BinOp):
             return f"({self.expr(e.a)} {e.op} {self.expr(e.b)})"
         if isinstance(e, ClampMin):
-            return f"tl.maximum({self.expr(e.a)}, {self.const(e.low)})"
+            return f"tl.maximum({self.expr(e.a)}, {self.const(e.low)}, propagate_nan=tl.PropagateNan.ALL)"
         if isinstance(e, Sqrt):
             return f"precise_sqrt({self.expr(e.a)})"
         if isinstance(e, Unary):
