@@ -18,6 +18,7 @@ import torch
 from conformance import flat, relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from language_cases import FORMS, SPECIAL, expected, probe_composition, run_probe
 from test_fast import FAST_PRESETS, GRADS, SHAPES, TOLERANCE, _shaped_run, _train
 
 import kalmanopt
@@ -429,3 +430,31 @@ def test_a_deleted_optimizer_leaves_no_gpu_memory_behind(preset, implementation)
         assert all(r() is None for r in refs)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 64 * 1024
+
+
+@pytest.mark.parametrize("op", sorted(FORMS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_the_languages_operations_on_the_fused_engine_equal_torch(op, dtype, monkeypatch):
+    """Each operation of the element-wise language (tests/language_cases.py: abs, sign, exp, log, pow, minimum,
+    maximum, where, in the forms an engine evaluates differently) in the generated kernels equals torch's value,
+    on every pair of special values (zeros of both signs, ±1, ±inf, NaN) and ordinary ones. On a GPU the kernels
+    take libdevice's exp, log and pow; in the interpreter numpy's exp and log, and a pow built from them in
+    float64 (within a few ulps of C's)."""
+    from kalmanopt.engines import compiled, fused
+
+    monkeypatch.setitem(compiled.CONFIG, "enabled", False)  # (a composition per form: none compiled)
+    monkeypatch.setitem(fused.CONFIG, "chunk", 64)  # a full chunk (the unmasked loop) and partial ones
+    monkeypatch.setitem(fused.CONFIG, "block", 32)
+    grid = torch.tensor(SPECIAL, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    xs = [grid.repeat_interleave(len(SPECIAL)), torch.randn(37, generator=gen, dtype=dtype) * 3]
+    ys = [grid.repeat(len(SPECIAL)), torch.randn(37, generator=gen, dtype=dtype) * 3]
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for name, form in FORMS[op]:
+        composition = probe_composition(form)
+        for k, c in ((-2.5, 1.5), (800.0, -0.0))[:2 if dtype == torch.float64 else 1]:
+            got = run_probe(composition, "fused", [x.to(CUDA) for x in xs], [y.to(CUDA) for y in ys], k, c,
+                            device=CUDA)
+            for out, x, y in zip(got, xs, ys):
+                torch.testing.assert_close(out, expected(form, x, y, k, c), equal_nan=True, **tol,
+                                           msg=lambda m, name=name, k=k, c=c: f"{name} (k={k}, c={c}): {m}")
