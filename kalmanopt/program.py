@@ -104,7 +104,7 @@ class Expr:
         return Sqrt(self)
 
     def abs(self) -> Expr:
-        """|self|, element-wise (also ``abs(x)``)."""
+        """The absolute value of self, element-wise (also ``abs(x)``)."""
         return Unary("abs", self)
 
     def __abs__(self) -> Expr:
