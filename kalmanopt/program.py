@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
+from kalmanopt.scratch import Scratch
+
 __all__ = ["Expr", "Vec", "State", "Coef", "Const", "Compare", "Assign", "Reduction", "minimum", "maximum", "where",
            "PreparedProgram", "prepare_program", "evaluate_vector", "vectors_read", "coefficients_read", "is_vector",
            "MEASUREMENT_VECTORS", "hp_coefficients"]
@@ -621,56 +623,129 @@ def _fits_into(other: Tensor | Scalar, target: Tensor) -> bool:
     return other.shape == target.shape and other.dtype == target.dtype
 
 
-def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> Tensor | Scalar:
-    """The value of ``e`` over the vectors of ``env`` (a new tensor, or a scalar where ``e`` reads none)."""
-    return _evaluate(e, env, coefs)[0]
+def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar],
+                    scratch: Scratch | None = None) -> Tensor | Scalar:
+    """The value of ``e`` over the vectors of ``env`` (a new tensor, or a scalar where ``e`` reads none).
+
+    ``scratch``: the new tensor is borrowed from this pool (the caller gives it back) instead of allocated."""
+    return _evaluate(e, env, coefs, scratch)[0]
 
 
-def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar]) -> tuple[Tensor | Scalar, bool]:
+_OUT_OPS: dict[str, Callable] = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}
+
+
+def _new_binop(op: str, a: Scalar, b: Scalar, scratch: Scratch | None) -> Tensor:
+    """``a op b`` (one of them a tensor) as a new tensor, borrowed from ``scratch`` where one is given."""
+    if scratch is None:
+        return _number_op_into(op, a, b) if op in "-/" and not isinstance(a, Tensor) else _OPS[op](a, b)
+    like = a if isinstance(a, Tensor) else b
+    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(a, Tensor) and isinstance(b, Tensor) else like.shape
+    out = scratch.take(shape, torch.result_type(a, b), like.device)
+    if isinstance(a, Tensor):
+        return _OUT_OPS[op](a, b, out=out)
+    if op in "+*":
+        return _OUT_OPS[op](b, a, out=out)
+    return _number_op_into(op, a, b, out)
+
+
+def _number_op_into(op: str, a: float, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a - b`` or ``a / b`` (``a`` a number, rounded to ``b``'s dtype as torch rounds it) into ``out``, which
+    may be ``b`` (a new tensor where ``out`` is None). A division is a true division, as the fused engine's
+    (torch's ``number / tensor`` is ``reciprocal(tensor) * number``: two roundings, and a second pass)."""
+    return _OUT_OPS[op](torch.tensor(a, dtype=b.dtype), b, out=out) if out is not None else \
+        _OUT_OPS[op](torch.tensor(a, dtype=b.dtype), b)
+
+
+def _new_unary(op: str, a: Tensor, scratch: Scratch | None, *args: float) -> Tensor:
+    """``op(a, *args)`` (``sqrt``, ``clamp_min`` or a :class:`Unary` function) as a new tensor, borrowed from
+    ``scratch`` where one is given."""
+    if scratch is None:
+        return _unary_tensor(op, a, fresh=False) if op in _UNARY_FLOAT else getattr(torch, op)(a, *args)
+    out = scratch.take(a.shape, a.dtype, a.device)
+    if op == "sign":
+        return _unary_tensor(op, out.copy_(a), fresh=True)
+    return getattr(torch, op)(a, *args, out=out)
+
+
+def _drop(value: Tensor | Scalar, fresh: bool, scratch: Scratch | None) -> None:
+    """A temporary of this evaluation that is no longer needed goes back to ``scratch``."""
+    if fresh and scratch is not None and isinstance(value, Tensor):
+        scratch.give(value)
+
+
+def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar],
+              scratch: Scratch | None = None) -> tuple[Tensor | Scalar, bool]:
     """(value, fresh): ``fresh`` when the value is a temporary this evaluation made, which the next
-    operation may then overwrite in place (one allocation per expression instead of one per operation)."""
+    operation may then overwrite in place (one allocation per expression instead of one per operation;
+    none where ``scratch`` lends the temporaries)."""
     if isinstance(e, Vec):
         return env[e.key], False
     if not is_vector(e):
         return _scalar(e, coefs), False
     if isinstance(e, BinOp):
-        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
         if fresh_a and isinstance(a, Tensor) and _fits_into(b, a):
-            return getattr(a, _IN_PLACE[e.op])(b), True
+            value = getattr(a, _IN_PLACE[e.op])(b)
+            _drop(b, fresh_b, scratch)
+            return value, True
         if fresh_b and isinstance(b, Tensor) and e.op in "+*" and _fits_into(a, b):
-            return getattr(b, _IN_PLACE[e.op])(a), True  # (commutative)
-        return _OPS[e.op](a, b), True
+            value = getattr(b, _IN_PLACE[e.op])(a)  # (commutative)
+            _drop(a, fresh_a, scratch)
+            return value, True
+        if fresh_b and isinstance(b, Tensor) and not isinstance(a, Tensor):  # number - b, number / b
+            return _number_op_into(e.op, a, b, b), True
+        value = _new_binop(e.op, a, b, scratch)
+        _drop(a, fresh_a, scratch)
+        _drop(b, fresh_b, scratch)
+        return value, True
     if isinstance(e, ClampMin):
-        a, fresh = _evaluate(e.a, env, coefs)
-        return (a.clamp_min_(e.low) if fresh else a.clamp_min(e.low)), True
+        a, fresh = _evaluate(e.a, env, coefs, scratch)
+        return (a.clamp_min_(e.low) if fresh else _new_unary("clamp_min", a, scratch, e.low)), True
     if isinstance(e, Sqrt):
-        a, fresh = _evaluate(e.a, env, coefs)
-        return (a.sqrt_() if fresh else a.sqrt()), True
+        a, fresh = _evaluate(e.a, env, coefs, scratch)
+        return (a.sqrt_() if fresh else _new_unary("sqrt", a, scratch)), True
     if isinstance(e, Unary):
-        a, fresh = _evaluate(e.a, env, coefs)
-        return _unary_tensor(e.op, a, fresh), True
+        a, fresh = _evaluate(e.a, env, coefs, scratch)
+        return (_unary_tensor(e.op, a, fresh) if fresh else _new_unary(e.op, a, scratch)), True
     if isinstance(e, Pow):
-        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
         b = _exponent(b, a) if isinstance(a, Tensor) else b
         if fresh_a and isinstance(a, Tensor) and _fits_into(b, a):
-            return a.pow_(b), True
+            value = a.pow_(b)
+            _drop(b, fresh_b, scratch)
+            return value, True
         if fresh_b and isinstance(b, Tensor) and _fits_into(a, b):
             return torch.pow(a, b, out=b), True
-        return torch.pow(a, b), True
+        value = torch.pow(a, b)
+        _drop(a, fresh_a, scratch)
+        _drop(b, fresh_b, scratch)
+        return value, True
     if isinstance(e, Extremum):
-        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
-        return _extremum(e.op, a, b, fresh_a, fresh_b), True
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
+        value = _extremum(e.op, a, b, fresh_a, fresh_b)
+        for x, fresh in ((a, fresh_a), (b, fresh_b)):
+            if x is not value:
+                _drop(x, fresh, scratch)
+        return value, True
     if isinstance(e, Compare):
-        (a, _), (b, _) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
-        return _COMPARE[e.op](a, b), True
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
+        value = _COMPARE[e.op](a, b)
+        _drop(a, fresh_a, scratch)
+        _drop(b, fresh_b, scratch)
+        return value, True
     if isinstance(e, Where):
-        (x, _), (y, _) = _evaluate(e.cond.a, env, coefs), _evaluate(e.cond.b, env, coefs)
+        (x, fresh_x), (y, fresh_y) = (_evaluate(e.cond.a, env, coefs, scratch),
+                                      _evaluate(e.cond.b, env, coefs, scratch))
         cond = _COMPARE[e.cond.op](x, y)
-        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs), _evaluate(e.b, env, coefs)
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
         like = next(t for t in (x, y, a, b) if isinstance(t, Tensor))
         if not isinstance(cond, Tensor):  # (a scalar condition of floats, over vector branches)
             cond = torch.full((), cond, dtype=torch.bool, device=like.device)
-        return _where(cond, a, fresh_a, b, fresh_b, like), True
+        value = _where(cond, a, fresh_a, b, fresh_b, like)
+        for t, fresh in ((x, fresh_x), (y, fresh_y), (a, fresh_a), (b, fresh_b)):
+            if t is not value:
+                _drop(t, fresh, scratch)
+        return value, True
     raise TypeError(f"not an expression: {e!r}")
 
 
@@ -694,8 +769,132 @@ def _linear_out_of_place(terms: list[tuple[Expr, Vec]], env: Mapping[str, Tensor
     return value
 
 
+def _affine_terms(e: Expr) -> list[tuple[Expr, Expr]] | None:
+    """``e`` as Σ scalar_i · term_i over vector expressions ``term_i``, or None where it has a scalar term."""
+    if isinstance(e, BinOp):
+        if e.op in "+-":
+            a, b = _affine_terms(e.a), _affine_terms(e.b)
+            if a is None or b is None:
+                return None
+            if e.op == "-":
+                b = [(Const(-s.value) if isinstance(s, Const) else Const(-1.0) * s, t) for s, t in b]
+            return a + b
+        if e.op == "*" and not is_vector(e.a):
+            inner = _affine_terms(e.b)
+            return None if inner is None else [(_mul(e.a, s), t) for s, t in inner]
+        if e.op == "*" and not is_vector(e.b):
+            inner = _affine_terms(e.a)
+            return None if inner is None else [(_mul(e.b, s), t) for s, t in inner]
+        if e.op == "/" and not is_vector(e.b):
+            inner = _affine_terms(e.a)
+            return None if inner is None else [(BinOp("/", s, e.b), t) for s, t in inner]
+    return [(Const(1.0), e)] if is_vector(e) else None
+
+
+def _pair(e: Expr, env: Mapping[str, Tensor], x: Tensor) -> tuple[str, Tensor, Tensor] | None:
+    """("addcmul_" | "addcdiv_", u, w) where ``e`` is ``u * w`` or ``u / w`` of two vectors of ``x``'s shape and
+    dtype other than ``x``, else None."""
+    if not (isinstance(e, BinOp) and e.op in "*/" and isinstance(e.a, Vec) and isinstance(e.b, Vec)):
+        return None
+    u, w = env[e.a.key], env[e.b.key]
+    if any(t is x or t.shape != x.shape or t.dtype != x.dtype for t in (u, w)):
+        return None
+    return ("addcmul_" if e.op == "*" else "addcdiv_"), u, w
+
+
+def _affine_in_place(x: Tensor, key: str, terms: list[tuple[Expr, Expr]], env: Mapping[str, Tensor],
+                     coefs: Mapping[str, Scalar], scratch: Scratch | None) -> None:
+    """``x = Σ s_i · term_i`` in place: the terms that are expressions evaluated first (they may read ``x``), then
+    ``x`` scaled by its own coefficient and each term added (a product or quotient of two vectors fused)."""
+    scale: Scalar = 0.0
+    adds: list[tuple[Scalar, Any]] = []  # (coefficient, a tensor to add, or a ("addcmul_", u, w) pair)
+    borrowed: list[Tensor] = []
+    for s, t in terms:
+        c = _scalar(s, coefs)
+        if isinstance(t, Vec) and t.key == key:
+            scale = scale + c
+            continue
+        pair = _pair(t, env, x) if isinstance(c, float) else None
+        if isinstance(t, Vec) or pair is not None:
+            adds.append((c, env[t.key] if pair is None else pair))
+            continue
+        value, fresh = _evaluate(t, env, coefs, scratch)
+        adds.append((c, value))
+        if fresh:
+            borrowed.append(value)
+    if isinstance(scale, Tensor) or scale != 0.0:
+        if isinstance(scale, Tensor) or scale != 1.0:
+            x.mul_(scale)
+    elif adds:  # x's old values are not read: the first term is written over them
+        c, first = adds.pop(0)
+        if isinstance(first, tuple):
+            (torch.mul if first[0] == "addcmul_" else torch.div)(first[1], first[2], out=x)
+            if c != 1.0:
+                x.mul_(c)
+        elif isinstance(c, float) and c == 1.0:
+            x.copy_(first)
+        else:
+            torch.mul(first, c, out=x) if first.shape == x.shape and first.dtype == x.dtype else \
+                x.copy_(first * c)
+    else:
+        x.zero_()
+    for c, term in adds:
+        if isinstance(term, tuple):
+            if c != 0.0:
+                getattr(x, term[0])(term[1], term[2], value=c)
+        else:
+            _axpy(x, term, c)
+    for value in borrowed:
+        _drop(value, True, scratch)
+
+
+def _evaluate_into(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar], scratch: Scratch | None,
+                   out: Tensor) -> bool:
+    """Evaluate ``e`` straight into ``out`` where its last operation can write there (an element-wise operation
+    of ``out``'s shape and dtype; its operands are computed before it writes); False where it cannot."""
+    if isinstance(e, BinOp) and is_vector(e):
+        (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
+        shapes = [t.shape for t in (a, b) if isinstance(t, Tensor)]
+        if torch.result_type(a, b) != out.dtype or torch.broadcast_shapes(*shapes) != out.shape:
+            value = _new_binop(e.op, a, b, scratch)
+            out.copy_(value)
+            _drop(value, True, scratch)
+        elif isinstance(a, Tensor):
+            _OUT_OPS[e.op](a, b, out=out)
+        elif e.op in "+*":
+            _OUT_OPS[e.op](b, a, out=out)
+        else:
+            _number_op_into(e.op, a, b, out)
+        _drop(a, fresh_a, scratch)
+        _drop(b, fresh_b, scratch)
+        return True
+    if isinstance(e, (Sqrt, ClampMin)) or (isinstance(e, Unary) and e.op != "sign"):
+        a, fresh = _evaluate(e.a, env, coefs, scratch)
+        if not isinstance(a, Tensor) or a.shape != out.shape or a.dtype != out.dtype:
+            _drop(a, fresh, scratch)
+            return False
+        if isinstance(e, Sqrt):
+            torch.sqrt(a, out=out)
+        elif isinstance(e, ClampMin):
+            torch.clamp_min(a, e.low, out=out)
+        else:
+            getattr(torch, e.op)(a, out=out)
+        _drop(a, fresh, scratch)
+        return True
+    return False
+
+
+def _give_unbound(value: Tensor | Scalar | None, env: Mapping[str, Tensor], scratch: Scratch | None) -> None:
+    """``value`` back to ``scratch`` if it lent it and no key of ``env`` holds it any more."""
+    if scratch is not None and scratch.lent(value) and not any(value is t for t in env.values()):
+        scratch.give(value)
+
+
 class PreparedProgram:
     """A program prepared for torch evaluation: linear assignments run as in-place axpys.
+
+    An output that is a sum of scaled terms is updated in place term by term (a product or quotient of two
+    vectors by ``addcmul_``/``addcdiv_``); any other output is evaluated straight into its tensor.
 
     Args:
         program: the assignments, in order.
@@ -708,14 +907,20 @@ class PreparedProgram:
         self._steps = []
         for a in self.program:
             terms = _linear_terms(a.expr)
-            self._steps.append((a.target.key, a.expr, terms))
+            affine = _affine_terms(a.expr) if terms is None and a.target.key in self.outputs else None
+            if affine is not None and len(affine) == 1 and affine[0][0] == Const(1.0):
+                affine = None  # (one term: evaluated straight into its target)
+            self._steps.append((a.target.key, a.expr, terms, affine))
 
-    def run(self, env: dict[str, Tensor], coefs: Mapping[str, Scalar], in_place: bool = True) -> None:
+    def run(self, env: dict[str, Tensor], coefs: Mapping[str, Scalar], in_place: bool = True,
+            scratch: Scratch | None = None) -> None:
         """Run the program on one layer: ``env`` maps keys to flat tensors, ``coefs`` to its scalars.
 
         ``in_place=False``: each output is bound to a new tensor in ``env`` (what a later assignment reads)
-        and the tensor it held is left as it was (the caller keeps it where it needs the old values)."""
-        for key, expr, terms in self._steps:
+        and the tensor it held is left as it was (the caller keeps it where it needs the old values).
+        ``scratch``: the temporaries are borrowed from this pool; those bound in ``env`` stay there until
+        :meth:`release` gives them back."""
+        for key, expr, terms, affine in self._steps:
             if key in self.outputs and not in_place:
                 value = _linear_out_of_place(terms, env, coefs) if terms is not None else \
                     evaluate_vector(expr, env, coefs)
@@ -726,13 +931,26 @@ class PreparedProgram:
                 x = env[key]
                 if terms is not None:
                     self._linear_in_place(x, key, terms, env, coefs)
-                else:
-                    x.copy_(evaluate_vector(expr, env, coefs))
+                elif affine is not None and not any(isinstance(t, Vec) and t.key != key and env[t.key] is x
+                                                    for _, t in affine):
+                    _affine_in_place(x, key, affine, env, coefs, scratch)
+                elif not _evaluate_into(expr, env, coefs, scratch, x):
+                    value = evaluate_vector(expr, env, coefs, scratch)
+                    x.copy_(value)
+                    _give_unbound(value, env, scratch)
             else:
-                value = evaluate_vector(expr, env, coefs)
+                value = evaluate_vector(expr, env, coefs, scratch)
                 if not isinstance(value, Tensor) or value.dim() == 0:
                     raise ValueError(f"temporary {key!r} of a program must be a vector expression")
+                old = env.get(key)
                 env[key] = value
+                _give_unbound(old, env, scratch)
+
+    def release(self, env: dict[str, Tensor], scratch: Scratch) -> None:
+        """Give the temporaries :meth:`run` borrowed from ``scratch`` back, and unbind them from ``env``."""
+        for key, *_ in self._steps:
+            if key not in self.outputs and key in env:
+                _give_unbound(env.pop(key), env, scratch)
 
     @staticmethod
     def _linear_in_place(x: Tensor, key: str, terms: list[tuple[Expr, Vec]], env: Mapping[str, Tensor],
@@ -759,6 +977,10 @@ class PreparedProgram:
         elif len(others) == 1 and isinstance(others[0][0], Const) and others[0][0].value == 1.0:
             x.copy_(env[others[0][1].key])  # a plain copy
             return
+        elif others:  # x's old values are not read: the first term is written over them
+            (s, v), others = others[0], others[1:]
+            y, c = env[v.key], _scalar(s, coefs)
+            torch.mul(y, c, out=x) if y.shape == x.shape and y.dtype == x.dtype else x.copy_(y * c)
         else:
             x.zero_()
         for s, v in others:
@@ -776,21 +998,35 @@ def prepare_program(program: Sequence[Assign], outputs: Iterable[str]) -> Prepar
     return PreparedProgram(program, outputs)
 
 
+def _dot_shaped(v: Tensor) -> bool:
+    """Whether torch.dot takes ``v`` (a 1-D floating tensor)."""
+    return v.dim() == 1 and v.is_floating_point()
+
+
 def reduce_layer(reductions: Sequence[Reduction], env: Mapping[str, Tensor], coefs: Mapping[str, Scalar],
-                 like: Tensor) -> list[Tensor]:
-    """Σ over the layer of each reduction's expression (0-d tensors in ``like``'s dtype)."""
+                 like: Tensor, scratch: Scratch | None = None) -> list[Tensor]:
+    """Σ over the layer of each reduction's expression (0-d tensors in ``like``'s dtype; the temporaries
+    borrowed from ``scratch`` where one is given)."""
     out = []
     for r in reductions:
         e = r.expr
         if isinstance(e, BinOp) and e.op == "*" and isinstance(e.a, Vec) and isinstance(e.b, Vec):
             out.append(torch.dot(env[e.a.key], env[e.b.key]))  # a dot product, without a temporary
+        elif isinstance(e, BinOp) and e.op == "*" and isinstance(e.b, Vec) and is_vector(e.a) and \
+                _dot_shaped(env[e.b.key]):  # Σ A·v: A into a temporary, dotted with v
+            value = evaluate_vector(e.a, env, coefs, scratch)
+            v = env[e.b.key]
+            out.append(torch.dot(value, v) if value.shape == v.shape and value.dtype == v.dtype
+                       else (value * v).sum())
+            _give_unbound(value, env, scratch)
         elif isinstance(e, BinOp) and e.op == "*" and isinstance(e.a, Vec) and e.b == Const(0.0):
             # Σ x·0: NaN exactly where x holds a NaN or ±inf; min and max carry those, in one vectorised pass
             x = env[e.a.key]
             out.append(torch.stack(torch.aminmax(x)).mul(0.0).sum() if x.numel() else like.new_zeros(()))
         else:
-            value = evaluate_vector(e, env, coefs)
+            value = evaluate_vector(e, env, coefs, scratch)
             out.append(value.sum() if isinstance(value, Tensor) and value.dim() else like.new_tensor(0.0))
+            _give_unbound(value, env, scratch)
     return out
 
 

@@ -32,6 +32,7 @@ from kalmanopt.program import (
     reduce_layer,
     vectors_read,
 )
+from kalmanopt.scratch import Scratch
 
 DT = torch.float64
 CONTRACT_PRESETS = [p for p in kalmanopt.presets()
@@ -60,6 +61,10 @@ def _naive(e, env, coefs):
             return a - b
         return a * b if e.op == "*" else a / b
     raise TypeError(e)
+
+
+#: one pool for every example: what a run gave back, the next one borrows
+SCRATCH = Scratch()
 
 
 def _declarations(preset: str, wd: float):
@@ -96,6 +101,16 @@ def test_program_equals_the_plain_formulas_for_every_preset_and_out_of_place_lea
         prepare_program(program, outputs).run(got, coefs, in_place=in_place)
         for key in outputs:  # (random coefficients can make a square root NaN: NaN on both sides)
             torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, equal_nan=True)
+        if in_place:  # and with borrowed temporaries, from a pool that served a longer layer before
+            prepared = prepare_program(program, outputs)
+            for length in (n + 7, n):
+                borrowed = {k: torch.randn(length, generator=gen, dtype=DT) for k in env} if length != n else \
+                    {k: v.clone() for k, v in env.items()}
+                prepared.run(borrowed, coefs, scratch=SCRATCH)
+                prepared.release(borrowed, SCRATCH)
+            assert not {a.target.key for a in program} - set(outputs) & set(borrowed)  # (temporaries unbound)
+            for key in outputs:
+                torch.testing.assert_close(borrowed[key], want[key], rtol=1e-12, atol=1e-12, equal_nan=True)
         if not in_place:  # every tensor the program was given still holds what it held
             for key, tensor in before.items():
                 torch.testing.assert_close(tensor, env[key], rtol=0, atol=0, equal_nan=True)
@@ -111,11 +126,13 @@ def test_reductions_equal_the_plain_sums(seed, n):
                   Reduction("bad", a * 0.0), Reduction("clamped", (a * 2.0).clamp_min(0.0)),
                   Reduction("root", (a * a + 1.0).sqrt() * b))
     got = reduce_layer(reductions, env, {}, torch.zeros((), dtype=DT))
+    borrowing = reduce_layer(reductions, env, {}, torch.zeros((), dtype=DT), SCRATCH)
     x, y, z = env["a"], env["b"], env["c"]
     want = [(x * y).sum(), (x * y * z).sum(), ((x - y) ** 2).sum(), (x * 0.0).sum(), (2 * x).clamp_min(0).sum(),
             (torch.sqrt(x * x + 1) * y).sum()]
-    for g, w in zip(got, want):
+    for g, b, w in zip(got, borrowing, want):
         torch.testing.assert_close(g, w.to(g), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, w.to(b), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -132,6 +149,45 @@ def test_an_aliased_right_hand_side_is_read_before_it_is_written():
     env = {"state.x": x, "state.y": x}  # two names, one tensor
     prepare_program([Assign(State("x"), 2.0 * State("x") + 3.0 * State("y"))], ["state.x"]).run(env, {})
     torch.testing.assert_close(x, torch.tensor([5.0, 10.0], dtype=DT))
+
+
+@pytest.mark.parametrize("borrow", [False, True], ids=["allocating", "borrowing"])
+def test_an_output_written_in_place_may_read_itself_anywhere_in_its_expression(borrow):
+    # (a sum of scaled terms is updated term by term, any other output written straight into its tensor:
+    # both must read the old values of the output, and of any other name for the same tensor)
+    x0, y0 = torch.tensor([1.0, -2.0, 0.5], dtype=DT), torch.tensor([3.0, 0.25, -1.0], dtype=DT)
+    scratch = Scratch() if borrow else None
+    X, Y, Z = State("x"), State("y"), State("z")
+    cases = [(2.0 * X + 3.0 * (Y * X), 2 * x0 + 3 * y0 * x0), (X - 0.5 * (X / Y), x0 - 0.5 * x0 / y0),
+             (Y * (X * Y) + X * X, y0 * x0 * y0 + x0 * x0), ((X * Y).sqrt() * X, (x0 * y0).sqrt() * x0),
+             (3.0 * (Y * Z) - 1.0 * (Z * Y), 2 * y0 * x0), (Const(1.0) - X / Y, 1.0 - x0 / y0),
+             (Const(2.0) / X, 2.0 / x0),
+             (0.5 * Y + 2.0 * (Z * Y), 0.5 * y0 + 2.0 * x0 * y0)]
+    for expr, want in cases:
+        x = x0.clone()
+        env = {"state.x": x, "state.y": y0.clone(), "state.z": x}  # z: another name for x
+        program = prepare_program([Assign(State("x"), expr)], ["state.x"])
+        program.run(env, {}, scratch=scratch)
+        torch.testing.assert_close(x, want, rtol=1e-15, atol=1e-15, equal_nan=True, msg=str(expr))
+
+
+def test_a_scratch_pool_lends_each_buffer_once_and_keeps_no_more_than_it_lent_at_once():
+    pool = Scratch()
+    a, b = pool.take((4,), DT, torch.device("cpu")), pool.take((2, 3), DT, torch.device("cpu"))
+    assert a.shape == (4,) and b.shape == (2, 3) and a.data_ptr() != b.data_ptr()
+    a.fill_(1.0), b.fill_(2.0)
+    assert torch.all(a == 1.0) and pool.lent(a) and not pool.lent(torch.zeros(4))
+    pool.give(a), pool.give(b)
+    held = pool.nbytes
+    for _ in range(3):  # the same sizes again: the same memory, nothing new
+        c, d = pool.take((5,), DT, torch.device("cpu")), pool.take((3,), DT, torch.device("cpu"))
+        pool.give(c), pool.give(d)
+    assert pool.nbytes == held
+    big = pool.take((100,), DT, torch.device("cpu"))  # larger than any: one buffer grows, the count stays
+    pool.give(big)
+    assert pool.nbytes == (100 + 4) * 8
+    pool.clear()
+    assert pool.nbytes == 0
 
 
 def test_bad_programs_are_refused_with_what_is_wrong():

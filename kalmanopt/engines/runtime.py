@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from kalmanopt.scratch import Scratch
+
 __all__ = ["Runtime", "GroupRuntime", "Watch", "OptimizerView"]
 
 #: bounds of the caches (a few entries per step are in use; a changed model starts afresh)
@@ -60,6 +62,7 @@ class Runtime:
         loss_count: this process's number of samples in the last loss (several processes weigh by it).
         watch: the deferred non-finite warnings (CUDA), or None.
         graph: the captured CUDA graph of a steady step, or None.
+        scratch: the temporaries the torch engines borrow on the CPU (:class:`~kalmanopt.scratch.Scratch`).
     """
 
     def __init__(self) -> None:
@@ -75,6 +78,7 @@ class Runtime:
         self._layouts: dict[tuple, Any] = {}
         self._slots: dict[tuple, Tensor] = {}
         self._chunks: dict[tuple, Any] = {}
+        self.scratch = Scratch()
 
     # ------------------------------------------------------------------ what survives a copy
     def carried(self) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class Runtime:
         self._plans.clear()
         self._slots.clear()
         self._chunks.clear()
+        self.scratch.clear()
         self.graph = None
 
     # ------------------------------------------------------------------ per group

@@ -35,6 +35,7 @@ from kalmanopt.plan import (
     update_plan,
 )
 from kalmanopt.program import PreparedProgram, hp_coefficients, prepare_program, reduce_layer
+from kalmanopt.scratch import Scratch
 from kalmanopt.state import StateTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,7 +205,7 @@ class TorchEngine:
         like = ctx.group_state["R"]
         names = [r.name for r in plan.reductions]
         ranges = self._bucketed(flats, like, ctx.runtime)
-        table = self._sums(flats, ranges, plan.pre, pre, plan.reductions, hp, like)
+        table = self._sums(flats, ranges, plan.pre, pre, plan.reductions, hp, like, self._scratch(ctx.runtime, like))
         red = {name: table[:, i] for i, name in enumerate(names)}
         scalars = {e.name: (torch.stack([f.layer.state[e.name] for f in flats]).to(like) if flats
                             else like.new_zeros(0)) for e in plan.table.scalars}
@@ -213,6 +214,12 @@ class TorchEngine:
         work.extra["created"] = (created, plan.table.layer_keys)
         work.extra.update(pre=(plan.pre, pre), buckets=ranges)
         return work, red, scalars, numel
+
+    def _scratch(self, runtime: Runtime, like: Tensor) -> Scratch | None:
+        """The pool the layer-by-layer host path borrows its temporaries from: on the CPU, where a fresh
+        layer-sized tensor costs its page faults (:mod:`kalmanopt.scratch`); None elsewhere (CUDA's caching
+        allocator reuses memory already)."""
+        return runtime.scratch if like.device.type == "cpu" and self._host(like) else None
 
     def _bucketed(self, flats: Sequence[FlatLayer], like: Tensor,
                   runtime: Runtime) -> list[tuple[int, int, buckets.Layout | None]] | None:
@@ -225,9 +232,10 @@ class TorchEngine:
 
     def _sums(self, flats: Sequence[FlatLayer], ranges: list[tuple[int, int, buckets.Layout | None]] | None,
               pre_assigns: Sequence[Any], pre: PreparedProgram | None, reductions: Sequence[Any], hp: dict[str, float],
-              like: Tensor) -> Tensor:
+              like: Tensor, scratch: Scratch | None = None) -> Tensor:
         """Pass 1: ``[layers, reductions]`` (the pre-program run first: H_ℓ = g_ℓ + wd θ_ℓ), bucket by bucket
-        over ``ranges`` (:meth:`_bucketed`), else layer by layer."""
+        over ``ranges`` (:meth:`_bucketed`), else layer by layer. A layer's H is kept for pass 2, or, with a
+        ``scratch`` pool, given back (pass 2 computes it again: one layer's temporaries in memory at a time)."""
         blocks = []
         for start, stop, where in ranges or [(i, i + 1, None) for i in range(len(flats))]:
             if where is not None:
@@ -236,9 +244,11 @@ class TorchEngine:
                 continue
             f = flats[start]
             if pre is not None:
-                pre.run(f.env, hp)  # (kept in the layer's env for pass 2)
-            row = torch.stack(reduce_layer(reductions, f.env, hp, like)).to(like) if reductions \
+                pre.run(f.env, hp, scratch=scratch)
+            row = torch.stack(reduce_layer(reductions, f.env, hp, like, scratch)).to(like) if reductions \
                 else like.new_zeros(0)
+            if pre is not None and scratch is not None:
+                pre.release(f.env, scratch)
             blocks.append(row[None])
         return torch.cat(blocks) if blocks else like.new_zeros(0, len(reductions))
 
@@ -256,7 +266,8 @@ class TorchEngine:
     def apply_update(self, work: _Work, b: CoefficientStage) -> None:
         """Pass 2: the element-wise programs on the layers that update; layer and group state; counters."""
         ctx = work.ctx
-        self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"), work.extra.get("buckets"))
+        self._run_programs(work.flats, work.program, work.hp, b, work.extra.get("pre"), work.extra.get("buckets"),
+                           self._scratch(ctx.runtime, b.like))
         self._commit_layer_scalars(work.flats, b)
         self._commit_group(ctx.group_state, b)
         b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
@@ -275,10 +286,11 @@ class TorchEngine:
 
     def _run_programs(self, flats: list[FlatLayer], program: PreparedProgram, hp: dict[str, float],
                       b: CoefficientStage, pre: tuple[Sequence[Any], PreparedProgram] | None = None,
-                      ranges: list[tuple[int, int, buckets.Layout | None]] | None = None) -> None:
+                      ranges: list[tuple[int, int, buckets.Layout | None]] | None = None,
+                      scratch: Scratch | None = None) -> None:
         """Pass 2: ``program`` on every layer (where it updates). ``ranges``: pass 1's buckets; ``pre``: the
         update's pre-program, which a bucket runs again on its concatenated vectors (a layer on its own kept
-        its result from pass 1)."""
+        its result from pass 1, unless it gave it back to ``scratch``, the pool its temporaries come from)."""
         if not flats or not program.program:
             return
         names = list(b.coef)
@@ -312,13 +324,28 @@ class TorchEngine:
             if host:
                 if skipped[i]:
                     continue
-                program.run(f.env, coefs)
+                if scratch is None:
+                    program.run(f.env, coefs)
+                else:
+                    self._run_borrowing(f.env, program, coefs, pre[1] if pre else None, hp, scratch)
             else:  # masked: a skipped layer keeps every value it had
                 old = {k: f.env[k].clone() for k in program.outputs}
                 program.run(f.env, coefs)
                 for k, value in old.items():
                     f.env[k].copy_(torch.where(keep[i], f.env[k], value))
             f.commit()
+
+    @staticmethod
+    def _run_borrowing(env: dict[str, Tensor], program: PreparedProgram, coefs: dict[str, Any],
+                       pre: PreparedProgram | None, hp: dict[str, float], scratch: Scratch) -> None:
+        """One layer's pass 2 with its temporaries from ``scratch``: the pre-program again (pass 1 gave its H
+        back), the program, and every temporary given back."""
+        if pre is not None:
+            pre.run(env, hp, scratch=scratch)
+        program.run(env, coefs, scratch=scratch)
+        program.release(env, scratch)
+        if pre is not None:
+            pre.release(env, scratch)
 
     @staticmethod
     def _commit_layer_scalars(flats: list[FlatLayer], b: CoefficientStage) -> None:
@@ -354,7 +381,7 @@ class TorchEngine:
         flats = [FlatLayer(layer, plan.table) for layer in layers]
         names = [r.name for r in plan.reductions]
         ranges = self._bucketed(flats, like, ctx.runtime)
-        table = self._sums(flats, ranges, (), None, plan.reductions, hp, like)
+        table = self._sums(flats, ranges, (), None, plan.reductions, hp, like, self._scratch(ctx.runtime, like))
         red = {name: table[:, i] for i, name in enumerate(names)}
         numel = ctx.runtime.int64([f.layer.numel for f in flats], like.device)
         work = _Work(ctx, flats, program, hp, sharded=[f.sharded for f in flats])
@@ -368,7 +395,8 @@ class TorchEngine:
 
     def apply_predict(self, work: _Work, b: CoefficientStage) -> None:
         """The predict's element-wise pass (where the step is ok) and group state."""
-        self._run_programs(work.flats, work.program, work.hp, b, ranges=work.extra.get("buckets"))
+        self._run_programs(work.flats, work.program, work.hp, b, ranges=work.extra.get("buckets"),
+                           scratch=self._scratch(work.ctx.runtime, b.like))
         self._commit_group(work.ctx.group_state, b)
 
 
