@@ -580,27 +580,8 @@ def _where(cond: Tensor, a: Scalar, fresh_a: bool, b: Scalar, fresh_b: bool, lik
 
 def _linear_terms(e: Expr) -> list[tuple[Expr, Vec]] | None:
     """``e`` as Σ scalar_i · vec_i, or None where it is not linear in plain vectors."""
-    if isinstance(e, Vec):
-        return [(Const(1.0), e)]
-    if isinstance(e, BinOp):
-        if e.op in "+-":
-            a, b = _linear_terms(e.a), _linear_terms(e.b)
-            if a is None or b is None:
-                return None
-            if e.op == "-":
-                b = [(Const(-1.0) * s if not isinstance(s, Const) else Const(-s.value), v) for s, v in b]
-            return a + b
-        if e.op == "*":
-            if not is_vector(e.a):
-                inner = _linear_terms(e.b)
-                return None if inner is None else [(_mul(e.a, s), v) for s, v in inner]
-            if not is_vector(e.b):
-                inner = _linear_terms(e.a)
-                return None if inner is None else [(_mul(e.b, s), v) for s, v in inner]
-        if e.op == "/" and not is_vector(e.b):
-            inner = _linear_terms(e.a)
-            return None if inner is None else [(BinOp("/", s, e.b), v) for s, v in inner]
-    return None
+    terms = _affine_terms(e)
+    return terms if terms is not None and all(isinstance(t, Vec) for _, t in terms) else None
 
 
 def _mul(a: Expr, b: Expr) -> Expr:
