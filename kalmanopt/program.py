@@ -618,23 +618,21 @@ _OUT_OPS: dict[str, Callable] = {"+": torch.add, "-": torch.sub, "*": torch.mul,
 def _new_binop(op: str, a: Scalar, b: Scalar, scratch: Scratch | None) -> Tensor:
     """``a op b`` (one of them a tensor) as a new tensor, borrowed from ``scratch`` where one is given."""
     if scratch is None:
-        return _number_op_into(op, a, b) if op in "-/" and not isinstance(a, Tensor) else _OPS[op](a, b)
+        return _binop_into(op, a, b, None)
     like = a if isinstance(a, Tensor) else b
     shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(a, Tensor) and isinstance(b, Tensor) else like.shape
-    out = scratch.take(shape, torch.result_type(a, b), like.device)
+    return _binop_into(op, a, b, scratch.take(shape, torch.result_type(a, b), like.device))
+
+
+def _binop_into(op: str, a: Scalar, b: Scalar, out: Tensor | None) -> Tensor:
+    """``a op b`` (one of them a tensor) into ``out``, which may be an operand (a new tensor where ``out`` is
+    None). A number first is rounded to the tensor's dtype, as torch rounds it; ``number / tensor`` is a true
+    division, as the fused engine's (torch's is ``reciprocal(tensor) * number``: two roundings, two passes)."""
     if isinstance(a, Tensor):
         return _OUT_OPS[op](a, b, out=out)
     if op in "+*":
         return _OUT_OPS[op](b, a, out=out)
-    return _number_op_into(op, a, b, out)
-
-
-def _number_op_into(op: str, a: float, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """``a - b`` or ``a / b`` (``a`` a number, rounded to ``b``'s dtype as torch rounds it) into ``out``, which
-    may be ``b`` (a new tensor where ``out`` is None). A division is a true division, as the fused engine's
-    (torch's ``number / tensor`` is ``reciprocal(tensor) * number``: two roundings, and a second pass)."""
-    return _OUT_OPS[op](torch.tensor(a, dtype=b.dtype), b, out=out) if out is not None else \
-        _OUT_OPS[op](torch.tensor(a, dtype=b.dtype), b)
+    return _OUT_OPS[op](torch.tensor(a, dtype=b.dtype), b, out=out)
 
 
 def _new_unary(op: str, a: Tensor, scratch: Scratch | None, *args: float) -> Tensor:
@@ -674,7 +672,7 @@ def _evaluate(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scalar],
             _drop(a, fresh_a, scratch)
             return value, True
         if fresh_b and isinstance(b, Tensor) and not isinstance(a, Tensor):  # number - b, number / b
-            return _number_op_into(e.op, a, b, b), True
+            return _binop_into(e.op, a, b, b), True
         value = _new_binop(e.op, a, b, scratch)
         _drop(a, fresh_a, scratch)
         _drop(b, fresh_b, scratch)
@@ -788,12 +786,13 @@ def _affine_in_place(x: Tensor, key: str, terms: list[tuple[Expr, Expr]], env: M
     """``x = Σ s_i · term_i`` in place: the terms that are expressions evaluated first (they may read ``x``), then
     ``x`` scaled by its own coefficient and each term added (a product or quotient of two vectors fused)."""
     scale: Scalar = 0.0
+    own = False  # (an own term, even one scaled by 0, reads x: 0 · NaN stays NaN)
     adds: list[tuple[Scalar, Any]] = []  # (coefficient, a tensor to add, or a ("addcmul_", u, w) pair)
     borrowed: list[Tensor] = []
     for s, t in terms:
         c = _scalar(s, coefs)
         if isinstance(t, Vec) and t.key == key:
-            scale = scale + c
+            scale, own = scale + c, True
             continue
         pair = _pair(t, env, x) if isinstance(c, float) else None
         if isinstance(t, Vec) or pair is not None:
@@ -803,7 +802,7 @@ def _affine_in_place(x: Tensor, key: str, terms: list[tuple[Expr, Expr]], env: M
         adds.append((c, value))
         if fresh:
             borrowed.append(value)
-    if isinstance(scale, Tensor) or scale != 0.0:
+    if own:
         if isinstance(scale, Tensor) or scale != 1.0:
             x.mul_(scale)
     elif adds:  # x's old values are not read: the first term is written over them
@@ -840,12 +839,8 @@ def _evaluate_into(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scala
             value = _new_binop(e.op, a, b, scratch)
             out.copy_(value)
             _drop(value, True, scratch)
-        elif isinstance(a, Tensor):
-            _OUT_OPS[e.op](a, b, out=out)
-        elif e.op in "+*":
-            _OUT_OPS[e.op](b, a, out=out)
         else:
-            _number_op_into(e.op, a, b, out)
+            _binop_into(e.op, a, b, out)
         _drop(a, fresh_a, scratch)
         _drop(b, fresh_b, scratch)
         return True
@@ -888,9 +883,9 @@ class PreparedProgram:
         self._steps = []
         for a in self.program:
             terms = _linear_terms(a.expr)
-            affine = _affine_terms(a.expr) if terms is None and a.target.key in self.outputs else None
-            if affine is not None and len(affine) == 1 and affine[0][0] == Const(1.0):
-                affine = None  # (one term: evaluated straight into its target)
+            affine = _affine_terms(a.expr) if a.target.key in self.outputs else None
+            if terms is None and affine is not None and len(affine) == 1 and affine[0][0] == Const(1.0):
+                affine = None  # (one term of an expression: evaluated straight into its target)
             self._steps.append((a.target.key, a.expr, terms, affine))
 
     def run(self, env: dict[str, Tensor], coefs: Mapping[str, Scalar], in_place: bool = True,
@@ -910,9 +905,7 @@ class PreparedProgram:
                 env[key] = value
             elif key in self.outputs:
                 x = env[key]
-                if terms is not None:
-                    self._linear_in_place(x, key, terms, env, coefs)
-                elif affine is not None and not any(isinstance(t, Vec) and t.key != key and env[t.key] is x
+                if affine is not None and not any(isinstance(t, Vec) and t.key != key and env[t.key] is x
                                                     for _, t in affine):
                     _affine_in_place(x, key, affine, env, coefs, scratch)
                 elif not _evaluate_into(expr, env, coefs, scratch, x):
@@ -932,40 +925,6 @@ class PreparedProgram:
         for key, *_ in self._steps:
             if key not in self.outputs and key in env:
                 _give_unbound(env.pop(key), env, scratch)
-
-    @staticmethod
-    def _linear_in_place(x: Tensor, key: str, terms: list[tuple[Expr, Vec]], env: Mapping[str, Tensor],
-                         coefs: Mapping[str, Scalar]) -> None:
-        own = [s for s, v in terms if v.key == key]
-        others = [(s, v) for s, v in terms if v.key != key]
-        reads_later = any(env[v.key] is x for _, v in others)
-        if reads_later:  # x appears aliased on the right-hand side: evaluate out of place
-            value = None
-            for s, v in terms:
-                term = env[v.key] * _scalar(s, coefs)
-                value = term if value is None else value.add_(term)
-            x.copy_(value)
-            return
-        if own:
-            scale: Scalar = 0.0
-            for s in own:
-                scale = scale + _scalar(s, coefs)
-            if isinstance(scale, float):
-                if scale != 1.0:
-                    x.mul_(scale)
-            else:
-                x.mul_(scale)
-        elif len(others) == 1 and isinstance(others[0][0], Const) and others[0][0].value == 1.0:
-            x.copy_(env[others[0][1].key])  # a plain copy
-            return
-        elif others:  # x's old values are not read: the first term is written over them
-            (s, v), others = others[0], others[1:]
-            y, c = env[v.key], _scalar(s, coefs)
-            torch.mul(y, c, out=x) if y.shape == x.shape and y.dtype == x.dtype else x.copy_(y * c)
-        else:
-            x.zero_()
-        for s, v in others:
-            _axpy(x, env[v.key], _scalar(s, coefs))
 
 
 def hp_coefficients(group: Mapping[str, Any]) -> dict[str, float]:
