@@ -92,17 +92,39 @@ def build(label: str, params: list[torch.nn.Parameter], shapes: list[tuple[int, 
     if label == "Muon + AdamW":
         muon = MuonWithAdamW(params, shapes)
         return muon, muon.step
-    preset, _, rest = label.partition(" ")
+    preset, *options = label.split(" ")
     keywords = {"implementation": "fused" if params[0].is_cuda else "foreach", "weight_decay": 1e-4, "r": 1.0,
                 "lr": 1e-3}
-    if rest.startswith("refresh="):
-        keywords["refresh"] = int(rest.split("=")[1])
+    for option in options:
+        name, _, value = option.partition("=")
+        if name == "refresh":
+            keywords["refresh"] = int(value)
+        elif name != "matmul":  # (matmul=<precision>: set around the timing, see time_one)
+            raise SystemExit(f"unknown option {option!r} in {label!r}: refresh=<k> or matmul=<highest|high|medium>")
     opt = kalmanopt.create(preset, params, **keywords)
     loss = torch.tensor(1.0, device=params[0].device)
     return opt, lambda: opt.step(loss=loss)
 
 
+def _matmul_precision(label: str) -> str:
+    """The float32 matmul precision an optimizer is timed at: ``matmul=<precision>`` in its label, else torch's
+    default (``highest``: true float32; ``high``: TF32 tensor cores)."""
+    for option in label.split(" ")[1:]:
+        if option.startswith("matmul="):
+            return option.split("=", 1)[1]
+    return "highest"
+
+
 def time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> dict:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(_matmul_precision(label))
+    try:
+        return _time_one(label, shapes, device, warmup, steps)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> dict:
     params = make_params(shapes, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -115,8 +137,10 @@ def time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, wa
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        host = (time.perf_counter() - t0) * 1e3 / steps
         end.record()
         sync(device)
         ms = start.elapsed_time(end) / steps
@@ -124,12 +148,36 @@ def time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, wa
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        ms = (time.perf_counter() - t0) * 1e3 / steps
+        ms = host = (time.perf_counter() - t0) * 1e3 / steps
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if device.type == "cuda" else float("nan")
     state = opt.state_dict_bytes() if isinstance(opt, MuonWithAdamW) else _state_bytes(opt)
     finite = all(bool(torch.isfinite(p).all()) for p in params)
-    return {"ms": ms, "peak_mib": peak, "state_mib": state / 2 ** 20, "workspace_mib": _workspace_bytes(opt) / 2 ** 20,
+    return {"ms": ms, "host_ms": host, "peak_mib": peak, "state_mib": state / 2 ** 20,
+            "workspace_mib": _workspace_bytes(opt) / 2 ** 20,
             "finite": finite}
+
+
+def matmul_gflop(label: str, shapes: list[tuple[int, ...]]) -> float:
+    """The matrix products a ``koala-kron`` step makes, in GFLOP, amortised over its refresh (0 for the others).
+
+    Per layer read as m × n with its factors' forms (a dense A is m × m, a dense B n × n, from the preset's own
+    state table): D = Â H B̂ costs 2m²n (A dense) + 2mn² (B dense) every step, and the posterior's two
+    sandwiches D B̂ Dᵀ and Dᵀ A⁺ D twice that at each refresh. Their time at a card's matmul rate is the floor
+    of the step's matrix work."""
+    preset, *options = label.split(" ")
+    if preset != "koala-kron":
+        return 0.0
+    refresh = next((int(o.split("=")[1]) for o in options if o.startswith("refresh=")), 1)
+    probe = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(1))])  # (its filter's state table)
+    table, hp = kalmanopt.plan.state_table(probe.filter), probe.param_groups[0]
+    total = 0.0
+    for shape in shapes:
+        m, n, matrix = kalmanopt.state.matricised_shape(tuple(shape))
+        factors = table.factor_shapes(tuple(shape), hp)
+        predict = (2.0 * m * m * n if len(factors["A"]) == 2 else 0.0) + (2.0 * m * n * n if len(factors["B"]) == 2
+                                                                            else 0.0)
+        total += predict * (1.0 + 2.0 / refresh)
+    return total / 1e9
 
 
 def main() -> None:
@@ -138,7 +186,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["GPT-2 small"], choices=list(PARAMETER_SETS))
     parser.add_argument("--optimizers", nargs="+",
                         default=["AdamW fused", "Muon + AdamW", "koala-factored", "koala-kron refresh=10",
-                                 "koala-kron refresh=1"])
+                                 "koala-kron refresh=10 matmul=high", "koala-kron refresh=1"],
+                        help="labels: 'AdamW fused', 'Muon + AdamW', or a preset with options 'refresh=<k>' (the "
+                             "factor refresh) and 'matmul=<highest|high|medium>' (the float32 matmul precision)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40, help="steps timed per round (a multiple of the refresh)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -148,11 +198,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"Device: **{name}**, torch {torch.__version__}. Mean ms per optimizer step over {args.steps} steps "
              f"after {args.warmup} warm-up steps; the median of {args.rounds} rounds (order alternating) and their "
-             "range. 'state': the tensors a state dict holds; 'workspace': buffers a step keeps besides (never "
-             "saved); 'peak': the memory the optimizer adds beyond parameters and gradients.", "",
-             "| parameter set | optimizer | step (ms) | × AdamW fused | rounds' range (ms) | state (MiB) "
-             "| state × AdamW's | workspace (MiB) | peak (MiB) | finite |",
-             "|" + "---|" * 10]
+             "range. 'host': the time the host takes to issue a step (the median of the rounds; a step whose host "
+             "time is its step time is bound by the host); 'matmul=high': the step timed under "
+             "torch.set_float32_matmul_precision('high') (TF32 matmuls), the others at torch's default ('highest'). "
+             "'matmul GFLOP': the matrix products of a step (amortised over the refresh; see matmul_gflop). "
+             "'state': the tensors a state dict holds; 'workspace': buffers a step keeps besides (never saved); "
+             "'peak': the memory the optimizer adds beyond parameters and gradients.", "",
+             "| parameter set | optimizer | step (ms) | × AdamW fused | rounds' range (ms) | host (ms) | matmul GFLOP "
+             "| state (MiB) | state × AdamW's | workspace (MiB) | peak (MiB) | finite |",
+             "|" + "---|" * 12]
     for set_name in args.sets:
         shapes = PARAMETER_SETS[set_name]()
         rows: dict[str, list[dict]] = {label: [] for label in args.optimizers}
@@ -168,6 +222,8 @@ def main() -> None:
             first = runs[0]
             lines.append(f"| {set_name} | {label} | {ms:.3f} | {ms / adam:.2f} | "
                          f"{min(x['ms'] for x in runs):.3f}–{max(x['ms'] for x in runs):.3f} | "
+                         f"{statistics.median(x['host_ms'] for x in runs):.3f} | "
+                         f"{matmul_gflop(label, shapes):.1f} | "
                          f"{first['state_mib']:.1f} | {first['state_mib'] / adam_state:.3f} | "
                          f"{first['workspace_mib']:.1f} | {max(x['peak_mib'] for x in runs):.0f} | "
                          f"{all(x['finite'] for x in runs)} |")

@@ -152,12 +152,9 @@ def trace(A: Tensor) -> Tensor:
 
 def add_identity(A: Tensor, c: Tensor | float) -> Tensor:
     """A + c I per layer (``c``: ``[b]``, or one number for every layer)."""
-    if not isinstance(c, Tensor):
-        c = torch.full((A.shape[0],), float(c), dtype=A.dtype, device=A.device)
-    if is_dense(A):
-        return A + c[:, None, None] * _eye_like(A)
-    return A + c[:, None]
-
-
-def _eye_like(A: Tensor) -> Tensor:
-    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    if not is_dense(A):
+        return A + (c[:, None] if isinstance(c, Tensor) else float(c))
+    X = A.clone()
+    diagonal = X.diagonal(dim1=-2, dim2=-1)  # (a view: the update lands in X)
+    diagonal.add_(c[:, None] if isinstance(c, Tensor) else float(c))
+    return X

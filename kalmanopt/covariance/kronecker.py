@@ -60,24 +60,29 @@ def _symmetric(X: Tensor) -> Tensor:
 
 def nearest_left(A: Tensor, B: Tensor, q: Tensor | float, D: Tensor | None = None,
                  S: Tensor | None = None) -> Tensor:
-    """argmin_X ‖A ⊗ B + q I − D Dᵀ/S − X ⊗ B‖_F = A + q tr(B)/‖B‖² I − D B Dᵀ / (S ‖B‖²), per layer."""
+    """argmin_X ‖A ⊗ B + q I − D Dᵀ/S − X ⊗ B‖_F = A + q tr(B)/‖B‖² I − D B Dᵀ / (S ‖B‖²), per layer, for
+    symmetric A and B (the factors always are: without D the result is A plus a multiple of I, symmetric as it
+    stands; with D it is symmetrised against rounding)."""
     norm = frobenius2(B)
     X = add_identity(A, q * trace(B) / norm)
-    if D is not None:
-        Ds = D * S.rsqrt()[:, None, None]
-        X = X - _sandwich_rows(Ds, B, A) / norm.reshape((-1,) + (1,) * (A.dim() - 1))
+    if D is None:
+        return X
+    Ds = D * S.rsqrt()[:, None, None]
+    X = X - _sandwich_rows(Ds, B, A) / norm.reshape((-1,) + (1,) * (A.dim() - 1))
     return _symmetric(X)
 
 
 def nearest_right(X: Tensor, A: Tensor, B: Tensor, q: Tensor | float, D: Tensor | None = None,
                   S: Tensor | None = None) -> Tensor:
-    """argmin_Y ‖A ⊗ B + q I − D Dᵀ/S − X ⊗ Y‖_F = (⟨X, A⟩ B + q tr(X) I − Dᵀ X D / S) / ‖X‖², per layer."""
+    """argmin_Y ‖A ⊗ B + q I − D Dᵀ/S − X ⊗ Y‖_F = (⟨X, A⟩ B + q tr(X) I − Dᵀ X D / S) / ‖X‖², per layer, for
+    symmetric X, A and B (symmetrised against rounding only where D enters, as :func:`nearest_left`)."""
     norm = frobenius2(X)
     shape = (-1,) + (1,) * (B.dim() - 1)
     Y = add_identity(B * _inner(X, A).reshape(shape), q * trace(X))
-    if D is not None:
-        Ds = D * S.rsqrt()[:, None, None]
-        Y = Y - _sandwich_cols(Ds, X, B)
+    if D is None:
+        return Y / norm.reshape(shape)
+    Ds = D * S.rsqrt()[:, None, None]
+    Y = Y - _sandwich_cols(Ds, X, B)
     return _symmetric(Y / norm.reshape(shape))
 
 

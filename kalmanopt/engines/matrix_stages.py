@@ -90,14 +90,29 @@ def _shape(layer: Layer) -> tuple[int, ...]:
     return tuple(layer.params[0].shape) if len(layer.params) == 1 else (layer.numel,)  # (a global layer: a vector)
 
 
-def _blocks(plan: UpdatePlan, layers: Sequence[Layer], rows: Mapping[int, int], group: Mapping[str, Any]
-            ) -> list[_Block]:
+def _blocks(plan: UpdatePlan, layers: Sequence[Layer], rows: Mapping[int, int], group: Mapping[str, Any],
+            runtime: Any) -> list[_Block]:
     """The layers that take part, by shape: every layer with a gradient here, and every sharded layer (its
     stages gather it, a collective every rank must join whatever its gradients). ``rows``: a layer's position
-    among the layers with a gradient (the engines' order), absent for a sharded layer without one here."""
-    by_key: dict[tuple, _Block] = {}
-    for layer in layers:
-        sharded = _sharded(layer)
+    among the layers with a gradient (the engines' order), absent for a sharded layer without one here.
+
+    The grouping is a function of the layers' shapes, precisions, sharding and presence, and of the
+    hyper-parameters that size the factors: it is kept in the runtime by those, so that a step like the last
+    one only rebuilds the (mutable) blocks from it."""
+    sharded = [_sharded(layer) for layer in layers]
+    sizes = tuple(group[e.max_size] for e in plan.table.factors if isinstance(e.max_size, str))
+    key = ("blocks", plan.table, sizes, tuple((_shape(layer), len(layer.params), layer.dtype, s, id(layer) in rows)
+                                             for layer, s in zip(layers, sharded)))
+    grouping = runtime.cached("plans", key, lambda: _grouping(plan, layers, rows, group, sharded))
+    return [_Block(m, n, matrix, [layers[i] for i in members], [rows.get(id(layers[i]), -1) for i in members])
+            for m, n, matrix, members in grouping]
+
+
+def _grouping(plan: UpdatePlan, layers: Sequence[Layer], rows: Mapping[int, int], group: Mapping[str, Any],
+              sharded_layers: Sequence[bool]) -> tuple[tuple[int, int, bool, tuple[int, ...]], ...]:
+    """(m, n, matrix, the layers' indices) per block, in the order the layers first appear."""
+    by_key: dict[tuple, tuple[int, int, bool, list[int]]] = {}
+    for index, (layer, sharded) in enumerate(zip(layers, sharded_layers)):
         if id(layer) not in rows and not sharded:
             continue
         if sharded and len(layer.params) != 1:
@@ -108,12 +123,8 @@ def _blocks(plan: UpdatePlan, layers: Sequence[Layer], rows: Mapping[int, int], 
         m, n, matrix = matricised_shape(shape)
         factors = tuple(plan.table.factor_shapes(shape, group).values())
         key = (m, n, matrix, factors, layer.dtype, sharded)
-        block = by_key.get(key)
-        if block is None:
-            block = by_key[key] = _Block(m, n, matrix, [], [])
-        block.layers.append(layer)
-        block.rows.append(rows.get(id(layer), -1))
-    return list(by_key.values())
+        by_key.setdefault(key, (m, n, matrix, []))[3].append(index)
+    return tuple((m, n, matrix, tuple(members)) for m, n, matrix, members in by_key.values())
 
 
 def _ensure(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any]) -> list[Layer]:
@@ -211,7 +222,7 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
     if not plan.stages:
         return None
     active = _active(layers)
-    blocks = _blocks(plan, layers, {id(layer): i for i, layer in enumerate(active)}, group)
+    blocks = _blocks(plan, layers, {id(layer): i for i, layer in enumerate(active)}, group, runtime)
     created = _ensure(plan, active, group)
     device = active[0].params[0].device if active else torch.device("cpu")
     counter = _counter(runtime, index, group, group_state, device)
@@ -240,10 +251,39 @@ def _read(block: _Block, staged: StagedGroup, reads: set[str], buffers: Mapping[
     block buffer is that buffer itself (no copy), the others are stacked."""
     out = {name: buffers[name] for name in reads if name in buffers}
     rest = reads - set(out)
-    if rest:
+    if rest and _plain(block):
+        out.update(_stacked_env(block, staged.plan, staged.pre, rest, staged.hp))
+    elif rest:
         envs = _envs(block, staged.plan, staged.pre, rest, staged.hp)
         out.update({name: _stack(block, name, envs) for name in sorted(rest)})
     return out
+
+
+def _plain(block: _Block) -> bool:
+    """Whether every layer of the block is one whole (unsharded) parameter with a gradient."""
+    return all(len(layer.params) == 1 and layer.params[0].grad is not None and not _sharded(layer)
+               for layer in block.layers)
+
+
+def _stacked_env(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: set[str], hp: dict[str, float]
+                 ) -> dict[str, Tensor]:
+    """:func:`_envs` then :func:`_stack` for a :func:`_plain` block, stacked first: θ and g as ``[b, m, n]``
+    tensors, and the (element-wise) measurement program run once on them, not once per layer."""
+    shape = (block.m, block.n)
+    dtype = block.layers[0].dtype
+    needed = set(reads)
+    if "H" in needed:
+        needed |= {"g"} | ({"theta"} & {v.name for v in vectors_read(a.expr for a in plan.pre)})
+    env: dict[str, Tensor] = {}
+    if "theta" in needed:
+        env["theta"] = torch.stack([layer.params[0].detach().reshape(shape) for layer in block.layers]).to(dtype)
+    if "g" in needed:
+        env["g"] = torch.stack([layer.params[0].grad.detach().reshape(shape) for layer in block.layers]).to(dtype)
+    if "H" in reads:
+        pre.run(env, hp, in_place=False)
+    for name in reads - {"theta", "g", "H"}:
+        env[name] = torch.stack([layer.state[name].view(shape) for layer in block.layers])
+    return {name: env[name] for name in reads}
 
 
 def _joint(block: _Block, name: str) -> Tensor | None:
