@@ -157,13 +157,19 @@ def _stack(block: _Block, name: str, env_of: list[dict[str, Tensor]]) -> Tensor:
     return torch.stack([env[name].view(block.m, block.n) for env in env_of])
 
 
+def _needed(plan: UpdatePlan, reads: set[str]) -> set[str]:
+    """The vectors to read for ``reads``: with ``H``, also what the measurement program computes it from."""
+    needed = set(reads)
+    if "H" in needed:
+        needed |= {"g"} | ({"theta"} & {v.name for v in vectors_read(a.expr for a in plan.pre)})
+    return needed
+
+
 def _envs(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: set[str], hp: dict[str, float]
           ) -> list[dict[str, Tensor]]:
     """Per layer: the flat vectors the block's stages read (θ, g, H from the measurement, state vectors),
     whole: a sharded layer's are gathered from every rank (a rank without its gradient gives zeros)."""
-    needed = set(reads)
-    if "H" in needed:
-        needed |= {"g"} | ({"theta"} & {v.name for v in vectors_read(a.expr for a in plan.pre)})
+    needed = _needed(plan, reads)
     envs = []
     for layer in block.layers:
         p = layer.params[0] if len(layer.params) == 1 else None
@@ -271,9 +277,7 @@ def _stacked_env(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: s
     tensors, and the (element-wise) measurement program run once on them, not once per layer."""
     shape = (block.m, block.n)
     dtype = block.layers[0].dtype
-    needed = set(reads)
-    if "H" in needed:
-        needed |= {"g"} | ({"theta"} & {v.name for v in vectors_read(a.expr for a in plan.pre)})
+    needed = _needed(plan, reads)
     env: dict[str, Tensor] = {}
     if "theta" in needed:
         env["theta"] = torch.stack([layer.params[0].detach().reshape(shape) for layer in block.layers]).to(dtype)
