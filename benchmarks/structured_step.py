@@ -92,32 +92,32 @@ def build(label: str, params: list[torch.nn.Parameter], shapes: list[tuple[int, 
     if label == "Muon + AdamW":
         muon = MuonWithAdamW(params, shapes)
         return muon, muon.step
-    preset, *options = label.split(" ")
+    preset, options = label_options(label)
     keywords = {"implementation": "fused" if params[0].is_cuda else "foreach", "weight_decay": 1e-4, "r": 1.0,
                 "lr": 1e-3}
-    for option in options:
-        name, _, value = option.partition("=")
-        if name == "refresh":
-            keywords["refresh"] = int(value)
-        elif name != "matmul":  # (matmul=<precision>: set around the timing, see time_one)
-            raise SystemExit(f"unknown option {option!r} in {label!r}: refresh=<k> or matmul=<highest|high|medium>")
-    opt = kalmanopt.create(preset, params, **keywords)
+    if "refresh" in options:
+        keywords["refresh"] = int(options["refresh"])
+    opt = kalmanopt.create(preset, params, **keywords)  # (matmul=<precision> is set around the timing: time_one)
     loss = torch.tensor(1.0, device=params[0].device)
     return opt, lambda: opt.step(loss=loss)
 
 
-def _matmul_precision(label: str) -> str:
-    """The float32 matmul precision an optimizer is timed at: ``matmul=<precision>`` in its label, else torch's
-    default (``highest``: true float32; ``high``: TF32 tensor cores)."""
-    for option in label.split(" ")[1:]:
-        if option.startswith("matmul="):
-            return option.split("=", 1)[1]
-    return "highest"
+def label_options(label: str) -> tuple[str, dict[str, str]]:
+    """A preset's label split into the preset and its options: ``refresh=<k>`` (the factor refresh) and
+    ``matmul=<highest|high|medium>`` (the float32 matmul precision it is timed at; torch's default
+    ``highest`` is true float32, ``high`` TF32 tensor cores)."""
+    preset, *words = label.split(" ")
+    options = dict(word.partition("=")[::2] for word in words)
+    unknown = sorted(set(options) - {"refresh", "matmul"})
+    if unknown:
+        raise SystemExit(f"unknown option {unknown[0]!r} in {label!r}: refresh=<k> or matmul=<highest|high|medium>")
+    return preset, options
 
 
 def time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> dict:
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(_matmul_precision(label))
+    fixed = label in ("AdamW fused", "Muon + AdamW")
+    torch.set_float32_matmul_precision("highest" if fixed else label_options(label)[1].get("matmul", "highest"))
     try:
         return _time_one(label, shapes, device, warmup, steps)
     finally:
@@ -164,10 +164,12 @@ def matmul_gflop(label: str, shapes: list[tuple[int, ...]]) -> float:
     state table): D = Â H B̂ costs 2m²n (A dense) + 2mn² (B dense) every step, and the posterior's two
     sandwiches D B̂ Dᵀ and Dᵀ A⁺ D twice that at each refresh. Their time at a card's matmul rate is the floor
     of the step's matrix work."""
-    preset, *options = label.split(" ")
+    if label in ("AdamW fused", "Muon + AdamW"):
+        return 0.0
+    preset, options = label_options(label)
     if preset != "koala-kron":
         return 0.0
-    refresh = next((int(o.split("=")[1]) for o in options if o.startswith("refresh=")), 1)
+    refresh = int(options.get("refresh", 1))
     probe = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(1))])  # (its filter's state table)
     table, hp = kalmanopt.plan.state_table(probe.filter), probe.param_groups[0]
     total = 0.0
