@@ -46,6 +46,7 @@ class StructureOwner(Protocol):
     param_groups: list[dict[str, Any]]
     state: Any
     loss_statistic: str
+    runtime: Any  # (its ``structure_seen``: the layout the last check left)
 
 __all__ = ["check_structure"]
 
@@ -59,15 +60,26 @@ def check_structure(opt: StructureOwner) -> None:
     Raises:
         ValueError: as the module says, naming the group; nothing has changed then.
     """
-    grouped: set[int] = set()
     for index, group in enumerate(opt.param_groups):
         _check_group(opt, index, group)
-        grouped.update(id(p) for p in group["params"])
+    layout = _layout(opt)
+    if layout == getattr(opt.runtime, "structure_seen", None):
+        return  # the same parameters, precisions, devices and state as the last check left: nothing to follow
     # every check passed: now the changes that are honoured
+    grouped = {id(p) for group in opt.param_groups for p in group["params"]}
     for key in [k for k in opt.state if isinstance(k, Tensor) and id(k) not in grouped]:
         del opt.state[key]  # a parameter no longer in any group
     for index, group in enumerate(opt.param_groups):
         _follow_parameters(opt, index, group)
+    opt.runtime.structure_seen = _layout(opt)
+
+
+def _layout(opt: StructureOwner) -> tuple:
+    """What the state follows: the state's container and size, each group's parameters, their precisions and
+    devices (a step that finds them as the last check left them has nothing to move or drop)."""
+    return (id(opt.state), len(opt.state), tuple(
+        (tuple(map(id, group["params"])), tuple(p.dtype for p in group["params"]),
+         tuple(p.device for p in group["params"])) for group in opt.param_groups))
 
 
 def _check_group(opt: StructureOwner, index: int, group: Mapping[str, Any]) -> None:

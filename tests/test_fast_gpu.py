@@ -413,6 +413,52 @@ def test_replayed_steps_equal_the_reference_through_schedules_moves_and_changes(
     assert opts[1].diagnostics()["counters"] == opts[0].diagnostics()["counters"]
 
 
+@pytest.mark.parametrize("preset", ["koala++", "koala-m", "koala-adam-steady"])
+@needs_cuda
+def test_two_groups_and_new_gradient_buffers_every_step_replay_one_captured_step(preset, monkeypatch):
+    """What trainers do: two parameter groups (weight decay on the matrices only, a schedule over both) and
+    torch's default ``zero_grad()`` (``set_to_none=True``: each backward allocates new gradient buffers,
+    wherever the allocator puts them). The fused engine captures the step once and replays it on the moved
+    gradients, equal to the reference engine."""
+    from kalmanopt.engines import graphs
+
+    replays = []
+    original = graphs.graphed_step
+    monkeypatch.setattr(graphs, "graphed_step", lambda *a: replays.append(original(*a)) or replays[-1])
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5)).to(CUDA).double()
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = []
+    for model, impl in zip(models, ("reference", "fused")):
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.dim() == 2], "weight_decay": 1e-3},
+                  {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr": 0.5}]
+        opts.append(kalmanopt.create(preset, groups, implementation=impl))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + 0.1 * k)) for o in opts]
+    x, y = torch.randn(32, 24, device=CUDA, dtype=torch.float64), torch.randint(0, 5, (32,), device=CUDA)
+    addresses = set()
+    spacers = []
+    for k in range(12):
+        for model, opt, sched in zip(models, opts, scheds):
+            opt.zero_grad()
+            spacers.append(torch.empty(4096 * (1 + k % 3), device=CUDA))  # the allocator hands other blocks
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            losses.mean().backward()
+            if opt is opts[1]:
+                addresses.add(tuple(p.grad.data_ptr() for p in model.parameters()))
+            opt.step(loss=losses)
+            sched.step()
+        if k % 2:
+            spacers.clear()
+    assert len(addresses) > 2  # (the gradients did move)
+    fused_replays = replays[1::2]
+    assert all(fused_replays[-6:]), fused_replays  # steady steps replay
+    for a, b in zip(models[1].parameters(), models[0].parameters()):
+        assert relative_error(a.detach().reshape(-1), b.detach().reshape(-1)) <= 1e-10
+    assert opts[1].diagnostics()["counters"] == opts[0].diagnostics()["counters"]
+
+
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 @pytest.mark.parametrize("preset", ["koala++", "koala-m"])
 @needs_cuda

@@ -26,7 +26,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -180,11 +180,11 @@ def run_predict(opt: OptimizerView, ok: Tensor | None, ridden: bool = False) -> 
 
 
 def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code: Tensor | None = None,
-               lr: Tensor | None = None, ride_predict: bool = False) -> Tensor:
+               lr: Sequence[Tensor] | None = None, ride_predict: bool = False) -> Tensor:
     """The update phase of every group; returns the step's code (see :mod:`kalmanopt.contract`).
 
-    ``code``: bits already known to skip the step (the first step's input check), or None. ``lr``: η_k as
-    a 0-d device tensor for a one-group optimizer (what a replayed CUDA graph reads), or None.
+    ``code``: bits already known to skip the step (the first step's input check), or None. ``lr``: each
+    group's η_k as a 0-d device tensor (what a replayed CUDA graph reads), or None (the groups' ``lr``).
     ``ride_predict``: ``run_predict(..., ridden=True)`` follows at once (``step()``).
     """
     contexts = group_contexts(opt, ride_predict=ride_predict)
@@ -218,14 +218,14 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
         raise NonFiniteError(_nonfinite_message(int(step_code), "this step") + " (strict=True)")
     ok = (step_code & CODE_SKIPS) == 0
     batches = []
-    for (engine, ctx), (_, red, layer, numel) in zip(contexts, works):
+    for index, ((engine, ctx), (_, red, layer, numel)) in enumerate(zip(contexts, works)):
         like = ctx.group_state["R"]
         stat = None if statistic is None else statistic.to(like).reshape(())
         b = CoefficientStage(hp=ctx.group, red=red, layer=layer, group=ctx.group_state, numel=numel,
                              loss=loss.to(like).reshape(()), statistic=stat,
                              ok=ok.to(like.device),
                              skip=torch.zeros(int(numel.numel()), dtype=torch.bool, device=like.device),
-                             diagnostics=ctx.diagnostics, lr=lr)
+                             diagnostics=ctx.diagnostics, lr=None if lr is None else lr[index])
         if ctx.group.get("r", 0.0) is None and statistic is None:
             raise ValueError("r is None (online noise estimate) but no loss statistic was given")
         engine.update_coefficients(ctx.composition, b)

@@ -24,6 +24,7 @@ Triton is imported only when a fused step first runs.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -325,13 +326,16 @@ class FusedEngine(TorchEngine):
         return plan if plan.rides else None
 
     def graph_token(self, ctx: GroupContext) -> tuple | None:
-        """What a captured step depends on (the steady plan and the buffers' addresses), or None if the
-        group has no steady plan that fits this step (see :mod:`kalmanopt.engines.graphs`)."""
+        """What a captured step depends on, or None if the group has no steady plan that fits this step (see
+        :mod:`kalmanopt.engines.graphs`): the steady plan, the parameters' addresses, the staged gradients'
+        addresses (their copies are captured) and the gradients' alignment. Gradients that move otherwise are
+        followed through their offset table, which the plan rewrites in place."""
         plan, _ = self._update_plan(ctx)
         steady = self._steady(ctx, plan)
         if steady is None:
             return None
-        return id(steady), tuple(steady.grad_ptrs), tuple(steady.theta_ptrs)
+        staged = tuple(steady.grad_ptrs[i] for i in sorted(steady.staging.grad))
+        return id(steady), tuple(steady.theta_ptrs), staged, steady.gradients_aligned
 
     def _steady(self, ctx: GroupContext, plan: Any) -> _SteadyPlan | None:
         """The cached plan of this group if it still fits this step (host checks only), refreshed."""
@@ -461,51 +465,88 @@ class _SteadyPlan:
                  chunks: _Chunks, complete: bool, staging: _Staging, numel: Tensor) -> None:
         self.plan, self.layers, self.chunks, self.complete = plan, layers, chunks, complete
         # the gradients' slot keeps its offset table only: a gradient held from one step to the next would
-        # keep its memory through the next backward (FSDP2's reduce-scatter buffers)
+        # keep its memory through the next backward (FSDP2's reduce-scatter buffers). Its offsets count from
+        # θ's base, which stays put, and the table is rewritten in place when the gradients move (torch's
+        # zero_grad(set_to_none=True) hands new buffers): a captured step replays on the new gradients.
         self.slots = {k: v for k, v in slots.items() if k != "g"}
-        self.g_table = slots["g"][1]
+        self.g_base = self.slots["theta"][0]
         self.staging = staging
+        self.g_table = torch.zeros(len(layers), dtype=torch.int64, device=self.g_base.device)
+        if not self._point_at(self.staging.grads(layers)):
+            raise RuntimeError("a gradient is not addressable from its parameter's base")  # (same dtype: cannot)
         self.numel = numel  # the layers' sizes (whole, where the chunk tables hold the local shards')
         self.sharded = _sharded(layers)
+        self.any_sharded = any(self.sharded)
         self.params = ctx.group["params"]
         self.n = len(self.params)
         self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
-        self.refs = self._refs(ctx)
-        self.theta_ptrs = [local_tensor(p).data_ptr() for p in self.params]
-        self.grad_ptrs = [g.data_ptr() if g is not None else 0 for g in map(_grad, self.params)]
-
-    def _refs(self, ctx: GroupContext) -> list[Any]:
         self.dicts = list(map(ctx.state.get, self.params))  # type: ignore[union-attr]
-        return [d.get(k) if d is not None else None for d in self.dicts for k in self.keys]
+        complete = all(d is not None for d in self.dicts)
+        # per state key, the tensor of each layer (a step checks that none was replaced: load_state_dict)
+        self.refs = [(k, [d.get(k) if d is not None else None for d in self.dicts]) for k in self.keys] \
+            if complete else None
+        self.theta_ptrs = list(map(Tensor.data_ptr, self._thetas(self.params)))
+        self.grad_ptrs = [g.data_ptr() if g is not None else 0 for g in self._grads(self.params)]
+
+    def _thetas(self, params: Sequence[Tensor]) -> Sequence[Tensor]:
+        return [local_tensor(p) for p in params] if self.any_sharded else params
+
+    def _grads(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+        return list(map(_grad, params)) if self.any_sharded else [p.grad for p in params]
 
     def fits(self, ctx: GroupContext) -> bool:
         """Whether the plan still covers this step; rebinds moved gradients (host work only)."""
         params = ctx.group["params"]
         if params is not self.params or len(params) != self.n or ctx.group["granularity"] != "layer":
             return False
-        grads = list(map(_grad, params))
-        if any(g is None for g in grads):
+        if self.refs is None:
+            return False
+        grads = self._grads(params)
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
             return False
         dicts = list(map(ctx.state.get, params))  # type: ignore[union-attr]
         if not all(map(operator.is_, dicts, self.dicts)):
             return False
-        if not all(map(operator.is_, (d.get(k) for d in dicts for k in self.keys), self.refs)):
+        for key, refs in self.refs:
+            if not all(map(operator.is_, map(dict.get, dicts, itertools.repeat(key)), refs)):
+                return False
+        if list(map(Tensor.data_ptr, self._thetas(params))) != self.theta_ptrs:
             return False
-        if [local_tensor(p).data_ptr() for p in params] != self.theta_ptrs:
-            return False
-        ptrs = [g.data_ptr() for g in grads]
+        ptrs = list(map(Tensor.data_ptr, grads))
         if ptrs != self.grad_ptrs:
             dtype = params[0].dtype
             staged = self.staging.grad
             if not all(g.dtype == dtype and (i in staged or g.is_contiguous()) for i, g in enumerate(grads)):
                 return False
-            self.g_table = _slot(self.staging.grads(self.layers), grads[0].device, ctx.runtime)[1]
+            if not self._point_at(self.staging.grads(self.layers)):
+                return False
             self.grad_ptrs = ptrs
         return True
 
+    def _point_at(self, grads: Sequence[Tensor]) -> bool:
+        """Rewrite the gradients' offset table (in place, on the stream) for these buffers; False where one
+        is not a whole number of elements from θ's base."""
+        size = self.g_base.element_size()
+        base = self.g_base.data_ptr()
+        distances = [g.data_ptr() - base for g in grads]
+        if any(d % size for d in distances):
+            return False
+        offsets = [d // size for d in distances]
+        host = torch.tensor(offsets, dtype=torch.int64)
+        if self.g_table.device.type == "cuda":
+            host = host.pin_memory()
+        self.g_table.copy_(host, non_blocking=True)
+        setattr(self.g_table, _ALIGNED, base % 16 == 0 and all(o % 16 == 0 for o in offsets))
+        return True
+
+    @property
+    def gradients_aligned(self) -> bool:
+        """Whether the gradients' offsets are all multiples of 16 elements (the kernels' alignment hint)."""
+        return bool(getattr(self.g_table, _ALIGNED, False))
+
     def bind(self, layers: list[Layer]) -> dict[str, tuple[Tensor, Tensor]]:
-        """This step's slots: the kept ones and the gradients' (their base is this step's first gradient)."""
-        slots = {"theta": self.slots["theta"], "g": (self.staging.grads(layers)[0], self.g_table)}
+        """This step's slots: the kept ones and the gradients' (offsets from θ's base, see ``__init__``)."""
+        slots = {"theta": self.slots["theta"], "g": (self.g_base, self.g_table)}
         slots.update(self.slots)  # (the kernels' argument order: θ, g, then the state)
         return slots
 

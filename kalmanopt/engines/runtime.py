@@ -62,6 +62,7 @@ class Runtime:
         loss_count: this process's number of samples in the last loss (several processes weigh by it).
         watch: the deferred non-finite warnings (CUDA), or None.
         graph: the captured CUDA graph of a steady step, or None.
+        structure_seen: the parameters' and state's layout the last structure check left, or None.
         scratch: the temporaries the torch engines borrow on the CPU (:class:`~kalmanopt.scratch.Scratch`).
     """
 
@@ -72,6 +73,7 @@ class Runtime:
         self.loss_count = 1
         self.watch: Watch | None = None
         self.graph: Any = None
+        self.structure_seen: tuple | None = None  # (kalmanopt.structure: the layout its last check left)
         self._groups: list[GroupRuntime | None] = []
         self._plans: dict[tuple, Any] = {}
         self._int64: dict[tuple, Tensor] = {}
