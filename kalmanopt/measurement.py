@@ -95,13 +95,14 @@ def check_loss_device(loss: Tensor, devices: set[torch.device], what: str = "the
                      "device (or pass it as a CPU tensor or a Python number)")
 
 
-def loss_statistic(losses: Tensor, kind: str) -> Tensor:
+def loss_statistic(losses: Tensor, kind: str, mean: Tensor | None = None) -> Tensor:
     """The statistic s_k of per-sample losses that the online R estimate follows.
 
     Args:
         losses: per-sample losses ℓ_i (any shape; a scalar counts as one sample).
         kind: ``"second_moment"``: mean_i ℓ_i² (the authors' image code), or ``"variance"``:
             mean_i ℓ_i² − (mean_i ℓ_i)² (their language-model code).
+        mean: mean_i ℓ_i where the caller has it already (in the statistic's precision), else None.
 
     Computed in the losses' precision, at least float32 (:func:`statistics_dtype`).
     """
@@ -112,7 +113,7 @@ def loss_statistic(losses: Tensor, kind: str) -> Tensor:
     second_moment = torch.mean(torch.pow(losses, 2))
     if kind == "second_moment":
         return second_moment
-    return second_moment - torch.mean(losses) ** 2
+    return second_moment - (torch.mean(losses) if mean is None else mean) ** 2
 
 
 def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool,
@@ -151,7 +152,7 @@ def split_losses(loss: Tensor | float, kind: str, needs_statistic: bool,
     if losses.numel() == 1 and kind == "variance":
         raise ValueError("loss_statistic='variance' needs the per-sample losses "
                          "(reduction='none'), got a scalar loss; pass step(loss=losses) or fix r")
-    return mean, loss_statistic(losses, kind)
+    return mean, loss_statistic(losses, kind, mean)
 
 
 class MeasurementModel(Part, ABC):

@@ -6,12 +6,13 @@ Between its two passes a step runs every part's batched coefficient function
 quarter of a GPT-2 step. Compiled, they become a handful of fused kernels, the same arithmetic.
 
 The compiled function is pure: it takes the batch's tensors (reductions, layer and group state, loss,
-statistic, η as a tensor) and the group's hyper-parameters (Python values; floats are symbolic, so a
-schedule does not recompile) and returns what the parts filled. The fused engine uses it on CUDA
-(the first step of a composition compiles: seconds, once per process; the reference and foreach
-engines stay eager); anything it cannot compile falls back to the same functions run eagerly, with
-one warning. ``CONFIG["enabled"] = False`` (or ``KALMANOPT_COMPILE_COEFFICIENTS=0`` in the
-environment) runs them eagerly everywhere.
+statistic, η as a tensor, so that a learning-rate schedule does not recompile) and the group's other
+hyper-parameters (Python values, compiled in: two groups with different values compile twice, and a schedule
+over one of them recompiles at each new value) and returns what the parts filled. The fused engine uses it on
+CUDA (a phase's first call runs eagerly and counts its operations; the second compiles: seconds, once per
+process, and a phase of a few operations stays eager; the reference and foreach engines stay eager); anything
+it cannot compile falls back to the same functions run eagerly, with one warning. ``CONFIG["enabled"] =
+False`` (or ``KALMANOPT_COMPILE_COEFFICIENTS=0`` in the environment) runs them eagerly everywhere.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kalmanopt.contract import CoefficientStage
 from kalmanopt.plan import run_predict_coefficients, run_update_coefficients
@@ -33,9 +35,23 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["CompiledCoefficients", "static_hyperparameters", "CONFIG", "CODE_CACHE"]
 
 #: ``enabled``: whether the fused engine runs the coefficient functions compiled (on CUDA); the environment
-#: variable ``KALMANOPT_COMPILE_COEFFICIENTS=0`` sets it off at import
-CONFIG = {"enabled": os.environ.get("KALMANOPT_COMPILE_COEFFICIENTS", "1").strip().lower()
-           not in ("0", "false", "no", "off")}
+#: variable ``KALMANOPT_COMPILE_COEFFICIENTS=0`` sets it off at import. ``min_operations``: a phase whose
+#: functions run fewer tensor operations than this (counted at its first call, which runs eagerly) stays eager:
+#: compiling it costs a compilation in every process and saves a few launches (KOALA++'s predict: 3 operations)
+CONFIG: dict[str, Any] = {"enabled": os.environ.get("KALMANOPT_COMPILE_COEFFICIENTS", "1").strip().lower()
+                          not in ("0", "false", "no", "off"), "min_operations": 16}
+
+
+class _OperationCount(TorchDispatchMode):
+    """Counts the tensor operations run under it (the size of a phase's eager coefficient functions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 #: the fields of a :class:`CoefficientStage` the parts fill, returned by the compiled function
 _OUTPUTS = ("coef", "new_layer", "new_group", "gain", "S", "L", "R", "counters", "info", "code", "skip", "ok")
@@ -79,6 +95,7 @@ class CompiledCoefficients:
         self.backend, self.fullgraph = backend, fullgraph
         self._functions: dict[tuple[str, str], Callable] = {}
         self._failed: dict[str, str] = {}  # by composition
+        self._operations: dict[tuple[str, str], int] = {}  # by phase and composition: counted at the first call
 
     @property
     def failed(self) -> str | None:
@@ -114,6 +131,14 @@ class CompiledCoefficients:
         key = (phase, repr(composition))
         # (a batch that arrives partly filled runs eagerly: the compiled function starts from an empty one)
         if key[1] in self._failed or b.coef or b.new_layer or b.new_group or b.counters:
+            return eager(composition, b)
+        operations = self._operations.get(key)
+        if operations is None:  # the first call: eagerly, counting what compiling would fuse
+            with _OperationCount() as counter:
+                eager(composition, b)
+            self._operations[key] = counter.count
+            return b
+        if operations < CONFIG["min_operations"]:
             return eager(composition, b)
         compiled = self._compiled(key)
         lr = b.lr
