@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -170,20 +171,24 @@ class Loop:
         self.label, self.device = label, device
         self.block = spec["block_size"]
         self.tokens = _tokens(data, spec["vocab_size"], device)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.opt, self.scheduler = build_optimizer(self.model, label, steps)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.host_s: list[float] = []
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.replayed = 0
+        self.syncs = 0
 
     def batch_of(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, self.tokens.numel() - self.block - 1, (self.batch,), generator=self.generator)
-        idx = starts[:, None] + torch.arange(self.block + 1)
-        window = self.tokens[idx.to(self.tokens.device)]
+        starts = torch.randint(0, self.tokens.numel() - self.block - 1, (self.batch,), generator=self.generator,
+                               device=self.device)
+        window = self.tokens[starts[:, None] + torch.arange(self.block + 1, device=self.device)]
         return window[:, :-1], window[:, 1:]
 
-    def step(self, record: bool = False) -> None:
+    def step(self, probe: bool = False) -> None:
+        """One training step; ``probe``: the optimizer's step alone measured, from an idle device (a
+        synchronisation before it): its host time, its device time (CUDA events around it) and the
+        synchronising calls it makes (``torch.cuda.set_sync_debug_mode``)."""
         x, y = self.batch_of()
         self.opt.zero_grad()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -193,22 +198,35 @@ class Loop:
         losses.mean().backward()
         if self.label.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.label.clip)
-        cuda = self.device.type == "cuda"
-        if record and cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        if self.label.is_torch:
-            self.opt.step()
+        if not probe:
+            self._optimizer_step(losses)
         else:
-            self.opt.step(loss=losses)
-        t1 = time.perf_counter()
-        if record:
+            cuda = self.device.type == "cuda"
+            sync(self.device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                t0 = time.perf_counter()
+                self._optimizer_step(losses)
+                t1 = time.perf_counter()
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+            self.syncs += sum("synchroniz" in str(w.message) for w in caught)
             self.host_s.append(t1 - t0)
             if cuda:
                 end.record()
                 self.events.append((start, end))
         self.scheduler.step()
+
+    def _optimizer_step(self, losses: torch.Tensor) -> None:
+        if self.label.is_torch:
+            self.opt.step()
+        else:
+            self.opt.step(loss=losses)
 
 
 def _tokens(data: Path | None, vocab: int, device: torch.device) -> torch.Tensor:
@@ -250,7 +268,7 @@ def counting_replays(loop_of: Callable[[], Loop | None]) -> Callable[[], None]:
 def time_label(args, label: Label, device: torch.device, current: list) -> dict:
     """One label's steady training steps: warm ``args.warmup`` steps, then ``args.blocks`` blocks of
     ``args.block_steps`` steps."""
-    total = args.warmup + args.blocks * args.block_steps
+    total = args.warmup + args.blocks * args.block_steps + args.probe_steps
     loop = Loop(args.model, label, device, total, args.data)
     current[0] = None
     for _ in range(args.warmup):
@@ -263,16 +281,20 @@ def time_label(args, label: Label, device: torch.device, current: list) -> dict:
     for _ in range(args.blocks):
         t0 = time.perf_counter()
         for _ in range(args.block_steps):
-            loop.step(record=True)
+            loop.step()
         sync(device)
         blocks.append((time.perf_counter() - t0) / args.block_steps * 1e3)
+    replayed = loop.replayed
+    for _ in range(args.probe_steps):
+        loop.step(probe=True)
+    sync(device)
     current[0] = None
     steps = args.blocks * args.block_steps
     device_ms = [a.elapsed_time(b) for a, b in loop.events]
     finite = all(bool(torch.isfinite(p).all()) for p in loop.params)
     row = {"label": label.text, "ms": statistics.median(blocks), "host_ms": statistics.median(loop.host_s) * 1e3,
            "device_ms": statistics.median(device_ms) if device_ms else float("nan"),
-           "replayed": loop.replayed / steps, "finite": finite,
+           "replayed": replayed / steps, "finite": finite, "syncs": loop.syncs / max(1, args.probe_steps),
            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")}
     del loop
     if device.type == "cuda":
@@ -318,9 +340,10 @@ def warmup_processes(args, labels: list[Label]) -> dict[str, tuple[float, float]
 
 
 def profile(args, labels: list[Label], device: torch.device) -> None:
-    """The host functions under each Kalman label's ``step`` over 20 steady steps (cProfile)."""
+    """For each Kalman label: the host functions under 20 steady optimizer steps (cProfile) and, on CUDA, the
+    device's kernels in 5 of them (torch.profiler, by total time)."""
     for label in labels:
-        loop = Loop(args.model, label, device, args.warmup + 20, args.data)
+        loop = Loop(args.model, label, device, args.warmup + 25, args.data)
         for _ in range(args.warmup):
             loop.step()
         sync(device)
@@ -330,21 +353,26 @@ def profile(args, labels: list[Label], device: torch.device) -> None:
         for _ in range(20):
             loop.step()
         sync(device)
-        syncs = 0
-        if device.type == "cuda":
-            import warnings
-
-            torch.cuda.set_sync_debug_mode("warn")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                loop.opt.step = step
-                for _ in range(5):
-                    loop.step()
-            torch.cuda.set_sync_debug_mode(0)
-            syncs = sum("synchroniz" in str(w.message) for w in caught)
-        print(f"\n## {label.text}: cumulative host time of 20 optimizer steps; {syncs / 5:.1f} synchronising "
-              "calls per training step")
+        loop.opt.step = step
+        print(f"\n## {label.text}: cumulative host time of 20 optimizer steps")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+        if device.type != "cuda":
+            continue
+        from torch.profiler import ProfilerActivity, record_function
+        from torch.profiler import profile as kernels
+
+        def traced(*a, _step=step, **k):
+            with record_function("optimizer step"):
+                return _step(*a, **k)
+
+        loop.opt.step = traced
+        with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                loop.step()
+            sync(device)
+        loop.opt.step = step
+        print(f"## {label.text}: the device's work in 5 training steps (the optimizer's under 'optimizer step')")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
 def table(args, labels: list[Label], device: torch.device) -> str:
@@ -370,7 +398,7 @@ def table(args, labels: list[Label], device: torch.device) -> str:
              f"{args.rounds} rounds in alternating order: the median of the rounds' median blocks, and their range.",
              ""]
     header = ("| optimizer | step (ms) | × AdamW fused | rounds' range | opt. host (ms) | host × AdamW | "
-              "opt. device (ms) | replayed | peak (MiB) |")
+              "opt. device (ms) | replayed | syncs / step | peak (MiB) |")
     if warm:
         header += f" first {args.warmup} steps, cold (s) | cached (s) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -385,7 +413,8 @@ def table(args, labels: list[Label], device: torch.device) -> str:
         host_ratio = f"{host[k] / host[adam]:.2f}" if adam else ""
         replayed = "" if label.is_torch else f"{statistics.median(r['replayed'] for r in rows):.0%}"
         line = (f"| {k} | {med[k]:.2f} | {ratio} | {min(r['ms'] for r in rows):.2f}–{max(r['ms'] for r in rows):.2f} "
-                f"| {host[k]:.3f} | {host_ratio} | {dev:.3f} | {replayed} | {max(r['peak_mib'] for r in rows):.0f} |")
+                f"| {host[k]:.3f} | {host_ratio} | {dev:.3f} | {replayed} | {max(r['syncs'] for r in rows):.1f} "
+                f"| {max(r['peak_mib'] for r in rows):.0f} |")
         if warm:
             line += f" {warm[k][0]:.1f} | {warm[k][1]:.1f} |"
         lines.append(line)
@@ -401,6 +430,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--probe-steps", type=int, default=10,
+                        help="steps after the timed blocks whose optimizer step is measured alone (host, device)")
     parser.add_argument("--data", type=Path, default=None, help="Tiny Shakespeare (else random tokens)")
     parser.add_argument("--warmup-processes", action="store_true")
     parser.add_argument("--profile", action="store_true")

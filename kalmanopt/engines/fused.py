@@ -481,7 +481,7 @@ class _SteadyPlan:
         self.n = len(self.params)
         self.keys = [e.name for e in plan.table.vectors] + [e.name for e in plan.table.scalars]
         self.dicts = list(map(ctx.state.get, self.params))  # type: ignore[union-attr]
-        complete = all(d is not None for d in self.dicts)
+        complete = all(d is not None for d in self.dicts) or not self.keys  # (KOALA-V keeps no layer state)
         # per state key, the tensor of each layer (a step checks that none was replaced: load_state_dict)
         self.refs = [(k, [d.get(k) if d is not None else None for d in self.dicts]) for k in self.keys] \
             if complete else None
