@@ -13,17 +13,19 @@ Trainer and nanoGPT build them), ``sched=none`` (a constant learning rate), ``lr
 hyper-parameter of the preset by name.
 
 Per optimizer and round: the training step's wall time (blocks of steps between synchronisations, the
-median block), the optimizer step's host time (``time.perf_counter`` around ``step``, no synchronisation)
-and its device time (CUDA events around it), the share of steps replayed from a CUDA graph and the peak
-memory. ``--warmup-processes`` also times the first steps of each optimizer in fresh processes: once with
+median block), the optimizer step's device time (CUDA events around it in those blocks), its host time
+(``time.perf_counter`` around ``step`` in ``--probe-steps`` further steps, each started on an idle device)
+and the synchronising calls it makes there, the share of steps replayed from a CUDA graph and the peak
+memory. Each Kalman row is compared with the AdamW row of the same clipping, groups and schedule.
+``--warmup-processes`` also times the first steps of each optimizer in fresh processes: once with
 empty compile caches (Triton's and inductor's, in a temporary directory) and once more with the caches
 the first process left::
 
     python benchmarks/training_options.py --model baby --rounds 3
     python benchmarks/training_options.py --model gpt2-small --rounds 2 --warmup-processes
 
-``--profile`` prints the host functions that take the optimizer's step time (cProfile, 20 steps) for each
-label instead of the table.
+``--profile`` prints, for each label instead of the table, the host functions under the optimizer's step
+(cProfile, 20 steps) and the device's kernels of 5 training steps (``--trace``: their Chrome trace).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ MODELS = {
 
 DEFAULT_LABELS = [
     "AdamW fused wd=0.1",
+    "AdamW fused wd=0.1 clip=1.0 groups=2",
     "koala++",
     "koala++ wd=8e-5 stat=variance",
     "koala++ wd=8e-5",
@@ -178,6 +181,7 @@ class Loop:
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.replayed = 0
         self.syncs = 0
+        self.timing = False  # (the timed blocks: CUDA events around each optimizer step)
 
     def batch_of(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, self.tokens.numel() - self.block - 1, (self.batch,), generator=self.generator,
@@ -186,8 +190,9 @@ class Loop:
         return window[:, :-1], window[:, 1:]
 
     def step(self, probe: bool = False) -> None:
-        """One training step; ``probe``: the optimizer's step alone measured, from an idle device (a
-        synchronisation before it): its host time, its device time (CUDA events around it) and the
+        """One training step. In the timed blocks CUDA events around the optimizer's step give its device time
+        (the host runs ahead of a GPU-bound step, so the span holds the step's kernels only); ``probe``: the
+        optimizer's step measured from an idle device (a synchronisation before it): its host time and the
         synchronising calls it makes (``torch.cuda.set_sync_debug_mode``)."""
         x, y = self.batch_of()
         self.opt.zero_grad()
@@ -199,13 +204,17 @@ class Loop:
         if self.label.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.label.clip)
         if not probe:
-            self._optimizer_step(losses)
+            if self.device.type == "cuda" and self.timing:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._optimizer_step(losses)
+                end.record()
+                self.events.append((start, end))
+            else:
+                self._optimizer_step(losses)
         else:
             cuda = self.device.type == "cuda"
             sync(self.device)
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if cuda:
@@ -217,9 +226,6 @@ class Loop:
                     torch.cuda.set_sync_debug_mode(0)
             self.syncs += sum("synchroniz" in str(w.message) for w in caught)
             self.host_s.append(t1 - t0)
-            if cuda:
-                end.record()
-                self.events.append((start, end))
         self.scheduler.step()
 
     def _optimizer_step(self, losses: torch.Tensor) -> None:
@@ -278,6 +284,7 @@ def time_label(args, label: Label, device: torch.device, current: list) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     current[0] = loop
     blocks = []
+    loop.timing = True
     for _ in range(args.blocks):
         t0 = time.perf_counter()
         for _ in range(args.block_steps):
@@ -285,6 +292,7 @@ def time_label(args, label: Label, device: torch.device, current: list) -> dict:
         sync(device)
         blocks.append((time.perf_counter() - t0) / args.block_steps * 1e3)
     replayed = loop.replayed
+    loop.timing = False
     for _ in range(args.probe_steps):
         loop.step(probe=True)
     sync(device)
@@ -373,6 +381,10 @@ def profile(args, labels: list[Label], device: torch.device) -> None:
         loop.opt.step = step
         print(f"## {label.text}: the device's work in 5 training steps (the optimizer's under 'optimizer step')")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+        if args.trace is not None:
+            path = args.trace.with_name(f"{args.trace.stem}-{len(list(args.trace.parent.glob('*.json')))}.json")
+            prof.export_chrome_trace(str(path))
+            print(f"trace: {path}")
 
 
 def table(args, labels: list[Label], device: torch.device) -> str:
@@ -397,18 +409,26 @@ def table(args, labels: list[Label], device: torch.device) -> str:
              f"{args.warmup} warm-up steps, then {args.blocks} blocks of {args.block_steps} steps per round, "
              f"{args.rounds} rounds in alternating order: the median of the rounds' median blocks, and their range.",
              ""]
-    header = ("| optimizer | step (ms) | × AdamW fused | rounds' range | opt. host (ms) | host × AdamW | "
+    header = ("| optimizer | step (ms) | × AdamW fused ¹ | rounds' range | opt. host (ms) | host × AdamW ¹ | "
               "opt. device (ms) | replayed | syncs / step | peak (MiB) |")
     if warm:
         header += f" first {args.warmup} steps, cold (s) | cached (s) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    adam = next((label.text for label in labels if label.is_torch), None)
+    def baseline(label: Label) -> str | None:
+        """The AdamW label with the same clipping, groups and schedule (else the first AdamW label)."""
+        torch_labels = [other for other in labels if other.is_torch]
+        same = [other for other in torch_labels
+                if (other.clip, other.groups, other.schedule) == (label.clip, label.groups, label.schedule)]
+        chosen = same or torch_labels
+        return chosen[0].text if chosen else None
+
     med = {k: statistics.median(r["ms"] for r in rows) for k, rows in per.items()}
     host = {k: statistics.median(r["host_ms"] for r in rows) for k, rows in per.items()}
     for label in labels:
         rows = per[label.text]
         k = label.text
         dev = statistics.median(r["device_ms"] for r in rows)
+        adam = baseline(label)
         ratio = f"{med[k] / med[adam]:.3f}" if adam else ""
         host_ratio = f"{host[k] / host[adam]:.2f}" if adam else ""
         replayed = "" if label.is_torch else f"{statistics.median(r['replayed'] for r in rows):.0%}"
@@ -418,6 +438,7 @@ def table(args, labels: list[Label], device: torch.device) -> str:
         if warm:
             line += f" {warm[k][0]:.1f} | {warm[k][1]:.1f} |"
         lines.append(line)
+    lines += ["", "¹ Against the AdamW fused row with the same clipping, parameter groups and schedule."]
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +456,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="Tiny Shakespeare (else random tokens)")
     parser.add_argument("--warmup-processes", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="with --profile: write each label's device trace (Chrome format) beside this path")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
