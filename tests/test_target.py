@@ -157,7 +157,8 @@ def test_the_fused_kernels_take_the_target_from_the_declarations():
         "import sys, torch; sys.path.insert(0, 'tests'); import test_target as t\n"
         "d = torch.float64\n"
         "print(t.gaussian_nll_run('koala++', 30, 'fused', d, target=-1.6), "
-        "t.gaussian_nll_run('koala++', 30, 'reference', d, target=-1.6), t.gaussian_nll_run('koala++', 30, 'fused', d))\n")
+        "t.gaussian_nll_run('koala++', 30, 'reference', d, target=-1.6), "
+        "t.gaussian_nll_run('koala++', 30, 'fused', d))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-3000:]
