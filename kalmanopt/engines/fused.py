@@ -283,7 +283,7 @@ class FusedEngine(TorchEngine):
             created = self._ensure_state(plan.table, active, ctx.group)
             like = ctx.group_state["R"]
             staging = _Staging(active, with_grads=True)
-            slots = self._slots(active, plan.table, staging, with_grads=True, runtime=ctx.runtime)
+            slots = self._slots(active, plan.table, staging, with_grads=False, runtime=ctx.runtime)  # (g: bind)
             steady = _SteadyPlan(ctx, plan, active, slots,
                                  self._chunk_tables(ctx.runtime, [local_numel(x) for x in active], like.device),
                                  complete=len(active) == len(ctx.layers), staging=staging,
@@ -468,7 +468,7 @@ class _SteadyPlan:
         # keep its memory through the next backward (FSDP2's reduce-scatter buffers). Its offsets count from
         # θ's base, which stays put, and the table is rewritten in place when the gradients move (torch's
         # zero_grad(set_to_none=True) hands new buffers): a captured step replays on the new gradients.
-        self.slots = {k: v for k, v in slots.items() if k != "g"}
+        self.slots = slots  # θ's and the state's
         self.g_base = self.slots["theta"][0]
         self.staging = staging
         self.g_table = torch.zeros(len(layers), dtype=torch.int64, device=self.g_base.device)

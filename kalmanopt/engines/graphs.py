@@ -1,21 +1,23 @@
 """Replaying a whole ``step`` of the fused or foreach engine as one CUDA graph (no host work per layer).
 
-A step of the fused engine launches its two generated kernels and the parts' batched coefficient
-functions: a few dozen small operations on ``[layers]`` tensors whose launch costs more host time
-than the kernels take on the GPU; a step of the foreach engine on CUDA launches a few hundred. An
-engine takes part by ``graph_token(ctx)``: what a capture of its step depends on (buffers, plans),
-or None where its step cannot be replayed. Once an optimizer reaches a steady state (same
-parameters, gradient buffers and state tensors, same hyper-parameters but η), the step is captured
-once and replayed: the loss, the statistic and each group's η are copied into the graph's inputs, the graph runs
-the update and the next predict, and the step's code is reported as usual.
+A step of the fused engine launches its two generated kernels and the parts' batched coefficient functions:
+a few dozen small operations on ``[layers]`` tensors whose launch costs more host time than the kernels take
+on the GPU; a step of the foreach engine on CUDA launches a few hundred. An engine takes part by
+``graph_token(ctx)``: what a capture of its step depends on (buffers, plans), or None where its step cannot
+be replayed. Once an optimizer reaches a steady state (same parameters and state tensors, same
+hyper-parameters but η), the step is captured once and replayed: the loss, the statistic and each group's η
+are copied into the graph's inputs, the graph runs the update and the next predict, and the step's code is
+reported as usual.
 
-The graph is dropped (and the step runs eagerly, then is captured again) whenever something it baked
-in changes: a gradient or parameter buffer moves, the state is replaced (``load_state_dict``), a
-hyper-parameter other than ``lr`` changes, or the loss changes shape or dtype. Several parameter
-groups (weight decay on the matrices only, a learning rate per group) are captured together, each
-group's η an input of its own. Steps of an optimizer with ``strict=True`` or ``track_diagnostics=True``,
-of a distributed run, with a group whose engine cannot be replayed, or taken while the caller itself
-captures a graph run eagerly.
+The graph is dropped (and the step runs eagerly, then is captured again) whenever something it baked in
+changes: a parameter buffer moves, the state is replaced (``load_state_dict``), a hyper-parameter other than
+``lr`` changes, or the loss changes shape or dtype. Gradient buffers may move (torch's ``zero_grad()`` frees
+them) where the engine follows them (the fused engine's offset table, rewritten before the replay); the
+foreach engine, a staged copy and a matrix stage capture their addresses, so a move there captures again.
+Several parameter groups (weight decay on the matrices only, a learning rate per group) are captured
+together, each group's η an input of its own. Steps of an optimizer with ``strict=True`` or
+``track_diagnostics=True``, of a distributed run, with a group whose engine cannot be replayed, or taken
+while the caller itself captures a graph run eagerly.
 """
 
 from __future__ import annotations
