@@ -222,18 +222,24 @@ def _slot(tensors: Sequence[Tensor], device: torch.device, runtime: Runtime | No
     ptrs = tuple(t.data_ptr() for t in tensors)
 
     def make() -> Tensor:
-        size = base.element_size()
-        offsets = [(p - ptrs[0]) // size for p in ptrs]
-        host = torch.tensor(offsets, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
+        offsets = [(p - ptrs[0]) // base.element_size() for p in ptrs]
+        host, aligned = _host_offsets(offsets, ptrs[0], device)
         table = host.to(device, non_blocking=True)
-        setattr(table, _ALIGNED, ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets))
+        setattr(table, _ALIGNED, aligned)
         return table
 
     if runtime is None:
         return base, make()
     return base, runtime.slot_table((ptrs, base.dtype, str(device)), make)
+
+
+def _host_offsets(offsets: list[int], base_ptr: int, device: torch.device) -> tuple[Tensor, bool]:
+    """An offset table on the host (pinned where it goes to a GPU: copied without blocking) and whether the
+    kernels may take it as aligned (a 16-byte aligned base, every offset a multiple of 16 elements)."""
+    host = torch.tensor(offsets, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host, base_ptr % 16 == 0 and all(o % 16 == 0 for o in offsets)
 
 
 class FusedEngine(TorchEngine):
@@ -531,12 +537,9 @@ class _SteadyPlan:
         distances = [g.data_ptr() - base for g in grads]
         if any(d % size for d in distances):
             return False
-        offsets = [d // size for d in distances]
-        host = torch.tensor(offsets, dtype=torch.int64)
-        if self.g_table.device.type == "cuda":
-            host = host.pin_memory()
+        host, aligned = _host_offsets([d // size for d in distances], base, self.g_table.device)
         self.g_table.copy_(host, non_blocking=True)
-        setattr(self.g_table, _ALIGNED, base % 16 == 0 and all(o % 16 == 0 for o in offsets))
+        setattr(self.g_table, _ALIGNED, aligned)
         return True
 
     @property
