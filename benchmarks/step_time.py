@@ -16,6 +16,8 @@ Usage::
     python benchmarks/step_time.py --device cuda --out benchmarks.md
     python benchmarks/step_time.py --device cuda --sets ResNet-50 --rounds 3   # host-bound: rounds
     python benchmarks/step_time.py --device cpu --threads 2 --out cpu.md
+    python benchmarks/step_time.py --device cuda --sets "GPT-2 small" "GPT-2 medium" --presets koala++ \
+        koala-adam-steady --implementations fused --bf16-state --rounds 3    # bfloat16 state
 
 ``--rounds N`` times every optimizer N times, the order reversed in every other round, and reports the
 median of the rounds' medians with their range: a host-bound step moves between rounds by more than
@@ -323,7 +325,8 @@ def gpu_tables(args) -> str:
     lines = [f"Device: **{name}**, torch {torch.__version__}; device-to-device copy bandwidth "
              f"{bw / 1e12:.2f} TB/s (bytes read + written). Median of {args.repeats} steps after "
              f"{args.warmup} warm-up steps, in one process. Floors: 7 (and 11) fp32 accesses per parameter "
-             "over that bandwidth. 'peak' is the memory the optimizer adds beyond parameters and gradients.", ""]
+             "over that bandwidth. 'peak' is the memory the optimizer adds beyond parameters and gradients; "
+             "'× AdamW memory' is parameters, gradients and that peak against AdamW fused's.", ""]
     candidates = [
         ("AdamW foreach", torch_builder(torch.optim.AdamW, lr=1e-3, foreach=True)),
         ("AdamW fused", torch_builder(torch.optim.AdamW, lr=1e-3, fused=True)),
@@ -332,6 +335,9 @@ def gpu_tables(args) -> str:
     for preset in args.presets:
         for impl in args.implementations:
             candidates.append((f"{preset} {impl}", kalman_builder(preset, impl)))
+            if args.bf16_state:
+                candidates.append((f"{preset} {impl}, bf16 state",
+                                   kalman_builder(preset, impl, state_dtype="bfloat16")))
     if "koala++" in args.presets and "fused" in args.implementations:
         candidates.append(("koala++ fused, wd=1e-4", kalman_builder("koala++", "fused", weight_decay=1e-4)))
         candidates.append(("koala++ fused, coefficients eager",
@@ -347,8 +353,8 @@ def gpu_tables(args) -> str:
         lines += [f"Each optimizer timed in {rounds} rounds, the order reversed in every other round (a fresh "
                   "optimizer each time): the median of the rounds' medians, and the rounds' range.", ""]
     header = "| parameter set | tensors | params (M) | optimizer | step (ms) | × AdamW fused | % of 7-access floor " \
-             "| % of 11-access floor | peak (MiB) | rounds' range (ms) |"
-    lines += [header, "|" + "---|" * 10]
+             "| % of 11-access floor | peak (MiB) | × AdamW memory | rounds' range (ms) |"
+    lines += [header, "|" + "---|" * 11]
     for set_name in args.sets:
         shapes = PARAMETER_SETS[set_name]()
         n = sum(math.prod(s) for s in shapes)
@@ -361,15 +367,18 @@ def gpu_tables(args) -> str:
             label, builds[label], shapes, device, args.warmup, args.repeats), rounds, set_name)
         ms = {label: statistics.median(x["ms"] for x in rows) for label, rows in per_round.items() if rows}
         adam = ms["AdamW fused"]
+        weights = 2 * FP32 * n / 2**20  # (parameters and gradients, MiB)
+        adam_total = weights + max(x["peak_mib"] for x in per_round["AdamW fused"])
         for label, rows in per_round.items():
             if not rows:
                 continue
             t = ms[label]
+            peak = max(x["peak_mib"] for x in rows)
             spread = f"{min(x['ms'] for x in rows):.3f}–{max(x['ms'] for x in rows):.3f}" if rounds > 1 else ""
             lines.append(f"| {set_name} | {len(shapes)} | {n / 1e6:.1f} | {label} | {t:.3f} | {t / adam:.2f} | "
                          f"{100 * floor7 / t:.0f} % | {100 * floor11 / t:.0f} % | "
-                         f"{max(x['peak_mib'] for x in rows):.0f} | {spread} |")
-        lines.append(f"| {set_name} | | | floor: 7 accesses / 11 accesses | {floor7:.3f} / {floor11:.3f} | | | | | |")
+                         f"{peak:.0f} | {(weights + peak) / adam_total:.2f} | {spread} |")
+        lines.append(f"| {set_name} | | | floor: 7 accesses / 11 accesses | {floor7:.3f} / {floor11:.3f} | | | | | | |")
     if args.training:
         lines += ["", "End-to-end training step (forward, backward, optimizer; small GPT in fp32 with batch "
                   "64 × 256 tokens, ResNet-50 in bf16 autocast with batch 64 at 224²)"
@@ -464,6 +473,8 @@ def main() -> None:
     parser.add_argument("--training-presets", nargs="+", default=["koala++"],
                         help="training steps: the presets timed against AdamW fused (on the fused engine)")
     parser.add_argument("--slow-foreach", action="store_true", help="time the foreach paths on the GPT-2 sets too")
+    parser.add_argument("--bf16-state", action="store_true",
+                        help="also time each Kalman row with state_dtype='bfloat16' (vectors stored in bf16)")
     parser.add_argument("--decay-only", action="store_true",
                         help="on the CPU: only the rows with weight decay (and the torch baselines)")
     parser.add_argument("--out", type=Path, default=None)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kalmanopt.engines.distributed import local_tensor
 from kalmanopt.groups import checked_group_values
-from kalmanopt.layers import group_key, state_dtype
+from kalmanopt.layers import group_key, state_dtype, vector_dtype
 from kalmanopt.options import GROUP_OPTIONS
 from kalmanopt.plan import state_table
 
@@ -94,8 +94,9 @@ def _probe_state(opt: CheckpointOwner, group: Mapping[str, Any], size: int) -> d
     """The state of a throw-away optimizer with this filter and group, over one parameter of ``size``."""
     p = torch.nn.Parameter(torch.linspace(0.5, 1.5, size, dtype=torch.float64))
     values = {name: group[name] for name in opt.specs}
-    values.update({name: group[name] for name in GROUP_OPTIONS})
+    values.update({name: group[name] for name in GROUP_OPTIONS if name in group})
     values["implementation"] = "reference"
+    values["state_dtype"] = None  # (the layout is the same in every precision; the probe is float64)
     probe = opt.like([p], strict=False, track_diagnostics=False, process_group="auto", **values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,9 +123,10 @@ def state_layout(opt: CheckpointOwner, group: Mapping[str, Any]) -> dict[str, di
 
 
 def _check_entries(value: Any, layout: Mapping[str, Any], n: int, where: str, dtype: torch.dtype,
-                   device: torch.device, optional: tuple = (), filled: Mapping[str, Any] | None = None
-                   ) -> dict[str, Any]:
-    """``value`` checked against ``layout`` and copied to ``device`` (floating tensors in ``dtype``).
+                   device: torch.device, optional: tuple = (), filled: Mapping[str, Any] | None = None,
+                   vectors: Mapping[str, torch.dtype] | None = None) -> dict[str, Any]:
+    """``value`` checked against ``layout`` and copied to ``device`` (floating tensors in ``dtype``, those of
+    the layer entries named in ``vectors`` in the precision it gives them: ``state_dtype``'s).
 
     Keys in ``optional`` may be absent; keys in ``filled`` may be absent and then take that value.
     """
@@ -145,9 +147,9 @@ def _check_entries(value: Any, layout: Mapping[str, Any], n: int, where: str, dt
         name = f"{where}[{key!r}]"
         if isinstance(spec, Mapping):
             if value[key]:  # an empty nested layer state is a layer that has not been updated yet
-                out[key] = _check_entries(value[key], spec, n, name, dtype, device)
+                out[key] = _check_entries(value[key], spec, n, name, dtype, device, vectors=vectors)
             continue
-        out[key] = _checked_tensor(value[key], spec, n, name, dtype, device)
+        out[key] = _checked_tensor(value[key], spec, n, name, (vectors or {}).get(key, dtype), device)
         if key in POSITIVE and not bool((out[key] > 0).all()):
             raise ValueError(f"{name} = {out[key].tolist()} must be positive")
     return out
@@ -188,6 +190,13 @@ def _checked_tensor(t: Any, spec: TensorSpec, n: int, name: str, dtype: torch.dt
         raise ValueError(f"{name} is not finite; a checkpoint with NaN or inf filter state would write them "
                          "into the weights at the next step")
     return t.to(device=device, dtype=target, copy=True)
+
+
+def _vector_dtypes(opt: CheckpointOwner, group: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The precision of each per-layer vector kept between steps, for parameters of ``dtype`` in ``group``
+    (``state_dtype``): a checkpoint loads into the precision the optimizer stores them in."""
+    stored = vector_dtype(group.get("state_dtype"), dtype)
+    return {name: stored for name in state_table(opt.filter).stored_vector_keys}
 
 
 def _group_dtype_device(params: list[Tensor]) -> tuple[torch.dtype, torch.device]:
@@ -296,7 +305,8 @@ def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
             new_state[p] = _check_entries(value, _layer_layout(opt, layout(index)["layer"], new_groups[index], p),
                                           local_tensor(p).numel(),
                                           f"state of parameter {key!r} (shape {tuple(p.shape)})",
-                                          state_dtype(p.dtype), p.device)
+                                          state_dtype(p.dtype), p.device,
+                                          vectors=_vector_dtypes(opt, new_groups[index], p.dtype))
         elif isinstance(key, str) and key.startswith("group") and key[5:].isdigit() \
                 and int(key[5:]) < len(opt.param_groups):
             index = int(key[5:])
@@ -313,6 +323,10 @@ def checked_state(opt: CheckpointOwner, state_dict: Any) -> CheckedState:
             new_state[key] = _check_entries(value, group_layout, sum(local_tensor(p).numel() for p in params),
                                             f"state {key!r}", dtype, device, optional=tuple(nested),
                                             filled=FILLED if isinstance(value, Mapping) else None)
+            if isinstance(new_state[key].get("global"), dict):  # (a global filter's vectors)
+                vectors = _vector_dtypes(opt, new_groups[index], dtype)
+                new_state[key]["global"] = {k: v.to(vectors[k]) if k in vectors else v
+                                            for k, v in new_state[key]["global"].items()}
         else:
             raise ValueError(f"unexpected state entry {key!r}; the state does not fit these parameters")
     first = new_state.get(group_key(0), {})

@@ -12,12 +12,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "state_dtype", "group_key"]
+__all__ = ["Layer", "state_dtype", "stored_dtype", "vector_dtype", "group_key"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision filter state is kept in for parameters of ``dtype`` (at least float32)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def stored_dtype(option: str | None) -> torch.dtype | None:
+    """The precision per-layer vectors are stored in for a group whose ``state_dtype`` is ``option``: bfloat16
+    (stochastically rounded on every write; the arithmetic stays in the state's precision), or ``None`` for
+    the state's own."""
+    return torch.bfloat16 if option == "bfloat16" else None
+
+
+def vector_dtype(option: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The precision the per-layer vectors of a parameter of ``dtype`` are stored in (:func:`stored_dtype`)."""
+    stored = stored_dtype(option)
+    return state_dtype(dtype) if stored is None else stored
 
 
 @dataclass
@@ -28,16 +41,23 @@ class Layer:
         params: the parameter tensors, flattened and concatenated in this order.
         state: the filter state of this layer (tensors only; lives in ``optimizer.state``).
         name: a printable name (``"group0/param3"`` or ``"group0/global"``) for diagnostics.
+        stored: the precision the per-layer vectors are stored in (:func:`vector_dtype`); ``None``: the state's.
     """
 
     params: list[Tensor]
     state: dict
     name: str
+    stored: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         """The precision of this layer's filter state."""
         return state_dtype(self.params[0].dtype)
+
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """The precision this layer's per-layer vectors are stored in (workspace vectors excepted)."""
+        return self.dtype if self.stored is None else self.stored
 
     @property
     def numel(self) -> int:

@@ -15,7 +15,7 @@ from kalmanopt.engines.distributed import check_group_parameters
 from kalmanopt.engines.driver import NonFiniteError
 from kalmanopt.engines.runtime import Runtime
 from kalmanopt.groups import checked_group_values, validate_groups
-from kalmanopt.layers import Layer, state_dtype
+from kalmanopt.layers import Layer, state_dtype, stored_dtype
 from kalmanopt.measurement import as_loss_tensor, check_loss_device, parameter_devices, split_losses, statistics_dtype
 from kalmanopt.observation import ObservedLosses
 from kalmanopt.options import (
@@ -233,14 +233,15 @@ class KalmanOptimizer(Optimizer):
         """The filters of group ``index``: one per tensor, or one for the whole group."""
         group = self.param_groups[index]
         params = group["params"]
+        stored = stored_dtype(group.get("state_dtype"))
         if group["granularity"] == "global":
             if not params:
                 return []
             return [Layer(list(params), self.group_state(index).setdefault("global", {}),
-                          f"{group_key(index)}/global")]
+                          f"{group_key(index)}/global", stored)]
         keeps_layer_state = contract_gap(self.filter) is not None or state_table(self.filter).has_layer_state()
         # (a composition without per-layer state leaves no empty entries in ``self.state``)
-        return [Layer([p], self.state[p] if keeps_layer_state else {}, f"{group_key(index)}/param{i}")
+        return [Layer([p], self.state[p] if keeps_layer_state else {}, f"{group_key(index)}/param{i}", stored)
                 for i, p in enumerate(params)]
 
     def like(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any) -> KalmanOptimizer:

@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from kalmanopt.engines import IMPLEMENTATIONS
 from kalmanopt.engines.distributed import AUTO, check_process_group
 from kalmanopt.measurement import LOSS_STATISTICS
 
-__all__ = ["Option", "OPTIONS", "GROUP_OPTIONS", "OPTIMIZER_OPTIONS", "GRANULARITIES", "TORCH_FLAGS",
-           "option_defaults", "implementation_from_torch_flags", "as_bool"]
+__all__ = ["Option", "OPTIONS", "GROUP_OPTIONS", "OPTIMIZER_OPTIONS", "GRANULARITIES", "TORCH_FLAGS", "STATE_DTYPES",
+           "option_defaults", "implementation_from_torch_flags", "as_bool", "check_state_dtype"]
 
 #: how parameters are grouped into filters
 GRANULARITIES = ("layer", "global")
@@ -43,6 +45,31 @@ def as_bool(name: str, value: Any) -> bool:
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
+#: the precisions per-parameter state may be stored in besides the default (``state_dtype``)
+STATE_DTYPES = ("bfloat16",)
+
+
+def check_state_dtype(value: Any) -> str | None:
+    """``state_dtype`` normalised: ``None`` or ``"bfloat16"`` (``torch.bfloat16`` is accepted for it).
+
+    Raises:
+        ValueError, TypeError: any other value, naming the valid ones.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+        if name in STATE_DTYPES:
+            return name
+        raise ValueError(f"unknown state_dtype {value}; valid choices: None, 'bfloat16' (or torch.bfloat16)")
+    if not isinstance(value, str):
+        raise TypeError(f"state_dtype must be None, 'bfloat16' or torch.bfloat16, got {type(value).__name__} "
+                        f"{value!r}")
+    if value not in STATE_DTYPES:
+        raise ValueError(f"unknown state_dtype {value!r}; valid choices: None, 'bfloat16' (or torch.bfloat16)")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     """One keyword of the optimizer beside the hyper-parameters.
@@ -55,6 +82,7 @@ class Option:
         scope: ``"group"`` (per parameter group, saved in checkpoints) or ``"optimizer"``.
         doc: one sentence of help, shown by ``kalmanopt list``.
         checker: for an ``object`` option, the function that checks a value and returns it.
+        also: for an ``object`` option, what else it takes beside ``choices``, in words.
     """
 
     name: str
@@ -64,6 +92,8 @@ class Option:
     scope: str = "group"
     doc: str = ""
     checker: Callable[[Any], Any] | None = None
+    #: what an ``object`` option takes beside its choices, in words
+    also: str = ""
 
     def check(self, value: Any) -> Any:
         """``value`` normalised (a numpy bool becomes a bool), or ``TypeError``/``ValueError`` naming the choices."""
@@ -83,7 +113,7 @@ class Option:
         if self.type is bool:
             return "True or False"
         if self.type is object:
-            return ", ".join(repr(c) for c in self.choices) + " or a torch.distributed.ProcessGroup"
+            return ", ".join(repr(c) for c in self.choices) + (f" or {self.also}" if self.also else "")
         return ", ".join(str(c) for c in self.choices)
 
 
@@ -108,7 +138,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("process_group", object, AUTO, (AUTO, None), "optimizer",
            "several processes (DDP, FSDP2): 'auto' sums the loss moments (and sharded layers' reductions) over "
            "the default process group once per step, None opts out, or the ProcessGroup to use",
-           check_process_group),
+           check_process_group, also="a torch.distributed.ProcessGroup"),
+    Option("state_dtype", object, None, (None, "bfloat16"), "group",
+           "the precision the per-parameter filter state is stored in: None (the parameters' precision, at least "
+           "float32) or 'bfloat16' (half the memory and traffic; written with stochastic rounding, the arithmetic "
+           "stays float32)", check_state_dtype, also="torch.bfloat16"),
 )}
 
 #: the per-group options

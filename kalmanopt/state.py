@@ -153,6 +153,11 @@ class StateTable:
         return bool(self.vectors or self.scalars or self.factors)
 
     @property
+    def stored_vector_keys(self) -> tuple[str, ...]:
+        """The per-layer vectors kept between steps (the ones ``state_dtype`` stores narrower)."""
+        return tuple(e.name for e in self.vectors if not e.workspace)
+
+    @property
     def workspace_keys(self) -> tuple[str, ...]:
         """The per-layer vectors that are workspace (made before every use, never saved)."""
         return tuple(e.name for e in self.vectors if e.workspace)
@@ -168,12 +173,17 @@ class StateTable:
         return created
 
     def init_layer(self, state: dict, numel: int, hp: Mapping[str, Any], dtype: torch.dtype,
-                   device: torch.device) -> bool:
-        """Create the missing per-layer entries in ``state``; returns whether any was created."""
+                   device: torch.device, vector_dtype: torch.dtype | None = None) -> bool:
+        """Create the missing per-layer entries in ``state``; returns whether any was created.
+
+        ``vector_dtype``: the precision the vectors are stored in (``state_dtype``), else ``dtype``; workspace
+        vectors, scalars and factors are in ``dtype``.
+        """
         created = False
         for e in self.vectors:
             if e.name not in state:
-                state[e.name] = torch.full((numel,), _initial(e.init, hp), dtype=dtype, device=device)
+                stored = dtype if vector_dtype is None or e.workspace else vector_dtype
+                state[e.name] = torch.full((numel,), _initial(e.init, hp), dtype=stored, device=device)
                 created = True
         for e in self.scalars:
             if e.name not in state:

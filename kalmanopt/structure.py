@@ -15,9 +15,11 @@ to do, nothing changed:
 - **parameters removed from a group** (``group["params"]`` edited): their state is dropped (torch would
   keep it and fail in ``state_dict()``); a global filter whose parameters changed is refused (its
   state is one vector over the old parameters).
-- **the parameters' precision or device changed** (``model.double()``, ``model.to(...)``): the state
-  follows them, in the precision it would be created in (the parameters', at least float32), as a
-  checkpoint loaded into the moved model would.
+- **the parameters' precision or device changed** (``model.double()``, ``model.to(...)``), or the group's
+  ``state_dtype``: the state follows them, in the precision it would be created in (the parameters', at
+  least float32; the per-layer vectors in bfloat16 under ``state_dtype="bfloat16"``), as a checkpoint
+  loaded into the moved model would. (Vectors narrowed by a change of ``state_dtype`` are rounded to
+  nearest, once.)
 - **optimizer options written into a group** (``group["loss_statistic"] = "variance"``): refused,
   naming the attribute that holds them (``opt.loss_statistic``); a group does not read them.
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from kalmanopt.engines.shards import local_tensor
-from kalmanopt.layers import group_key, state_dtype
+from kalmanopt.layers import group_key, state_dtype, vector_dtype
 from kalmanopt.options import OPTIMIZER_OPTIONS
 from kalmanopt.plan import state_table
 
@@ -79,7 +81,7 @@ def _layout(opt: StructureOwner) -> tuple:
     devices (a step that finds them as the last check left them has nothing to move or drop)."""
     return (id(opt.state), len(opt.state), tuple(
         (tuple(map(id, group["params"])), tuple(p.dtype for p in group["params"]),
-         tuple(p.device for p in group["params"])) for group in opt.param_groups))
+         tuple(p.device for p in group["params"]), group.get("state_dtype")) for group in opt.param_groups))
 
 
 def _check_group(opt: StructureOwner, index: int, group: Mapping[str, Any]) -> None:
@@ -117,15 +119,18 @@ def _local(p: Tensor) -> Tensor:
     return local_tensor(p)
 
 
-def _moved(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """``value`` with its floating tensors in ``dtype`` on ``device`` (the same objects where they are already)."""
+def _moved(value: Any, dtype: torch.dtype, device: torch.device, vectors: tuple[str, ...] = (),
+           vector_dtype: torch.dtype | None = None) -> Any:
+    """``value`` with its floating tensors in ``dtype`` on ``device`` (the same objects where they are already);
+    the entries of a dict named in ``vectors`` in ``vector_dtype``."""
     if isinstance(value, Tensor):
         if value.device != device or (value.is_floating_point() and value.dtype != dtype):
             return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         return value
     if isinstance(value, dict):
         for k, v in list(value.items()):
-            moved = _moved(v, dtype, device)
+            wanted = vector_dtype if k in vectors and vector_dtype is not None and isinstance(v, Tensor) else dtype
+            moved = _moved(v, wanted, device, vectors, vector_dtype)
             if moved is not v:
                 value[k] = moved
     return value
@@ -136,12 +141,19 @@ def _follow_parameters(opt: StructureOwner, index: int, group: Mapping[str, Any]
     params = group["params"]
     if not params:
         return
+    option = group.get("state_dtype")
+    vectors = state_table(opt.filter).stored_vector_keys
     for p in params:
         if p in opt.state and opt.state[p]:
-            _moved(opt.state[p], state_dtype(p.dtype), _local(p).device)
+            _moved(opt.state[p], state_dtype(p.dtype), _local(p).device, vectors, vector_dtype(option, p.dtype))
     key = group_key(index)
     if key in opt.state and opt.state[key]:
         dtype = state_dtype(params[0].dtype)
         for p in params:
             dtype = torch.promote_types(dtype, state_dtype(p.dtype))
-        _moved(opt.state[key], dtype, _local(params[0]).device)
+        device = _local(params[0]).device
+        state = opt.state[key]
+        for name, value in list(state.items()):  # (a global filter's vectors are in its nested "global" entry)
+            moved = _moved(value, dtype, device, vectors if name == "global" else (), vector_dtype(option, dtype))
+            if moved is not value:
+                state[name] = moved

@@ -36,7 +36,16 @@ from kalmanopt.contract import CoefficientStage
 from kalmanopt.engines import triton_source
 from kalmanopt.engines.distributed import is_sharded, local_tensor
 from kalmanopt.engines.runtime import Runtime
-from kalmanopt.engines.torch_ops import GroupContext, TorchEngine, _Work, has_gradient, local_numel
+from kalmanopt.engines.torch_ops import (
+    PREDICT,
+    UPDATE,
+    GroupContext,
+    TorchEngine,
+    _Work,
+    has_gradient,
+    local_numel,
+    rounding_salt,
+)
 from kalmanopt.engines.triton_config import CONFIG, interpreting, triton_available
 from kalmanopt.engines.triton_source import slot_traffic
 from kalmanopt.layers import Layer
@@ -369,7 +378,7 @@ class FusedEngine(TorchEngine):
                                    device=like.device)
         if chunks.n_chunks and kernels.has_apply:
             kernels.launch_apply(chunks, work.extra["slots"], table, skip, like.dtype, _aligned(work.extra["slots"]),
-                                 partials)
+                                 partials, steps=ctx.group_state["steps"], salt=rounding_salt(ctx, UPDATE))
         work.extra["staging"].write_back(layers)
         if ride is not None:
             sums = kernels.layer_sums(chunks, partials, len(layers))
@@ -439,7 +448,8 @@ class FusedEngine(TorchEngine):
         table = _coef_table(kernels.apply_coefs, work.hp, b.coef, len(work.extra["layers"]), like)
         if chunks.n_chunks and kernels.has_apply:
             kernels.launch_apply(chunks, work.extra["slots"], table, b.skip.to(torch.int32), like.dtype,
-                                 _aligned(work.extra["slots"]))
+                                 _aligned(work.extra["slots"]), steps=work.ctx.group_state["steps"],
+                                 salt=rounding_salt(work.ctx, PREDICT))
         work.extra["staging"].write_back(work.extra["layers"])
         self._commit_group(work.ctx.group_state, b)
 

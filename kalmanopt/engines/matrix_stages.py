@@ -136,7 +136,7 @@ def _ensure(plan: UpdatePlan, layers: Sequence[Layer], group: Mapping[str, Any])
         new = False
         if not all(k in layer.state for k in table.layer_keys):
             new = table.init_layer(layer.state, sum(local_tensor(q).numel() for q in layer.params), group,
-                                   layer.dtype, p.device)
+                                   layer.dtype, p.device, layer.vector_dtype)
         new = table.init_factors(layer.state, _shape(layer), group, layer.dtype, p.device) or new
         if new:
             created.append(layer)
@@ -193,6 +193,7 @@ def _envs(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: set[str]
             flat = layer.state.get(name)
             if flat is None:  # (a sharded layer without a gradient here: no state; zeros, gathered alike)
                 flat = torch.zeros(local_tensor(p).numel(), dtype=layer.dtype, device=p.device)
+            flat = flat.to(layer.dtype)  # (a vector stored in bfloat16: the stages compute in the state's precision)
             env[name] = gather_local(flat, p) if sharded else flat
         envs.append(env)
     return envs
@@ -286,7 +287,7 @@ def _stacked_env(block: _Block, plan: UpdatePlan, pre: PreparedProgram, reads: s
     if "H" in reads:
         pre.run(env, hp, in_place=False)
     for name in reads - {"theta", "g", "H"}:
-        env[name] = torch.stack([layer.state[name].view(shape) for layer in block.layers])
+        env[name] = torch.stack([layer.state[name].view(shape) for layer in block.layers]).to(dtype)
     return {name: env[name] for name in reads}
 
 

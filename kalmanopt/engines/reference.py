@@ -28,7 +28,7 @@ from kalmanopt.contract import (
     finite_steps,
 )
 from kalmanopt.covariance.base import Gain
-from kalmanopt.engines.torch_ops import FlatLayer, GroupContext, TorchEngine, _Work
+from kalmanopt.engines.torch_ops import UPDATE, GroupContext, TorchEngine, _Work, flat_layers
 from kalmanopt.plan import DeclarationError, contract_gap, measurement_report
 from kalmanopt.program import Reduction, Vec, hp_coefficients, prepare_program, reduce_layer
 
@@ -75,7 +75,7 @@ class ReferenceEngine(TorchEngine):
         table = comp.dynamics.state_table()
         active = [layer for layer in ctx.layers if any(p.grad is not None for p in layer.params)]
         self._ensure_state(table, active, group)
-        flats = [FlatLayer(layer, table) for layer in active]
+        flats = flat_layers(active, table, ctx, UPDATE)
         hp = hp_coefficients(group)
         like = ctx.group_state["R"]
         pre = prepare_program(comp.measurement.program(group), ())

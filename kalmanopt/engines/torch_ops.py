@@ -22,6 +22,7 @@ from kalmanopt.contract import CoefficientStage
 from kalmanopt.engines import buckets
 from kalmanopt.engines import compiled as compiled_coefficients
 from kalmanopt.engines.distributed import is_sharded, local_tensor
+from kalmanopt.engines.rounding import RoundingKeys, round_into
 from kalmanopt.engines.runtime import GroupRuntime, Runtime
 from kalmanopt.layers import Layer
 from kalmanopt.plan import (
@@ -41,7 +42,8 @@ from kalmanopt.state import StateTable
 if TYPE_CHECKING:  # pragma: no cover
     from kalmanopt.composition import Composition
 
-__all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "has_gradient"]
+__all__ = ["TorchEngine", "ForeachEngine", "FlatLayer", "GroupContext", "has_gradient", "flat_layers", "UPDATE",
+           "PREDICT", "rounding_salt"]
 
 
 def has_gradient(layer: Layer) -> bool:
@@ -100,9 +102,12 @@ class FlatLayer:
     A single contiguous parameter already in that precision is used in place (a view);
     otherwise θ is a copy and :meth:`commit` writes it back. A DTensor parameter (FSDP2) is
     represented by its local shard (``sharded`` is then True: the layer's sums are partial).
+    A state vector stored in a narrower precision (``state_dtype="bfloat16"``) is widened into a copy
+    the programs run on, and :meth:`commit` rounds it back stochastically with the keys of ``rounding``
+    (:mod:`kalmanopt.engines.rounding`).
     """
 
-    def __init__(self, layer: Layer, table: StateTable) -> None:
+    def __init__(self, layer: Layer, table: StateTable, rounding: RoundingKeys | None = None) -> None:
         self.layer = layer
         params = [local_tensor(p) for p in layer.params]
         grads = [None if p.grad is None else local_tensor(p.grad) for p in layer.params]
@@ -121,13 +126,44 @@ class FlatLayer:
             g = torch.cat([(torch.zeros_like(p) if gi is None else gi).detach().reshape(-1).to(dtype)
                            for p, gi in zip(params, grads)])
         self.env: dict[str, Tensor] = {"theta": self.theta, "g": g}
+        self.rounding = rounding
+        self.narrow: dict[str, Tensor] = {}
         for e in table.vectors:
-            self.env[f"state.{e.name}"] = layer.state[e.name]
+            stored = layer.state[e.name]
+            if stored.dtype != dtype:
+                self.narrow[e.name] = stored
+                stored = stored.to(dtype)
+            self.env[f"state.{e.name}"] = stored
 
     def commit(self) -> None:
-        """Write θ back to the parameters (their local shards) if it is a copy."""
+        """Write θ back to the parameters (their local shards) if it is a copy, and the widened state vectors
+        back into their storage, stochastically rounded."""
         if not self.direct:
             Layer(self.params, {}, self.layer.name).write(self.theta)
+        if self.narrow:
+            if self.rounding is None:
+                raise RuntimeError(f"{self.layer.name}: a state vector stored in a narrower precision has no "
+                                   "rounding keys")  # (an engine builds every FlatLayer that writes with them)
+            for name, stored in self.narrow.items():
+                round_into(stored, self.env[f"state.{name}"], self.rounding.key(name))
+
+
+#: the phases of a step, as the rounding keys' salt counts them (``2 · group + phase``)
+UPDATE, PREDICT = 0, 1
+
+
+def rounding_salt(ctx: GroupContext, phase: int) -> int:
+    """The salt of this group's rounding keys in ``phase`` (:data:`UPDATE` or :data:`PREDICT`)."""
+    return 2 * ctx.index + phase
+
+
+def flat_layers(layers: Sequence[Layer], table: StateTable, ctx: GroupContext, phase: int) -> list[FlatLayer]:
+    """The layers as :class:`FlatLayer`, each with its rounding keys for ``phase`` (where vectors are narrow)."""
+    narrow = any(layer.vector_dtype != layer.dtype for layer in layers) and bool(table.vectors)
+    if not narrow:
+        return [FlatLayer(layer, table) for layer in layers]
+    steps, salt = ctx.group_state["steps"], rounding_salt(ctx, phase)
+    return [FlatLayer(layer, table, RoundingKeys(steps, salt, i)) for i, layer in enumerate(layers)]
 
 
 def local_numel(layer: Layer) -> int:
@@ -188,7 +224,8 @@ class TorchEngine:
         keys = table.layer_keys
         # (a layer that has its state already costs a few dictionary lookups: the common case, every step)
         return [False if all(k in layer.state for k in keys) else
-                table.init_layer(layer.state, local_numel(layer), group, layer.dtype, layer.params[0].device)
+                table.init_layer(layer.state, local_numel(layer), group, layer.dtype, layer.params[0].device,
+                                 layer.vector_dtype)
                 for layer in layers]
 
     def _host(self, like: Tensor) -> bool:
@@ -200,7 +237,7 @@ class TorchEngine:
         plan, (pre, program) = self._update_plan(ctx)
         active = [layer for layer in ctx.layers if has_gradient(layer)]
         created = self._ensure_state(plan.table, active, ctx.group)
-        flats = [FlatLayer(layer, plan.table) for layer in active]
+        flats = flat_layers(active, plan.table, ctx, UPDATE)
         hp = hp_coefficients(ctx.group)
         like = ctx.group_state["R"]
         names = [r.name for r in plan.reductions]
@@ -378,7 +415,7 @@ class TorchEngine:
             return work, {}, like.new_zeros(0, dtype=torch.int64)
         layers = list(ctx.layers)
         self._ensure_state(plan.table, layers, ctx.group)
-        flats = [FlatLayer(layer, plan.table) for layer in layers]
+        flats = flat_layers(layers, plan.table, ctx, PREDICT)
         names = [r.name for r in plan.reductions]
         ranges = self._bucketed(flats, like, ctx.runtime)
         table = self._sums(flats, ranges, (), None, plan.reductions, hp, like, self._scratch(ctx.runtime, like))

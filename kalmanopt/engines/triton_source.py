@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from kalmanopt.engines.rounding import GOLDEN, MIX, name_salt
 from kalmanopt.engines.triton_config import CONFIG, interpreting
 from kalmanopt.program import (
     Assign,
@@ -239,7 +240,39 @@ def _aligned(offset, ALIGNED: tl.constexpr):
         return tl.multiple_of(offset, 16)
     else:
         return offset
-'''
+
+
+@triton.jit
+def mix32(x):
+    """The 32-bit finaliser of kalmanopt.engines.rounding (uint32 arithmetic wraps modulo 2**32)."""
+    x = x ^ (x >> {S1})
+    x = x * {M1}
+    x = x ^ (x >> {S2})
+    x = x * {M2}
+    return x ^ (x >> {S3})
+
+
+@triton.jit
+def rounding_key(step, salt, layer, name_salt):
+    """The key of a layer's vector at this write, as kalmanopt.engines.rounding.rounding_key."""
+    k = mix32(step.to(tl.uint32) ^ (salt.to(tl.uint32) * {GOLDEN}))
+    k = mix32(k ^ layer.to(tl.uint32))
+    return mix32(k ^ name_salt)
+
+
+@triton.jit
+def stored(x, ptr, key, index):
+    """x in the dtype of the slot ``ptr`` points into: bfloat16 stochastically rounded with the bits of ``key``
+    (NaN kept), any other dtype rounded to nearest."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        y = x.to(tl.float32)
+        bits = mix32(index.to(tl.uint32) ^ key) & 0xFFFF
+        up = ((y.to(tl.uint32, bitcast=True) + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(y != y, y, up).to(tl.bfloat16)
+    else:
+        return x.to(ptr.dtype.element_ty)
+'''.replace("{S1}", str(MIX[0])).replace("{M1}", hex(MIX[1])).replace("{S2}", str(MIX[2])).replace(
+    "{M2}", hex(MIX[3])).replace("{S3}", str(MIX[4])).replace("{GOLDEN}", hex(GOLDEN))
 
 
 def _loop_head(masked: bool, indent: str) -> list[str]:
@@ -257,11 +290,12 @@ def _loads(keys: Sequence[str], masked: bool, indent: str) -> list[str]:
 
 
 def _prologue(kernel: str, slot_args: list[str], extra: str, reverse: bool) -> list[str]:
-    args = ", ".join(["chunk_layer", "chunk_start", "layer_numel"] + ([] if kernel == "reduce" else ["skip"])
+    writes = kernel != "reduce"  # (the apply kernel takes the group's step counter and salt: the rounding keys)
+    args = ", ".join(["chunk_layer", "chunk_start", "layer_numel"] + (["skip", "steps", "salt"] if writes else [])
                      + slot_args + ["coef", extra, "n_chunks", "NC: tl.constexpr", "NR: tl.constexpr",
                                     "S_DT: tl.constexpr", "CHUNK: tl.constexpr", "BLOCK: tl.constexpr",
                                     "ALIGNED: tl.constexpr"])
-    lines = ["@triton.jit", f"def {kernel}_kernel({args}):"]
+    lines = ['@triton.jit(do_not_specialize=["salt"])' if writes else "@triton.jit", f"def {kernel}_kernel({args}):"]
     lines.append("    pid = n_chunks - 1 - tl.program_id(0)" if reverse else "    pid = tl.program_id(0)")
     lines.append("    layer = tl.load(chunk_layer + pid)")
     return lines
@@ -288,8 +322,10 @@ class _Passes:
         self.written = list(self.updated)
         self.ride_terms: list[str] = []
         self.ride_body: list[str] = []
+        self.ride_outputs: list[str] = []
         if ride:
             ride_reductions, ride_program, ride_outputs = ride
+            self.ride_outputs = [k for k in ride_outputs if k in slots]
             self.ride_terms = [w.expr(r.expr) for r in ride_reductions]
             self.ride_body = [w.assign(a) for a in ride_program]
             self.written += [k for k in ride_outputs if k in slots and k not in self.written]
@@ -352,6 +388,14 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
         else:
             lines += ["    if tl.load(skip + layer) == 0:"]
         lines += _chunk_bounds(apply_slots, apply_coefs, "        ")
+        ride_written = set(passes.ride_outputs)
+        lines += ["        step = tl.load(steps)"]
+        # a write's rounding key: the update's; a riding predict's writes take the predict's (the update has
+        # counted its step by then, and the salt's phase is 1), as the torch engines' separate passes do
+        lines += [f"        rk_{_safe(k)} = rounding_key(step, salt, layer, {name_salt(k.removeprefix('state.'))})"
+                  for k in passes.written]
+        lines += [f"        rp_{_safe(k)} = rounding_key(step + 1, salt + 1, layer, "
+                  f"{name_salt(k.removeprefix('state.'))})" for k in passes.written if k in ride_written]
         lines += [f"        acc{i} = tl.zeros([BLOCK], dtype=S_DT)" for i in range(len(passes.ride_terms))]
         indent = " " * 16
         for masked in (False, True):
@@ -362,14 +406,14 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
             lines += [indent + line for line in body]
             if rides:
                 # a layer whose update is skipped keeps its vectors; the predict sees them as stored
-                lines += [f"{indent}v_{_safe(k)} = tl.where(flag == 0, v_{_safe(k)}, k_{_safe(k)})"
-                          f".to(p_{_safe(k)}.dtype.element_ty).to(S_DT)" for k in passes.updated]
+                lines += [f"{indent}v_{_safe(k)} = stored(tl.where(flag == 0, v_{_safe(k)}, k_{_safe(k)}), "
+                          f"p_{_safe(k)}, rk_{_safe(k)}, idx).to(S_DT)" for k in passes.updated]
                 lines += [f"{indent}acc{i} += " + (f"tl.where(m, {t}, 0.0)" if masked else t)
                           for i, t in enumerate(passes.ride_terms)]
                 lines += [indent + line for line in passes.ride_body]
             mask = ", mask=m" if masked else ""
-            lines += [indent + f"tl.store(p_{_safe(k)} + idx, v_{_safe(k)}.to(p_{_safe(k)}.dtype.element_ty){mask})"
-                      for k in written]
+            lines += [indent + f"tl.store(p_{_safe(k)} + idx, stored(v_{_safe(k)}, p_{_safe(k)}, "
+                      f"{'rp' if k in ride_written else 'rk'}_{_safe(k)}, idx){mask})" for k in written]
         lines += [f"        tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))"
                   for i in range(len(passes.ride_terms))]
         out.append("\n".join(lines) + "\n")
@@ -423,10 +467,13 @@ class Kernels:
         return out
 
     def launch_apply(self, chunks: Any, slots: dict[str, tuple[Tensor, Tensor]], table: Tensor, skip: Tensor,
-                     dtype: torch.dtype, aligned: bool = False, partials: Tensor | None = None) -> None:
+                     dtype: torch.dtype, aligned: bool = False, partials: Tensor | None = None, *,
+                     steps: Tensor, salt: int) -> None:
         """Launch the apply kernel; ``skip`` is the skip mask, or with a riding predict the per-layer flag and
-        ``partials`` the ``[chunks, columns]`` buffer of its sums."""
-        args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip]
+        ``partials`` the ``[chunks, columns]`` buffer of its sums. ``steps`` (the group's step counter, on the
+        device) and ``salt`` make the keys of the writes stochastically rounded into bfloat16 slots
+        (:mod:`kalmanopt.engines.rounding`)."""
+        args = [chunks.chunk_layer, chunks.chunk_start, chunks.numel, skip, steps, salt]
         for k in self.apply_slots:
             args += list(slots[k])
         args += [table, table if partials is None else partials, chunks.n_chunks]

@@ -1,0 +1,94 @@
+"""Stochastic rounding of filter state into bfloat16: the same bits from every engine.
+
+With ``state_dtype="bfloat16"`` a group's per-layer vectors are stored in bfloat16 and computed in float32.
+Each write rounds a float32 value ``x`` to one of its two bfloat16 neighbours, up with probability equal to
+the distance from the lower one (in units of the gap between them), so that the stored value is ``x`` in
+expectation: a small update that round-to-nearest would lose every step (``|Δ| < ½ ulp``) survives on
+average. In bits: add 16 random bits to the low half of ``x``'s float32 pattern and cut the low half off.
+
+The random bits are a counter-based hash, not a generator's stream, so that nothing is kept between steps
+beyond the group's step counter (a checkpoint resumes the same roundings), every rank of a replicated model
+draws the same bits (DDP replicas stay equal), and the torch engines and the fused kernels round alike::
+
+    key(step, salt, layer, name) = mix(mix(mix(step ^ salt·φ) ^ layer) ^ crc32(name))
+    bits(i) = mix(i ^ key) & 0xFFFF            (i: the element's index in the layer's vector)
+
+``mix`` is a 32-bit integer finaliser (xor-shift, multiply, xor-shift, multiply, xor-shift), ``φ`` the
+golden-ratio constant 0x9E3779B9, all arithmetic modulo 2³². ``step`` is the group's ``steps`` counter
+(the updates taken), ``salt`` ``2 · group + phase`` (0 for an update's writes, 1 for a predict's), ``layer``
+the layer's position among those the pass writes. The fused engine's Triton source
+(:mod:`kalmanopt.engines.triton_source`) writes the same formula with the constants here.
+
+NaN stays NaN; a value beyond bfloat16's largest finite one may round to infinity (as round-to-nearest
+does from half a gap further). float64 arithmetic is rounded to float32 first.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIX", "GOLDEN", "mix32", "rounding_key", "name_salt", "random_bits", "round_into", "RoundingKeys"]
+
+#: the finaliser's shifts and multipliers: ``x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2; x ^= x >> 15``
+MIX = (16, 0x21F0AAAD, 15, 0xD35A2D97, 15)
+#: the golden-ratio constant the salt is spread with
+GOLDEN = 0x9E3779B9
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x · c`` modulo 2³² for ``x`` in [0, 2³²) held in int64 (split so no product leaves int64's range)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """The 32-bit finaliser on an int64 tensor of values in [0, 2³²)."""
+    s1, m1, s2, m2, s3 = MIX
+    x = x ^ (x >> s1)
+    x = _mul32(x, m1)
+    x = x ^ (x >> s2)
+    x = _mul32(x, m2)
+    return x ^ (x >> s3)
+
+
+def name_salt(name: str) -> int:
+    """A state vector's part of the key: the CRC-32 of its name (``"v"``, ``"H"``)."""
+    return zlib.crc32(name.encode())
+
+
+def rounding_key(steps: Tensor, salt: int, layer: int, name: str) -> Tensor:
+    """The key of one layer's vector ``name`` at this write (a 0-d int64 tensor on ``steps``' device; no
+    host synchronisation)."""
+    k = mix32((steps.to(torch.int64) & _M32) ^ ((salt * GOLDEN) & _M32))
+    k = mix32(k ^ (layer & _M32))
+    return mix32(k ^ name_salt(name))
+
+
+def random_bits(key: Tensor, n: int) -> Tensor:
+    """The 16 random bits of each of ``n`` elements under ``key``, as int32 values in [0, 65536)."""
+    index = torch.arange(n, dtype=torch.int64, device=key.device)
+    return (mix32(index ^ key) & 0xFFFF).to(torch.int32)
+
+
+def round_into(dst: Tensor, src: Tensor, key: Tensor) -> None:
+    """Write ``src`` (float32 or float64) into the bfloat16 tensor ``dst`` of the same size, stochastically
+    rounded with the bits of ``key`` (:func:`random_bits`)."""
+    x = src.reshape(-1).to(torch.float32)
+    nan = torch.isnan(x)
+    bits = torch.where(nan, 0, x.view(torch.int32))  # (a NaN's pattern plus the bits could overflow int32)
+    up = ((bits + random_bits(key, x.numel())) & -65536).view(torch.float32)
+    dst.view(-1).copy_(torch.where(nan, x, up))  # (exact: the low half is zero)
+
+
+class RoundingKeys:
+    """The keys of one layer's writes in one pass: its group's step counter, the pass's salt, its position."""
+
+    def __init__(self, steps: Tensor, salt: int, layer: int) -> None:
+        self.steps, self.salt, self.layer = steps, salt, layer
+
+    def key(self, name: str) -> Tensor:
+        """The key of the layer's vector ``name`` (``"v"``, not ``"state.v"``)."""
+        return rounding_key(self.steps, self.salt, self.layer, name)
