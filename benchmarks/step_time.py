@@ -428,6 +428,9 @@ def cpu_table(args) -> str:
                                                                                     weight_decay=5e-4)))
         candidates.append((f"{preset} foreach, wd 5e-4, predict/update", two_phase_builder(preset, "foreach",
                                                                                          weight_decay=5e-4)))
+        if args.bf16_state:
+            candidates.append((f"{preset} foreach, wd 5e-4, step(loss=), bf16 state", kalman_builder(
+                preset, "foreach", weight_decay=5e-4, state_dtype="bfloat16")))
     steps = []
     for label, build in candidates:
         params = make_params(shapes, device)

@@ -32,6 +32,8 @@ GLOBAL_BATCH = 8
 #: the number of ranks of a launch (``DISTRIBUTED_WORKER_WORLD`` in the environment: 2 unless set)
 WORLD = int(os.environ.get("DISTRIBUTED_WORKER_WORLD", "2"))
 HP = {"weight_decay": 0.01}
+#: presets run with state_dtype="bfloat16" under DDP and FSDP2
+BF16_PRESETS = ("koala++", "koala-m")
 #: presets whose surrogate is written per layer (gain()): DDP only (every built-in meets the contract)
 PER_LAYER: tuple[str, ...] = ()
 #: presets whose matrix stages read whole layers (under FSDP2 they gather them: docs/structured.md)
@@ -105,10 +107,10 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype
             count.append(len(calls))
 
 
-def reference_run(preset: str, engine: str, dtype: torch.dtype, nan_step: int | None = None) -> list:
-    """One process, the whole global batch: the parameters after ``STEPS`` steps."""
+def reference_run(preset: str, engine: str, dtype: torch.dtype, nan_step: int | None = None, **options) -> list:
+    """One process, the whole global batch: the parameters after ``STEPS`` steps (``options``: the optimizer's)."""
     model = make_model(dtype)
-    opt = kalmanopt.create(preset, model.parameters(), implementation=engine, process_group=None, **HP)
+    opt = kalmanopt.create(preset, model.parameters(), implementation=engine, process_group=None, **HP, **options)
     train(model, opt, dtype, range(STEPS), None, nan_step)
     return [p.detach().cpu().clone() for p in model.parameters()]
 
@@ -175,6 +177,12 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
                     out[(str(dtype), mode, preset, engine)] = ([full(p) for p in model.parameters()], counts)
                     if engine == "fused":  # whether the generated kernels ran (not the torch operations)
                         out[("kernels", str(dtype), mode, preset)] = ran_kernels(opt)
+    for mode in ("ddp", "fsdp"):  # bf16 state: every rank draws the same rounding bits
+        for preset in BF16_PRESETS:
+            model = wrap(make_model(torch.float32), mode)
+            opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", state_dtype="bfloat16", **HP)
+            train(model, opt, torch.float32, range(STEPS), rank)
+            out[("bf16 state", mode, preset)] = [full(p) for p in model.parameters()]
     for preset in WHOLE_LAYER:  # FSDP2, rank 1 without one layer's gradient: every rank refuses alike, no hang
         model = wrap(make_model(torch.float64), "fsdp")
         opt = kalmanopt.create(preset, model.parameters(), implementation=nan_engine, **HP)

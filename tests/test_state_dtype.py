@@ -54,8 +54,21 @@ def test_the_hash_is_the_documented_formula():
     k = _mix_python((7 ^ ((3 * 0x9E3779B9) & M32)) & M32)
     k = _mix_python(k ^ 5)
     assert int(key) == _mix_python(k ^ zlib.crc32(b"v"))
-    bits = rounding.random_bits(key, 4).tolist()
-    assert bits == [_mix_python(i ^ int(key)) & 0xFFFF for i in range(4)]
+    for some in (key, torch.tensor(0), torch.tensor(2**32 - 1), torch.tensor(2**31)):
+        bits = rounding.random_bits(some, 5000).tolist()
+        assert bits == [_mix_python(i ^ int(some)) & 0xFFFF for i in range(5000)]
+        assert rounding.random_bits(some, 7, 2**31 - 7).tolist() == [
+            _mix_python(i ^ int(some)) & 0xFFFF for i in range(2**31 - 7, 2**31)]
+
+
+def test_a_vector_rounded_in_pieces_draws_the_bits_of_one_piece(monkeypatch):
+    x = torch.randn(1000) * 1e3
+    key = torch.tensor(99)
+    whole, pieces = (torch.empty(1000, dtype=torch.bfloat16) for _ in range(2))
+    rounding.round_into(whole, x, key)
+    monkeypatch.setattr(rounding, "CPU_PIECE", 64)
+    rounding.round_into(pieces, x, key)
+    assert torch.equal(whole, pieces)
 
 
 @settings(max_examples=200)
