@@ -80,8 +80,11 @@ def test_a_riding_predict_runs_in_the_updates_pass_and_equals_the_reference(dtyp
     """KOALA-M under ``step()``: its predict rides on the update's element-wise pass (one reduction and one
     element-wise kernel a step, not two of each), with the reference path's result through a layer skipped
     for its zero gradient, a non-finite step (nothing moves) and a step with a parameter without gradient
-    (then the predict runs on its own)."""
-    from kalmanopt.engines import triton_source
+    (then the predict runs on its own). Every step runs eagerly, so that its launches can be counted (a
+    replayed CUDA graph launches nothing from the host)."""
+    from kalmanopt.engines import graphs, triton_source
+
+    monkeypatch.setattr(graphs, "WARMUP_STEPS", 10**9)
 
     launches: list[str] = []
     for kind in ("reduce", "apply"):
