@@ -392,10 +392,11 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
         lines += ["        step = tl.load(steps)"]
         # a write's rounding key: the update's; a riding predict's writes take the predict's (the update has
         # counted its step by then, and the salt's phase is 1), as the torch engines' separate passes do
+        state_written = [k for k in passes.written if _rounds(k)]
         lines += [f"        rk_{_safe(k)} = rounding_key(step, salt, layer, {name_salt(k.removeprefix('state.'))})"
-                  for k in passes.written]
+                  for k in state_written]
         lines += [f"        rp_{_safe(k)} = rounding_key(step + 1, salt + 1, layer, "
-                  f"{name_salt(k.removeprefix('state.'))})" for k in passes.written if k in ride_written]
+                  f"{name_salt(k.removeprefix('state.'))})" for k in state_written if k in ride_written]
         lines += [f"        acc{i} = tl.zeros([BLOCK], dtype=S_DT)" for i in range(len(passes.ride_terms))]
         indent = " " * 16
         for masked in (False, True):
@@ -406,18 +407,32 @@ def source_for(pre: Sequence[Assign], reductions: Sequence[Reduction], program: 
             lines += [indent + line for line in body]
             if rides:
                 # a layer whose update is skipped keeps its vectors; the predict sees them as stored
-                lines += [f"{indent}v_{_safe(k)} = stored(tl.where(flag == 0, v_{_safe(k)}, k_{_safe(k)}), "
-                          f"p_{_safe(k)}, rk_{_safe(k)}, idx).to(S_DT)" for k in passes.updated]
+                lines += [f"{indent}v_{_safe(k)} = " + _store_value(f"tl.where(flag == 0, v_{_safe(k)}, k_{_safe(k)})",
+                                                                  k, "rk") + ".to(S_DT)" for k in passes.updated]
                 lines += [f"{indent}acc{i} += " + (f"tl.where(m, {t}, 0.0)" if masked else t)
                           for i, t in enumerate(passes.ride_terms)]
                 lines += [indent + line for line in passes.ride_body]
             mask = ", mask=m" if masked else ""
-            lines += [indent + f"tl.store(p_{_safe(k)} + idx, stored(v_{_safe(k)}, p_{_safe(k)}, "
-                      f"{'rp' if k in ride_written else 'rk'}_{_safe(k)}, idx){mask})" for k in written]
+            lines += [indent + f"tl.store(p_{_safe(k)} + idx, "
+                      f"{_store_value(f'v_{_safe(k)}', k, 'rp' if k in ride_written else 'rk')}{mask})"
+                      for k in written]
         lines += [f"        tl.store(partials + pid * NR + {i}, tl.sum(acc{i}, 0))"
                   for i in range(len(passes.ride_terms))]
         out.append("\n".join(lines) + "\n")
     return "\n\n".join(out), reduce_coefs, reduce_slots, apply_coefs, apply_slots
+
+
+def _rounds(slot: str) -> bool:
+    """Whether writes to ``slot`` go through ``stored`` (a state vector: stochastically rounded where it is
+    bfloat16); θ is rounded to nearest in its own dtype, as the torch engines' copy back is."""
+    return slot.startswith("state.")
+
+
+def _store_value(value: str, slot: str, key: str) -> str:
+    """The source of ``value`` in the dtype of ``slot``'s storage (``key``: the prefix of its rounding key)."""
+    if _rounds(slot):
+        return f"stored({value}, p_{_safe(slot)}, {key}_{_safe(slot)}, idx)"
+    return f"{value}.to(p_{_safe(slot)}.dtype.element_ty)"
 
 
 def _safe(key: str) -> str:
