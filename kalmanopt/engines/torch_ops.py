@@ -130,7 +130,7 @@ class FlatLayer:
         self.narrow: dict[str, Tensor] = {}
         for e in table.vectors:
             stored = layer.state[e.name]
-            if stored.dtype != dtype:
+            if stored.dtype == torch.bfloat16 and dtype != torch.bfloat16:
                 self.narrow[e.name] = stored
                 stored = stored.to(dtype)
             self.env[f"state.{e.name}"] = stored

@@ -12,7 +12,9 @@ torch's get helpers in the module's header (:data:`_HEADER`): ``precise_sqrt`` (
 ``powf``: ``tl.exp`` is an approximation in float32), ``nan_sign`` (NaN stays NaN). Triton's interpreter
 has no libdevice: there the helpers take ``tl.exp`` and ``tl.log`` (numpy's), and ``precise_pow`` is
 built from them in float64 with C's special cases, a few ulps from torch's. ``minimum``/``maximum`` are
-``tl.minimum``/``tl.maximum`` with NaN propagated, as torch's.
+``tl.minimum``/``tl.maximum`` with NaN propagated, as torch's. Every state vector is stored through ``stored``:
+rounded to nearest in its slot's dtype, or, in a bfloat16 slot (``state_dtype="bfloat16"``), stochastically
+with the random bits of :mod:`kalmanopt.engines.rounding`, whose formula the header writes in Triton.
 
 The generated module is written to a cache folder and imported, once per distinct declaration.
 """
