@@ -110,6 +110,26 @@ def test_compiled_coefficients_equal_eager_with_options(options: dict, compare) 
     _run("koala-m", torch.float32, **options)
 
 
+@pytest.mark.parametrize("name,first,step", [("q", 0.1, 0.01), ("sigma", 0.1, 0.01), ("weight_decay", 1e-3, 1e-4),
+                                              ("alpha_r", 0.9, -0.01)])
+def test_a_schedule_over_a_hyperparameter_compiles_at_most_twice(name: str, first: float, step: float,
+                                                                   compare) -> None:
+    """A float hyper-parameter is compiled in at its first value; at a second one torch.compile compiles once
+    more with the value as an input (its automatic dynamic floats): twelve values, at most two compilations of
+    each phase, and every step equal to the eager functions."""
+    backend, calls = compare
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((7, 5), (5,))]
+    opt = kalmanopt.create("koala++", params, implementation="foreach", weight_decay=1e-3)
+    for k in range(12):
+        opt.param_groups[0][name] = first + k * step
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step(loss=torch.rand(8) + 0.1)
+    assert calls["update"] == 12
+    assert 1 <= backend.count <= 4  # (the update's and the predict's coefficient functions, twice each at most)
+
+
 def test_every_preset_compiles_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """One code object per kind of composition: many presets in one process never exhaust torch.compile's
     bound on variants (past it torch would run the functions eagerly, silently)."""

@@ -7,8 +7,10 @@ quarter of a GPT-2 step. Compiled, they become a handful of fused kernels, the s
 
 The compiled function is pure: it takes the batch's tensors (reductions, layer and group state, loss,
 statistic, η as a tensor, so that a learning-rate schedule does not recompile) and the group's other
-hyper-parameters (Python values, compiled in: two groups with different values compile twice, and a schedule
-over one of them recompiles at each new value) and returns what the parts filled. The fused engine uses it on
+hyper-parameters (Python values: torch.compile compiles a float in at its first value and, at a second one,
+once more with the value as an input, so two groups with different values compile twice and a schedule over
+q, σ or weight decay compiles twice in all; tests/test_compiled_coefficients.py) and returns what the parts
+filled. The fused engine uses it on
 CUDA (a phase's first call runs eagerly and counts its operations; the second compiles: seconds, once per
 process, and a phase of a few operations stays eager; the reference and foreach engines stay eager); anything
 it cannot compile falls back to the same functions run eagerly, with one warning. ``CONFIG["enabled"] =
