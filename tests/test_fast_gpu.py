@@ -159,24 +159,8 @@ def test_bfloat16_state_on_the_fused_engine_rounds_as_the_reference(preset, api)
 def test_bfloat16_state_replays_in_a_cuda_graph(preset):
     """The rounding keys come from the group's step counter on the device: a replayed step draws new bits
     each time, as an eager step does."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in ((37, 19), (19,), (5, 3, 3))]
-    grads = [torch.randn(p.shape, device=CUDA) for p in params]
-    losses = torch.rand(8, device=CUDA) + 0.5
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = kalmanopt.create(preset, params, implementation="fused", state_dtype="bfloat16")
-    eager = kalmanopt.create(preset, twin, implementation="fused", state_dtype="bfloat16")
-    for p, t, g in zip(params, twin, grads):
-        p.grad, t.grad = g, g.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            opt.step(loss=losses)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step(loss=losses)
+    params, twin, opt, eager, graph, losses = _captured_step(preset, [(37, 19), (19,), (5, 3, 3)],
+                                                             state_dtype="bfloat16")
     for _ in range(6):
         eager.step(loss=losses.clone())
     for _ in range(3):
@@ -244,16 +228,17 @@ def test_step_does_not_synchronise(implementation, preset):
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-@pytest.mark.parametrize("preset", FAST_PRESETS)
-@needs_cuda
-def test_fused_step_captures_in_a_cuda_graph(preset):
+def _captured_step(preset: str, shapes: list[tuple[int, ...]], **options: Any) -> tuple:
+    """An optimizer over parameters of ``shapes`` that took three eager steps and captured its fourth in a CUDA
+    graph (not run yet), and an eager twin on copies of the parameters and the same gradients:
+    ``(params, twin, optimizer, eager twin, graph, losses)``."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in ((37, 19), (19,), (5, 3, 3), ())]
+    params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
     grads = [torch.randn(p.shape, device=CUDA) for p in params]
     losses = torch.rand(8, device=CUDA) + 0.5
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = kalmanopt.create(preset, params, implementation="fused")
-    eager = kalmanopt.create(preset, twin, implementation="fused")
+    opt = kalmanopt.create(preset, params, implementation="fused", **options)
+    eager = kalmanopt.create(preset, twin, implementation="fused", **options)
     for p, t, g in zip(params, twin, grads):
         p.grad, t.grad = g, g.clone()
     stream = torch.cuda.Stream()
@@ -265,6 +250,13 @@ def test_fused_step_captures_in_a_cuda_graph(preset):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step(loss=losses)
+    return params, twin, opt, eager, graph, losses
+
+
+@pytest.mark.parametrize("preset", FAST_PRESETS)
+@needs_cuda
+def test_fused_step_captures_in_a_cuda_graph(preset):
+    params, twin, opt, eager, graph, losses = _captured_step(preset, [(37, 19), (19,), (5, 3, 3), ()])
     for _ in range(3):  # the three warm-up steps (the capture itself runs nothing)
         eager.step(loss=losses.clone())
     for _ in range(3):
