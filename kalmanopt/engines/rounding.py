@@ -40,19 +40,33 @@ GOLDEN = 0x9E3779B9
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """``x · c`` modulo 2³² for ``x`` in [0, 2³²) held in int64 (split so no product leaves int64's range)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _signed32(value: int) -> int:
+    """A 32-bit pattern as the int32 number with the same bits."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _mix_patterns_(x: Tensor) -> Tensor:
+    """The finaliser applied in place to int32 bit patterns, whose products wrap modulo 2³² as the kernels'
+    uint32 ones (torch's ``>>`` on int32 copies the sign bit: the shifts are masked to logical ones)."""
+    s1, m1, s2, m2, s3 = MIX
+    shifted = torch.empty_like(x)
+    for shift, multiplier in ((s1, m1), (s2, m2), (s3, None)):
+        torch.bitwise_right_shift(x, shift, out=shifted)
+        shifted &= (1 << (32 - shift)) - 1
+        x ^= shifted
+        if multiplier is not None:
+            x *= _signed32(multiplier)
+    return x
+
+
+def _patterns(x: Tensor) -> Tensor:
+    """int64 values in [0, 2³²) as the int32 tensor of the same bit patterns."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
 
 
 def mix32(x: Tensor) -> Tensor:
-    """The 32-bit finaliser on an int64 tensor of values in [0, 2³²)."""
-    s1, m1, s2, m2, s3 = MIX
-    x = x ^ (x >> s1)
-    x = _mul32(x, m1)
-    x = x ^ (x >> s2)
-    x = _mul32(x, m2)
-    return x ^ (x >> s3)
+    """The 32-bit finaliser on an int64 tensor of values in [0, 2³²) (the same values back)."""
+    return _mix_patterns_(_patterns(x)).to(torch.int64) & _M32
 
 
 def name_salt(name: str) -> int:
@@ -68,16 +82,6 @@ def rounding_key(steps: Tensor, salt: int, layer: int, name: str) -> Tensor:
     return mix32(k ^ name_salt(name))
 
 
-def _signed32(value: int) -> int:
-    """A 32-bit pattern as the int32 number with the same bits."""
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _shr32(x: Tensor, s: int) -> Tensor:
-    """The logical right shift of int32 bit patterns (torch's ``>>`` on int32 copies the sign bit)."""
-    return (x >> s) & ((1 << (32 - s)) - 1)
-
-
 #: elements rounded at a time off CUDA: the passes of one piece stay in the CPU's cache (3× faster than whole
 #: layers of millions of elements on a 2-core machine)
 CPU_PIECE = 1 << 18
@@ -85,22 +89,10 @@ CPU_PIECE = 1 << 18
 
 def random_bits(key: Tensor, n: int, start: int = 0) -> Tensor:
     """The 16 random bits of elements ``start, ..., start + n - 1`` under ``key``, as int32 values in
-    [0, 65536).
-
-    Per element in int32 bit patterns, whose products wrap modulo 2³² as the kernels' uint32 ones, updated in
-    place (a few passes over one int32 buffer and one temporary)."""
-    s1, m1, s2, m2, s3 = MIX
-    k = key.to(torch.int64)
-    k = torch.where(k >= 1 << 31, k - (1 << 32), k).to(torch.int32)
+    [0, 65536): the finaliser in place over one int32 buffer and one temporary."""
     x = torch.arange(start, start + n, dtype=torch.int32, device=key.device)
-    x ^= k
-    shifted = torch.empty_like(x)
-    for shift, multiplier in ((s1, m1), (s2, m2), (s3, None)):
-        torch.bitwise_right_shift(x, shift, out=shifted)
-        shifted &= (1 << (32 - shift)) - 1  # (a logical shift: torch's >> on int32 copies the sign bit)
-        x ^= shifted
-        if multiplier is not None:
-            x *= _signed32(multiplier)
+    x ^= _patterns(key.to(torch.int64))
+    _mix_patterns_(x)
     x &= 0xFFFF
     return x
 
