@@ -10,8 +10,12 @@ matrices (:class:`~kalmanopt.state.FactorState`). A part declares such work as a
   (``VectorState(..., workspace=True)``) that the reductions and element-wise programs then read like any
   state vector — so the fused engine keeps its passes fused and the matrix work runs between them;
 - ``when="after"`` runs after the element-wise pass: it also reads this step's coefficient columns
-  (``S``, ...) and what the ``before`` stage of the same step left in :attr:`MatrixBlock.carry`, and
-  sets new factors (applied only where the layer took the update).
+  (``S``, ...), which layers took the update (:attr:`MatrixBlock.keep`) and what the ``before`` stage of
+  the same step left in :attr:`MatrixBlock.carry`.
+
+Either kind may set new factors: a later stage of the same step reads them, and they are committed after
+the element-wise pass, only where the layer took the update (a skipped step changes no factor). A stage
+may also read the layers' scalar state (``scalars=("k",)``: the number of updates, say) as ``[b]`` columns.
 
 A stage function receives a :class:`MatrixBlock`: the layers of one group that share a matrix shape (and
 factor shapes), stacked along a leading dimension, so that its matmuls, ``eigh`` or Newton–Schulz
@@ -50,7 +54,9 @@ class MatrixBlock:
         buffers: the block's workspace vectors as ``[b, m, n]`` buffers whose rows are the layers' entries (where
             the layers allow it): a stage may fill one in place (``torch.mul(..., out=block.buffers["D"])``) and
             set ``block.out["D"]`` to it, saving a copy.
-        factors: the factors the stage reads, ``[b, k, k]`` (dense) or ``[b, k]`` (a diagonal or a vector).
+        factors: the factors the stage reads, ``[b, k, k]`` (dense) or ``[b, k]`` (a diagonal or a vector); a
+            factor set by an earlier stage of this step has its new value here.
+        scalars: the layers' scalar state the block's stages declare, ``[b]`` each, as it was before the step.
         coef: (``after`` stages) this step's coefficient columns, ``[b]`` each.
         keep: (``after`` stages) ``[b]`` bool, the layers that took this step's update.
         carry: what the step's ``before`` stage left for its ``after`` stage (tensors with the layers along
@@ -69,6 +75,7 @@ class MatrixBlock:
     hp: Mapping[str, Any]
     x: dict[str, Tensor] = field(default_factory=dict)
     factors: dict[str, Tensor] = field(default_factory=dict)
+    scalars: dict[str, Tensor] = field(default_factory=dict)
     coef: dict[str, Tensor] = field(default_factory=dict)
     keep: Tensor | None = None
     carry: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +101,7 @@ class MatrixStage:
         factors: the factors it reads (and may set), declared as :class:`~kalmanopt.state.FactorState`.
         coefficients: (``after``) the coefficient columns it reads.
         every: run it every k-th step (an int, or the name of a hyper-parameter); 1: every step.
+        scalars: the per-layer scalar state it reads (declared :class:`~kalmanopt.state.ScalarState`).
     """
 
     name: str
@@ -104,6 +112,7 @@ class MatrixStage:
     factors: tuple[str, ...] = ()
     coefficients: tuple[str, ...] = ()
     every: int | str = 1
+    scalars: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.when not in STAGE_TIMES:

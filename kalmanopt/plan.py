@@ -458,6 +458,11 @@ def _check_stages(owner: str, plan: UpdatePlan, hp: Mapping[str, Any], coefficie
             if name not in factors:
                 raise DeclarationError(f"{where} reads the factor {name!r}, which no part declares (declared: "
                                        f"{', '.join(map(repr, sorted(factors))) or 'none'}; add a FactorState)")
+        scalars = {e.name for e in table.scalars}
+        for name in stage.scalars:
+            if name not in scalars:
+                raise DeclarationError(f"{where} reads the scalar {name!r}, which no part declares (declared: "
+                                       f"{', '.join(map(repr, sorted(scalars))) or 'none'}; add a ScalarState)")
         for name in stage.coefficients:
             if name not in provided:
                 raise DeclarationError(f"{where} reads the coefficient {name!r}, which no part provides (the "
@@ -477,6 +482,7 @@ def _dry_stages(owner: str, plan: UpdatePlan, hp: Mapping[str, Any], shape: tupl
                for name in reads}
     block.factors = {e.name: torch.stack([e.initial(shape, hp, like.dtype, like.device)] * layers)
                      for e in plan.table.factors}
+    block.scalars = {e.name: torch.full((layers,), e.initial(hp), dtype=like.dtype) for e in plan.table.scalars}
     block.keep = torch.ones(layers, dtype=torch.bool)
     block.coef = {name: torch.full((layers,), 2.0, dtype=like.dtype) for stage in plan.stages
                   for name in stage.coefficients}
@@ -496,6 +502,8 @@ def _dry_stages(owner: str, plan: UpdatePlan, hp: Mapping[str, Any], shape: tupl
                 want = tuple(old.shape) if old is not None else "a declared factor"
                 got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise DeclarationError(f"{where} set the factor {name!r} of shape {got}; it must be {want}")
+        block.factors.update(block.new_factors)  # (a later stage reads them)
+        block.new_factors = {}
 
 
 def _check_predict(composition: FilterParts, d: Any, hp: dict[str, Any], hp_names: set[str]) -> None:

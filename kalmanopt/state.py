@@ -113,6 +113,10 @@ class ScalarState:
     init: Init = 0.0
     doc: str = ""
 
+    def initial(self, hp: Mapping[str, Any]) -> float:
+        """The scalar's first value for a group's hyper-parameters ``hp``."""
+        return _initial(self.init, hp)
+
 
 @dataclass(frozen=True)
 class GroupState:

@@ -165,8 +165,11 @@ def test_skipped_layer_state_and_parameters_do_not_change(preset, skip, seed, wa
 # float32 against float64, as max |Δθ| / max |θ| after FP_STEPS steps. Observed over 300 seeds:
 # ≤ 6.3e-7 for every preset but koala++-lr, whose m × m solve may amplify rounding by up to the
 # largest condition number it keeps, 1 / CONDITION_RTOL ≈ 2900 (observed ≤ 5.0e-5)
+# koala-adam-eigen: ≤ 8.4e-3 over 120 runs. Its first basis comes from one gradient of this tiny batch, of rank
+# below the layer's sides, so most rotated coordinates hold rounding only (≈ 1e-6 of the layer's scale in
+# float32, 1e-15 in float64), and the steady-state gain scales a coordinate's step by its noise, not its size
 FP_STEPS = 4
-FP32_RTOL = {preset: 2e-5 for preset in PRESETS} | {"koala++-lr": 1e-3}
+FP32_RTOL = {preset: 2e-5 for preset in PRESETS} | {"koala++-lr": 1e-3, "koala-adam-eigen": 2e-2}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -133,7 +133,7 @@ def test_every_preset_lists_its_keywords_and_builds():
     assert kalmanopt.presets() == sorted(["koala-v", "koala-m", "koala++", "koala++-ns", "koala-diag", "koala++-lr",
                                           "koala-factored", "koala-kron",
                                           "koala-adam", "koala-adam-riccati", "koala-adam-innovation",
-                                          "koala-adam-steady"])
+                                          "koala-adam-steady", "koala-adam-eigen"])
     for name in kalmanopt.presets():
         keywords = kalmanopt.preset_keywords(name)
         assert {"lr", "weight_decay", "r", "alpha_r"} <= set(keywords)

@@ -26,17 +26,44 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from torch import Tensor
 
 from kalmanopt.covariance.base import CovarianceSurrogate
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.program import Assign, Coef, Expr, Reduction, State, Vec
 from kalmanopt.state import ScalarState, StateTable, VectorState
 
-__all__ = ["AdaptiveDiagonalSurrogate", "COVARIANCE_UPDATES", "NOISE_ESTIMATES", "LAMBDA_MIN"]
+__all__ = ["AdaptiveDiagonalSurrogate", "COVARIANCE_UPDATES", "NOISE_ESTIMATES", "LAMBDA_MIN", "fading_gain",
+           "information", "steady_root", "posterior"]
 
 #: the floor of the relative information λ: a coordinate whose noise is below 1e-8 of its layer's mean
 #: is treated as having that much (p stays below 1/(2 λ_min), so p̂² cannot overflow float32)
 LAMBDA_MIN = 1e-8
+
+
+
+# The per-coordinate filter's formulas, written once for both its readers: the element-wise programs below
+# (on :mod:`kalmanopt.program` expressions) and the torch code of parts that run this filter in another
+# basis (:mod:`kalmanopt.covariance.eigenbasis`). Each takes expressions or tensors alike.
+def fading_gain(beta: float, t: Tensor) -> Tensor:
+    """The fading-memory gain (1 − β)/(1 − βᵗ) of update t (1 at the first: no prior)."""
+    return (1.0 - beta) / (1.0 - torch.pow(beta, t))
+
+
+def information(v: Any, eps2: Any, inv_vbar: Any) -> Any:
+    """λ = max((v + ε²) / v̄, λ_min): the information of a measurement, relative to its layer's mean noise."""
+    return ((v + eps2) * inv_vbar).clamp_min(LAMBDA_MIN)
+
+
+def steady_root(lam: Any, q: Any) -> Any:
+    """p̂, the root of λ p̂² − q λ p̂ − q = 0: the prior variance at the fixed point of the recursion."""
+    return 0.5 * q + (0.25 * q * q + q / lam).sqrt()
+
+
+def posterior(p_hat: Any, lam: Any) -> Any:
+    """p = p̂ / (1 + p̂ λ): the posterior variance after a measurement with information λ."""
+    return p_hat / (1.0 + p_hat * lam)
+
 
 #: how the diagonal covariance follows the Riccati recursion
 COVARIANCE_UPDATES = ("newton", "riccati", "steady")
@@ -117,8 +144,8 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
         k = b.layer["k"]
         t = k + 1.0
         # fading-memory gains: c = (1 − β)/(1 − βᵗ) (1 at the first update: no prior)
-        c1 = (1.0 - beta1) / (1.0 - torch.pow(beta1, t))
-        c2 = (1.0 - beta2) / (1.0 - torch.pow(beta2, t))
+        c1 = fading_gain(beta1, t)
+        c2 = fading_gain(beta2, t)
         esum = b.red["esum"] if self.noise == "innovation" else b.red["hh"]
         n = b.numel.to(c2)
         # v̄ = mean(v_k) + ε², from Σ v_k = (1 − c₂) Σ v_{k-1} + c₂ Σ e (the sum of the program's v update)
@@ -145,13 +172,13 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
             # v_k = (1 − c₂) v_{k-1} + c₂ e
             Assign(v, (1.0 - Coef("c2")) * v + Coef("c2") * e),
             # λ = max((v_k + ε²) / v̄, λ_min)
-            Assign(lam, ((v + Coef("eps2")) * Coef("inv_vbar")).clamp_min(LAMBDA_MIN)),
+            Assign(lam, information(v, Coef("eps2"), Coef("inv_vbar"))),
         ]
         if self.covariance == "steady":
             # the root of λ p̂² − q λ p̂ − q = 0 (p̂ = p + q at the fixed point of the recursion);
             # p = p̂ / (1 + p̂ λ), a temporary: nothing of the covariance is stored
-            program.append(Assign(p_hat, 0.5 * q + (0.25 * q * q + q / lam).sqrt()))
-            program.append(Assign(Vec("p"), p_hat / (1.0 + p_hat * lam)))
+            program.append(Assign(p_hat, steady_root(lam, q)))
+            program.append(Assign(Vec("p"), posterior(p_hat, lam)))
             return program
         # p̂ = p + q
         program.append(Assign(p_hat, p + q))
@@ -165,7 +192,7 @@ class AdaptiveDiagonalSurrogate(CovarianceSurrogate):
             program.append(Assign(p_star, newton - (newton - 2.0 * p_hat).clamp_min(0.0)))
             p_hat = p_star
         # p = p̂ / (1 + p̂ λ): the posterior of a measurement with information λ
-        program.append(Assign(p, p_hat / (1.0 + p_hat * lam)))
+        program.append(Assign(p, posterior(p_hat, lam)))
         return program
 
     def direction(self, hp: Mapping[str, Any]) -> Expr:

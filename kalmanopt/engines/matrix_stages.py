@@ -38,6 +38,9 @@ class _Block:
     layers: list[Layer]
     rows: list[int]
     block: MatrixBlock | None = None
+    # factors set by this step's ``before`` stages (committed after the pass) and the values they replace
+    pending: dict[str, Tensor] = field(default_factory=dict)
+    replaced: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -239,6 +242,7 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
         staged.due[stage.name] = calls % stage.interval(group) == 0
     before = [s for s in plan.stages if s.when == "before" and staged.due[s.name]]
     reads = {name for s in before for name in s.reads}
+    scalars = sorted({name for s in plan.stages if staged.due[s.name] for name in s.scalars})
     for block in staged.blocks:
         mb = MatrixBlock(block.m, block.n, block.matrix, group)
         mb.buffers = {name: buf for name in plan.table.workspace_keys
@@ -246,11 +250,33 @@ def run_before(composition: Any, group: dict[str, Any], group_state: Mapping[str
         mb.x = _read(block, staged, reads, mb.buffers)
         mb.factors = {e.name: torch.stack([_factor(plan, layer, e.name, group) for layer in block.layers])
                       for e in plan.table.factors}
+        mb.scalars = {name: torch.stack([_scalar(plan, layer, name, group) for layer in block.layers])
+                      for name in scalars}
         block.block = mb
         for stage in before:
             _run(stage, mb)
             _write_outputs(stage, block, mb)
+            _hold_factors(plan, block, mb)
     return staged
+
+
+def _scalar(plan: UpdatePlan, layer: Layer, name: str, group: Mapping[str, Any]) -> Tensor:
+    """A layer's scalar state (its initial value for a sharded layer without a gradient here)."""
+    found = layer.state.get(name)
+    if found is not None:
+        return found
+    entry = next(e for e in plan.table.scalars if e.name == name)
+    return torch.full((), entry.initial(group), dtype=layer.dtype, device=layer.params[0].device)
+
+
+def _hold_factors(plan: UpdatePlan, block: _Block, mb: MatrixBlock) -> None:
+    """Factors a ``before`` stage set: the later stages read them, and they wait to be committed after the
+    element-wise pass where the layer took the update."""
+    for name, new in mb.new_factors.items():
+        _check_factor(plan, name, new, mb.factors.get(name))
+        block.replaced.setdefault(name, mb.factors[name])
+        block.pending[name] = mb.factors[name] = new.to(mb.factors[name].dtype)
+    mb.new_factors = {}
 
 
 def _read(block: _Block, staged: StagedGroup, reads: set[str], buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -358,7 +384,7 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
         mb = block.block
         if mb is None:
             continue
-        if after and block.layers:
+        if (after or block.pending) and block.layers:
             keep = _kept(staged, block, b)
             mb.keep = keep
             coef_names = {name for s in after for name in s.coefficients}
@@ -369,7 +395,8 @@ def run_after(staged: StagedGroup | None, b: CoefficientStage) -> None:
                 mb.x = _read(block, staged, set(stage.reads), mb.buffers)  # (θ and state vectors after the update)
                 _run(stage, mb)
                 _write_outputs(stage, block, mb)
-            _commit_factors(staged.plan, block, mb, keep)
+            _commit_factors(staged.plan, block, {**block.pending, **mb.new_factors},
+                            {**mb.factors, **block.replaced}, keep)
         mb.carry.clear()
         block.block = None
 
@@ -422,7 +449,10 @@ def _forget_skipped_new_state(staged: StagedGroup, b: CoefficientStage) -> None:
                 and value.dim() > 0 and value.shape[0] == n else value
 
         mb.factors = {k: take(v) for k, v in mb.factors.items()}
+        mb.scalars = {k: take(v) for k, v in mb.scalars.items()}
         mb.carry = {k: take(v) for k, v in mb.carry.items()}
+        block.pending = {k: take(v) for k, v in block.pending.items()}
+        block.replaced = {k: take(v) for k, v in block.replaced.items()}
         mb.buffers = {}  # (they hold the forgotten layers' rows too: the remaining layers' vectors are stacked)
 
 
@@ -441,16 +471,22 @@ def _column(staged: StagedGroup, block: _Block, b: CoefficientStage, name: str) 
     return column.index_select(0, rows)
 
 
-def _commit_factors(plan: UpdatePlan, block: _Block, mb: MatrixBlock, keep: Tensor) -> None:
+def _check_factor(plan: UpdatePlan, name: str, new: Tensor, old: Tensor | None) -> None:
     declared = {e.name for e in plan.table.factors}
-    for name, new in mb.new_factors.items():
-        if name not in declared:
-            raise ValueError(f"a matrix stage set the factor {name!r}, which no part declares "
-                             f"(declared: {sorted(declared)})")
-        old = mb.factors[name]
-        if new.shape != old.shape:
-            raise ValueError(f"a matrix stage set the factor {name!r} of shape {tuple(new.shape)}; it has "
-                             f"{tuple(old.shape)}")
+    if name not in declared or old is None:
+        raise ValueError(f"a matrix stage set the factor {name!r}, which no part declares "
+                         f"(declared: {sorted(declared)})")
+    if new.shape != old.shape:
+        raise ValueError(f"a matrix stage set the factor {name!r} of shape {tuple(new.shape)}; it has "
+                         f"{tuple(old.shape)}")
+
+
+def _commit_factors(plan: UpdatePlan, block: _Block, new_factors: Mapping[str, Tensor],
+                    old_factors: Mapping[str, Tensor], keep: Tensor) -> None:
+    """The step's new factors where a layer took the update (and they are finite); the old ones elsewhere."""
+    for name, new in new_factors.items():
+        old = old_factors.get(name)
+        _check_factor(plan, name, new, old)
         new = new.to(old.dtype)
         # a layer whose new factor is not finite (an overflowing gradient) keeps its factor
         finite = torch.isfinite(new).flatten(1).all(1) if new.dim() > 1 else torch.isfinite(new)

@@ -11,6 +11,7 @@ from kalmanopt.composition import Composition
 from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate
 from kalmanopt.covariance.block import BlockSurrogate
 from kalmanopt.covariance.diagonal import DiagonalSurrogate
+from kalmanopt.covariance.eigenbasis import EigenbasisSurrogate
 from kalmanopt.covariance.factored import FactoredSurrogate
 from kalmanopt.covariance.kronecker import KroneckerSurrogate
 from kalmanopt.covariance.least_squares import SymmetricLeastSquares, VanillaLeastSquares
@@ -25,7 +26,8 @@ from kalmanopt.registry import register_part, register_preset
 
 __all__ = ["koala_v", "koala_m", "koala_pp", "koala_pp_ns", "koala_diag", "koala_factored", "koala_kron",
            "KOALA_KRON_DEFAULTS", "koala_pp_lr", "koala_adam",
-           "koala_adam_riccati", "koala_adam_innovation", "KOALA_ADAM_DEFAULTS"]
+           "koala_adam_riccati", "koala_adam_innovation", "KOALA_ADAM_DEFAULTS", "koala_adam_eigen",
+           "KOALA_ADAM_EIGEN_DEFAULTS"]
 
 # The built-in parts, by the names `compose` and config files use.
 register_part("measurement", "loss", LossMeasurement)
@@ -41,6 +43,7 @@ register_part("dynamics", "decaying_random_walk", DecayingRandomWalk)
 register_part("surrogate", "adaptive_diagonal", AdaptiveDiagonalSurrogate)
 register_part("surrogate", "factored", FactoredSurrogate)
 register_part("surrogate", "kronecker", KroneckerSurrogate)
+register_part("surrogate", "eigenbasis", EigenbasisSurrogate)
 register_part("estimator", "vanilla", VanillaLeastSquares)
 register_part("estimator", "symmetric", SymmetricLeastSquares)
 
@@ -131,3 +134,15 @@ def koala_adam_steady() -> Composition:
 def koala_adam_innovation() -> Composition:
     """``koala-adam`` with the noise estimated from the gradient filter's innovations (AdaBelief's reading)."""
     return _gradient_filter("koala-adam-innovation", "newton", "innovation")
+
+
+#: the defaults of ``koala-adam-eigen``: those of the gradient-measurement presets (it keeps no covariance, so
+#: no ``sigma``); the basis is refreshed every 10th update
+KOALA_ADAM_EIGEN_DEFAULTS = {"lr": 1e-3, "q": 1e-3, "weight_decay": 0.1}
+
+
+@register_preset("koala-adam-eigen")
+def koala_adam_eigen() -> Composition:
+    """``koala-adam-steady`` in the eigenbasis of a Kronecker-factored gradient noise (rows ⊗ columns)."""
+    return Composition(GradientMeasurement(), DecayingRandomWalk(), EigenbasisSurrogate(), name="koala-adam-eigen",
+                       defaults=KOALA_ADAM_EIGEN_DEFAULTS)
