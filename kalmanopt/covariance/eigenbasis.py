@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kalmanopt.covariance.adaptive import fading_gain, information, posterior, steady_root
+from kalmanopt.covariance.adaptive import AdaptiveDiagonalSurrogate, fading_gain, information, posterior, steady_root
 from kalmanopt.covariance.base import CovarianceSurrogate
 from kalmanopt.hyperparams import HyperParameter, Range
 from kalmanopt.matrix import MatrixBlock, MatrixStage, is_dense
@@ -162,15 +162,10 @@ class EigenbasisSurrogate(CovarianceSurrogate):
     """
 
     state_dim = 1
-    hyperparameters = (
-        HyperParameter("beta1", 0.9, Range(0.0, 1.0, high_open=True),
-                       "forgetting factor of the gradient filter (momentum): gain (1 − β₁)/(1 − β₁ᵗ)"),
-        HyperParameter("beta2", 0.99, Range(0.0, 1.0, high_open=True),
-                       "forgetting factor of the per-coordinate noise estimate in the eigenbasis"),
+    # the adaptive diagonal's own (β₁, β₂, ε: the filter that runs in the eigenbasis), then the basis'
+    hyperparameters = tuple(h for h in AdaptiveDiagonalSurrogate.hyperparameters if h.name != "sigma") + (
         HyperParameter("beta3", 0.95, Range(0.0, 1.0, high_open=True),
                        "forgetting factor of the noise's Kronecker factors L = E[H Hᵀ], R = E[Hᵀ H]"),
-        HyperParameter("eps", 1e-8, Range(0.0, low_open=True),
-                       "floor of the per-coordinate noise's standard deviation (v + ε²)"),
         HyperParameter("refresh", 10, Range(1.0), "the eigenbasis is recomputed every k-th update"),
         HyperParameter("max_dim", 1024, Range(1.0), "a side longer than this keeps the identity as its basis"),
     )
