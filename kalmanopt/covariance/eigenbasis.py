@@ -144,14 +144,14 @@ def filter_step(block: MatrixBlock) -> None:
     p = posterior(steady_root(lam, q), lam)
     scale = torch.rsqrt(q * vbar) if q > 0.0 else torch.zeros_like(vbar)
     block.out["D"] = rotate_back(p * m, UL, UR) * scale
-    block.carry.update(m_new=m, v_new=v)
+    block.carry.update(m_new=m, v_new=v, m_old=block.x["m"], v_old=block.x["v"])
 
 
 def commit(block: MatrixBlock) -> None:
     """m̃, ṽ ← this step's, where the layer took the update (a skipped step keeps them)."""
     keep = block.per_layer(block.keep)
-    block.out["m"] = torch.where(keep, block.carry["m_new"], block.x["m"])
-    block.out["v"] = torch.where(keep, block.carry["v_new"], block.x["v"])
+    block.out["m"] = torch.where(keep, block.carry["m_new"], block.carry["m_old"])
+    block.out["v"] = torch.where(keep, block.carry["v_new"], block.carry["v_old"])
 
 
 class EigenbasisSurrogate(CovarianceSurrogate):
@@ -190,7 +190,7 @@ class EigenbasisSurrogate(CovarianceSurrogate):
                 MatrixStage("basis", basis, "before", reads=("m", "v"), factors=noise + bases, every="refresh"),
                 MatrixStage("filter", filter_step, "before", reads=("H", "m", "v"), writes=("D",), factors=bases,
                             scalars=("k",)),
-                MatrixStage("commit", commit, "after", reads=("m", "v"), writes=("m", "v")))
+                MatrixStage("commit", commit, "after", reads=(), writes=("m", "v")))
 
     def reductions(self, hp: Mapping[str, Any], diagnostics: bool = False) -> tuple[Reduction, ...]:
         return ()
