@@ -169,7 +169,7 @@ BAD_CONFIGS = [
      "valid keywords"),
     ('steps = 1\n[[optimizers]]\npreset = "koala++"\nq = -1.0', "optimizer 'koala++'", "q"),
     ('steps = 1\n[[optimizers]]\ncompose = {surrogate = "banana"}', "unknown surrogate part 'banana'",
-     "valid choices: adaptive_diagonal, block, diagonal, factored, kronecker, lowrank, product, scalar"),
+     "valid choices: adaptive_diagonal, block, diagonal, eigenbasis, factored, kronecker, lowrank, product, scalar"),
     ('steps = 1\nmodel = "vit"\noptimizers = ["sgd"]', "unknown model 'vit'", "valid models: cnn, mlp"),
     ('task = "cifar10"\nsteps = 1\noptimizers = ["sgd"]', "task 'cifar10' needs its data", "cifar-10-batches-py"),
     ('task = "text"\nsteps = 1\noptimizers = ["sgd"]\n[task_options]\ndata = "/nonexistent/corpus.txt"',
