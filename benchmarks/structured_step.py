@@ -1,13 +1,14 @@
 """Optimizer step time and state of the structured-covariance presets against AdamW and Muon.
 
 On GPT-2 small's (or medium's) parameter tensors with random gradients, in one process on one device:
-``koala-factored`` and ``koala-kron`` (its factors refreshed every 10 steps by default) against torch's AdamW
-(fused) and torch's Muon (the hidden weight matrices; AdamW fused for the embeddings, norms and biases, as
-Muon's documentation prescribes). A step with a refresh interval costs more on its refresh steps, so each
-optimizer is timed as the mean over a whole number of intervals (CUDA events around the block of steps),
-in rounds whose order alternates. Reported beside the times: the optimizer state (the bytes a state dict
-holds: AdamW's two moments, Muon's momentum, the factors), the workspace a step keeps besides, and the peak
-memory the optimizer adds beyond parameters and gradients.
+``koala-factored``, ``koala-kron`` (its factors refreshed every 10 steps by default) and ``koala-adam-eigen``
+(its eigenbasis refreshed every 10 steps), beside ``koala-adam-steady`` (the same filter without a basis),
+against torch's AdamW (fused) and torch's Muon (the hidden weight matrices; AdamW fused for the embeddings,
+norms and biases, as Muon's documentation prescribes). A step with a refresh interval costs more on its
+refresh steps, so each optimizer is timed as the mean over a whole number of intervals (CUDA events around the
+block of steps), in rounds whose order alternates. Reported beside the times: the optimizer state (the bytes a
+state dict holds: AdamW's two moments, Muon's momentum, the factors), the workspace a step keeps besides, and
+the peak memory the optimizer adds beyond parameters and gradients.
 
 Usage::
 
@@ -158,27 +159,40 @@ def _time_one(label: str, shapes: list[tuple[int, ...]], device: torch.device, w
 
 
 def matmul_gflop(label: str, shapes: list[tuple[int, ...]]) -> float:
-    """The matrix products a ``koala-kron`` step makes, in GFLOP, amortised over its refresh (0 for the others).
+    """The matrix products a step of ``koala-kron`` or ``koala-adam-eigen`` makes, in GFLOP, amortised over its
+    refresh (0 for the others).
 
-    Per layer read as m × n with its factors' forms (a dense A is m × m, a dense B n × n, from the preset's own
-    state table): D = Â H B̂ costs 2m²n (A dense) + 2mn² (B dense) every step, and the posterior's two
-    sandwiches D B̂ Dᵀ and Dᵀ A⁺ D twice that at each refresh. Their time at a card's matmul rate is the floor
-    of the step's matrix work."""
+    Per layer read as m × n, with the factors' forms from the preset's own state table (a dense row factor is
+    m × m, a dense column factor n × n):
+
+    - ``koala-kron``: D = Â H B̂ costs 2m²n (A dense) + 2mn² (B dense) every step, and the posterior's two
+      sandwiches D B̂ Dᵀ and Dᵀ A⁺ D twice that at each refresh;
+    - ``koala-adam-eigen``: per dense side (rows: 2m²n each) the rotation in, the rotation out and the noise
+      factor's H Hᵀ every step, and at each refresh O = U′ᵀ U (2m³) and the carry of m̃ and ṽ (2m²n each); the
+      eigendecompositions are not counted.
+
+    Their time at a card's matmul rate is the floor of the step's matrix work."""
     if label in ("AdamW fused", "Muon + AdamW"):
         return 0.0
     preset, options = label_options(label)
-    if preset != "koala-kron":
+    if preset not in ("koala-kron", "koala-adam-eigen"):
         return 0.0
-    refresh = int(options.get("refresh", 1))
+    refresh = int(options.get("refresh", 1 if preset == "koala-kron" else 10))
     probe = kalmanopt.create(preset, [torch.nn.Parameter(torch.zeros(1))])  # (its filter's state table)
     table, hp = kalmanopt.plan.state_table(probe.filter), probe.param_groups[0]
+    rows, cols = ("A", "B") if preset == "koala-kron" else ("noise_rows", "noise_cols")
     total = 0.0
     for shape in shapes:
         m, n, matrix = kalmanopt.state.matricised_shape(tuple(shape))
         factors = table.factor_shapes(tuple(shape), hp)
-        predict = (2.0 * m * m * n if len(factors["A"]) == 2 else 0.0) + (2.0 * m * n * n if len(factors["B"]) == 2
-                                                                            else 0.0)
-        total += predict * (1.0 + 2.0 / refresh)
+        dense_rows, dense_cols = len(factors[rows]) == 2, len(factors[cols]) == 2
+        if preset == "koala-kron":
+            predict = (2.0 * m * m * n if dense_rows else 0.0) + (2.0 * m * n * n if dense_cols else 0.0)
+            total += predict * (1.0 + 2.0 / refresh)
+            continue
+        for dense, side, other in ((dense_rows, m, n), (dense_cols, n, m)):
+            if dense:
+                total += 3 * 2.0 * side * side * other + (2.0 * side ** 3 + 2 * 2.0 * side * side * other) / refresh
     return total / 1e9
 
 
