@@ -170,6 +170,11 @@ def test_skipped_layer_state_and_parameters_do_not_change(preset, skip, seed, wa
 # float32, 1e-15 in float64), and the steady-state gain scales a coordinate's step by its noise, not its size
 FP_STEPS = 4
 FP32_RTOL = {preset: 2e-5 for preset in PRESETS} | {"koala++-lr": 1e-3, "koala-adam-eigen": 2e-2}
+# the devices' eigensolvers pick different bases of an eigenspace of dimension above one, and every basis of it is
+# an equally valid eigenbasis (the step depends on the choice). A rectangular layer's first factor, from one
+# gradient, has such a null space, so koala-adam-eigen is compared across devices on square layers, whose factors
+# have null spaces of dimension one at most (the cross-entropy's sum over classes), unique up to sign
+DEVICE_SIZES = {preset: [6, 8, 3] for preset in PRESETS} | {"koala-adam-eigen": [6, 6, 6]}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -193,7 +198,7 @@ def test_float32_and_float64_runs_agree(preset, seed, weight_decay):
 @given(seed=seeds)
 def test_cpu_and_cuda_runs_agree(preset, dtype, seed):
     rtol = 1e-10 if dtype == torch.float64 else FP32_RTOL[preset]
-    sizes = [6, 8, 3]
+    sizes = DEVICE_SIZES[preset]
     batches = data(sizes, seed, FP_STEPS)
     model_cpu = mlp(sizes, seed, dtype)
     model_cuda = copy.deepcopy(model_cpu).to("cuda")

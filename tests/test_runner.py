@@ -273,6 +273,30 @@ lr = 0.1
 
 
 # ---------------------------------------------------------------------------------------- optimizers
+def test_others_runs_a_second_group_and_keys_the_run(tmp_path):
+    outcome = run_toml(tmp_path, """
+task = "quadratic"
+steps = 10
+batch_size = 25
+threads = 1
+[task_options]
+samples = 100
+[[optimizers]]
+torch = "adamw"
+weight_decay = 0.1
+[[optimizers]]
+label = "adamw-no-decay-outside"
+torch = "adamw"
+weight_decay = 0.1
+others = {weight_decay = 0.0}
+""")
+    plain, split = outcome.records
+    assert plain["others"] == {} and split["others"] == {"weight_decay": 0.0}
+    assert plain["run_id"].split("-")[-1] != split["run_id"].split("-")[-1]
+    assert plain["val_loss"] != split["val_loss"]  # the bias was not decayed
+    assert "others: weight_decay=0.0" in (outcome.out / "summary.md").read_text()
+
+
 def test_compositions_of_named_parts_run_and_report_rows_kept(tmp_path):
     outcome = run_toml(tmp_path, """
 task = "quadratic"

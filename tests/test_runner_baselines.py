@@ -170,3 +170,41 @@ def test_state_dict_round_trip_resumes_identically():
     _train(resumed, optimizer2, scheduler2, 3, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed.parameters()))
     assert [g["lr"] for g in optimizer2.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+# ------------------------------------------------------------------------------ others: a second group
+def test_others_gives_the_parameters_outside_the_hidden_matrices_their_own_keywords():
+    model = GPT(vocab_size=11, block_size=8, d_model=16, n_layer=2, n_head=2)
+    spec = parse_optimizer({"preset": "koala-adam-eigen", "lr": 1e-3, "others": {"max_dim": 1}})
+    spec.check()
+    optimizer = spec.build(model.parameters(), {"lr": 1e-3}, model=model)
+    hidden, rest = optimizer.param_groups
+    muon, adamw = muon_param_groups(model)
+    assert [id(p) for p in hidden["params"]] == [id(p) for p in muon["params"]]
+    assert [id(p) for p in rest["params"]] == [id(p) for p in adamw["params"]]
+    assert hidden["max_dim"] == 1024 and rest["max_dim"] == 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 11, (4, 8), generator=g)
+    losses = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+    losses.mean().backward()
+    optimizer.step(loss=losses)
+    token, qkv = model.token.weight, model.blocks[0].attn.qkv.weight
+    assert optimizer.state[token]["basis_rows"].ndim == 1  # an embedding: no basis (the identity, kept diagonal)
+    assert optimizer.state[qkv]["basis_rows"].ndim == 2  # a hidden matrix: its eigenbasis
+    adamw_spec = parse_optimizer({"torch": "adamw", "weight_decay": 0.1, "others": {"weight_decay": 0.0}})
+    groups = adamw_spec.build(model.parameters(), adamw_spec.settings()[0], model=model).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    plain = parse_optimizer({"torch": "adamw", "others": {"weight_decay": 0.0}}).build(
+        [torch.zeros(3, 2, requires_grad=True), torch.zeros(3, requires_grad=True)], {})
+    assert [len(g["params"]) for g in plain.param_groups] == [1, 1]  # without a model: 2-D is hidden
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"preset": "koala-adam-eigen", "others": {"max_dims": 1}}, r"unknown keyword\(s\) \['max_dims'\] in others"),
+    ({"preset": "koala-adam-eigen", "others": 1}, "others of optimizer 'koala-adam-eigen' must be a table"),
+    ({"torch": "muon", "others": {"lr": 1e-3}}, "others does not apply to it"),
+    ({"preset": "koala-adam-eigen", "others": {"max_dim": 0}}, "max_dim"),
+])
+def test_bad_others_are_refused_with_the_reason(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_optimizer(entry).check()

@@ -247,6 +247,8 @@ class ExperimentConfig:
                    "optimizer": spec.describe(), "parts": spec.parts, "setting": setting, "seed": seed}
         if spec.clip_grad_norm is not None:
             shaping["clip_grad_norm"] = spec.clip_grad_norm
+        if spec.others:
+            shaping["others"] = spec.others
         if self.autocast != "none":
             shaping["autocast"] = self.autocast
         digest = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -275,7 +277,8 @@ class ExperimentConfig:
             "task_options": self.task_options, "model_options": self.model_options,
             "schedule": {k: list(v) if isinstance(v, tuple) else v for k, v in self.schedule.__dict__.items()},
             "optimizers": [{"label": s.label, "family": s.family, "name": s.name, "parts": s.parts,
-                            "keywords": s.keywords, "grid": s.grid, "clip_grad_norm": s.clip_grad_norm}
+                            "keywords": s.keywords, "grid": s.grid, "clip_grad_norm": s.clip_grad_norm,
+                            "others": s.others}
                            for s in self.optimizers],
             "analysis": self.analysis, "mode": self.mode,
         }

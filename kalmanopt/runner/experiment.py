@@ -90,7 +90,8 @@ def write_reports(out: Path, config: ExperimentConfig | dict[str, Any], records:
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     identity = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES and k not in ("provenance", "run")}
     identity["task_options"] = {k: v for k, v in (identity.get("task_options") or {}).items() if k != "data"}
-    identity["optimizers"] = [{k: v for k, v in entry.items() if not (k == "clip_grad_norm" and v is None)}
+    identity["optimizers"] = [{k: v for k, v in entry.items()
+                               if not (k == "clip_grad_norm" and v is None) and not (k == "others" and not v)}
                               for entry in identity.get("optimizers") or []]
     return json.loads(json.dumps(identity, default=str))
 

@@ -6,10 +6,16 @@ A config names each optimizer one of three ways::
     {torch = "adamw", lr = 1e-3, weight_decay = 1e-2}
     {torch = "muon", lr = {logspace = [1e-3, 1e-2, 5]}}
     {compose = {surrogate = "lowrank", estimator = "vanilla", memory = 3}, q = 0.1, label = "lr-ns-3"}
+    {preset = "koala-adam-eigen", others = {max_dim = 1}}
 
-or by a bare name (a preset or a baseline). Every keyword is checked against what the optimizer
-accepts, and every grid setting is built once on a dummy parameter (a baseline: on a tiny two-layer
-model), so a bad value fails before training starts.
+or by a bare name (a preset or a baseline). ``others`` (a table of keywords) builds two parameter groups,
+split as Muon's documentation splits them (:func:`~kalmanopt.runner.muon.muon_param_groups`): the hidden
+matrices with the entry's keywords, and the rest (embeddings, the output layer, norms and biases) with
+``others`` overriding them, e.g. no basis for the embeddings above, or ``{weight_decay = 0.0}`` for AdamW.
+
+Every keyword is checked against what the optimizer accepts, and every grid setting is built once on a
+dummy parameter (a baseline, or an entry with ``others``: on a tiny two-layer model), so a bad value fails
+before training starts.
 
 The torch baselines are every ``torch.optim.Optimizer`` subclass torch exports, by its lowercase
 name (:data:`TORCH_BASELINES`), except those the runner's step cannot drive
@@ -115,7 +121,7 @@ def _is_logspace(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"logspace"}
 
 #: keys of an optimizer entry that are not keywords of the optimizer
-_ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid", "clip_grad_norm")
+_ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid", "clip_grad_norm", "others")
 
 #: keywords of every KalmanOptimizer beside the composition's hyper-parameters
 _KALMAN_KEYWORDS = ("loss_statistic", "strict", "track_diagnostics")
@@ -143,6 +149,8 @@ class OptimizerSpec:
         grid: keyword -> list of values; the runs take their Cartesian product.
         clip_grad_norm: clip the gradients' global norm to this before each step
             (``torch.nn.utils.clip_grad_norm_``), or ``None``.
+        others: keyword overrides for the parameters that are not hidden matrices (a second parameter
+            group; empty: one group of every parameter).
     """
 
     label: str
@@ -152,6 +160,7 @@ class OptimizerSpec:
     keywords: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     clip_grad_norm: float | None = None
+    others: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_kalman(self) -> bool:
@@ -195,6 +204,9 @@ class OptimizerSpec:
         and the output layer (:func:`~kalmanopt.runner.muon.muon_param_groups`); without it, 2-D
         tensors are taken as hidden matrices.
         """
+        if self.others:
+            groups = muon_param_groups(model, params) if model is not None else _split_by_shape(params)
+            params = [{"params": g["params"], **({} if g["use_muon"] else self.others)} for g in groups]
         if self.family == "torch":
             cls, defaults = TORCH_BASELINES[self.name]
             if cls is MuonWithAdamW and model is not None:
@@ -217,6 +229,15 @@ class OptimizerSpec:
             if unknown:
                 problems.add(f"optimizer {self.label!r} ({self.describe()}): unknown {where}(s) {unknown}; "
                              f"valid keywords: {', '.join(sorted(valid))}")
+        if self.others:
+            unknown = sorted(set(self.others) - set(valid) - set(_KALMAN_KEYWORDS))
+            if unknown:
+                problems.add(f"optimizer {self.label!r}: unknown keyword(s) {unknown} in others; "
+                             f"valid keywords: {', '.join(sorted(valid))}")
+            if self.family == "torch" and self.name == "muon":
+                problems.add(f"optimizer {self.label!r}: muon already steps the parameters that are not hidden "
+                             f"matrices with AdamW (its adamw_lr, adamw_betas, adamw_weight_decay); others does "
+                             f"not apply to it")
         both = sorted(set(self.keywords) & set(self.grid))
         if both:
             problems.add(f"optimizer {self.label!r}: {both} given both as a fixed keyword and in the grid; keep one")
@@ -238,13 +259,21 @@ class OptimizerSpec:
             dummy = torch.zeros(2, requires_grad=True)
             probe = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))  # a hidden matrix, an output layer, biases
             try:
-                if self.family == "torch":
+                if self.family == "torch" or self.others:
                     self.build(probe.parameters(), setting, model=probe)
                 else:
                     self.build([dummy], setting)
             except (ValueError, TypeError) as exc:
                 problems.add(f"optimizer {self.label!r} with {setting}: {exc}")
         problems.raise_if_any()
+
+
+def _split_by_shape(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Muon's two groups without a model to tell layers apart: 2-D tensors are taken as hidden matrices."""
+    tensors = list(params)
+    groups = [{"params": [p for p in tensors if p.ndim == 2], "use_muon": True},
+              {"params": [p for p in tensors if p.ndim != 2], "use_muon": False}]
+    return [g for g in groups if g["params"]]
 
 
 def _expand_logspaces(name: str, keywords: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +303,11 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
     if label is not None and (not isinstance(label, str) or not label.strip()):
         raise ConfigError(f"label of optimizer entry {entry!r} must be a non-empty string, got {label!r}")
     clip = entry.pop("clip_grad_norm", None)
+    others = entry.pop("others", {})
+    if not isinstance(others, dict):
+        raise ConfigError(f"others of optimizer {label or entry[how]!r} must be a table of keywords for the "
+                          f"parameters that are not hidden matrices, e.g. others = {{weight_decay = 0.0}}; "
+                          f"got {others!r}")
     grid = entry.pop("grid", {}) or {}
     if not isinstance(grid, dict):
         raise ConfigError(f"grid of optimizer {label or entry[how]!r} must be a table of lists, got {grid!r}")
@@ -295,7 +329,7 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
         name = str(value).lower()
         if name not in presets:
             raise ConfigError(f"unknown preset {value!r}; valid presets: {', '.join(presets)}")
-        return OptimizerSpec(label or name, "preset", name, {}, keywords, grid, clip)
+        return OptimizerSpec(label or name, "preset", name, {}, keywords, grid, clip, others)
     if how == "torch":
         name = str(value).lower()
         if name in EXCLUDED_BASELINES:
@@ -303,7 +337,7 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
                               f"valid baselines: {', '.join(TORCH_BASELINES)}")
         if name not in TORCH_BASELINES:
             raise ConfigError(f"unknown torch baseline {value!r}; valid baselines: {', '.join(TORCH_BASELINES)}")
-        return OptimizerSpec(label or name, "torch", name, {}, keywords, grid, clip)
+        return OptimizerSpec(label or name, "torch", name, {}, keywords, grid, clip, others)
     if not isinstance(value, dict):
         raise ConfigError(f"compose must be a table of part names and options, e.g. "
                           f"compose = {{surrogate = \"lowrank\", memory = 3}}; got {value!r}")
@@ -313,4 +347,4 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"compose {parts}: {exc} (part kinds: {', '.join(PART_KINDS)})") from None
     default_label = "compose:" + "-".join(str(parts[k]) for k in PART_KINDS if k in parts)
-    return OptimizerSpec(label or default_label, "compose", "compose", parts, keywords, grid, clip)
+    return OptimizerSpec(label or default_label, "compose", "compose", parts, keywords, grid, clip, others)

@@ -197,6 +197,8 @@ def _hyperparameter_text(record: dict[str, Any]) -> str:
     text = ", ".join(f"{k}={v}" for k, v in hps.items() if k not in skip)
     if record.get("clip_grad_norm") is not None:
         text += f", clip_grad_norm={record['clip_grad_norm']}"
+    if record.get("others"):
+        text += ", others: " + ", ".join(f"{k}={v}" for k, v in record["others"].items())
     return text
 
 
