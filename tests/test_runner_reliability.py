@@ -240,6 +240,61 @@ def test_resuming_with_another_mode_or_config_is_refused(tmp_path, tiny, capsys)
     assert len(json.loads((out / "results.json").read_text())) == 4
 
 
+TEXT = """
+name = "text-tiny"
+task = "text"
+seeds = [0, 1]
+steps = 4
+batch_size = 4
+threads = 1
+[task_options]
+block_size = 8
+[model_options]
+d_model = 16
+n_layer = 1
+n_head = 2
+[[optimizers]]
+torch = "adamw"
+"""
+
+
+def _corpus(folder):
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("the filter's gain weighs the innovation by its noise. " * 40)
+    return folder / "corpus.txt"
+
+
+def test_the_same_data_at_another_path_resumes_every_run(tmp_path, capsys, monkeypatch):
+    corpus, config, out = _corpus(tmp_path / "data"), tmp_path / "text.toml", tmp_path / "out"
+    config.write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, config, "--out", out, "--data", "data/corpus.txt")[0] == 0
+    before = json.loads((out / "results.json").read_text())
+    moved = corpus.rename(_corpus(tmp_path / "elsewhere"))  # the same text, at another (absolute) path
+    status, text, _ = run_cli(capsys, config, "--out", out, "--data", moved.resolve())
+    assert status == 0 and "resumed: 2 run(s) were already finished" in text
+    assert json.loads((out / "results.json").read_text()) == before
+
+
+def test_a_folder_whose_run_ids_held_the_data_path_resumes_under_the_ids_of_now(tmp_path, capsys):
+    corpus, config, out = _corpus(tmp_path / "data"), tmp_path / "text.toml", tmp_path / "out"
+    config.write_text(TEXT)
+    assert run_cli(capsys, config, "--out", out, "--data", corpus)[0] == 0
+    now = load_config(config, overrides={"data": corpus})
+    ids = {r.run_id: now.legacy_run_id(r.optimizer, r.hyperparameters, r.seed, str(corpus)) for r in now.runs()}
+    assert all(old != new for new, old in ids.items())
+    # the folder as an earlier kalmanopt wrote it: its ids held the data path
+    records = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps([{**r, "run_id": ids[r["run_id"]]} for r in records]))
+    MetricsLog.rename(out / "metrics.jsonl", ids)
+    assert {m["run_id"] for m in MetricsLog.read(out / "metrics.jsonl")} == set(ids.values())
+    status, text, _ = run_cli(capsys, config, "--out", out, "--data", corpus)
+    assert status == 0 and "resumed: 2 run(s) were already finished" in text
+    assert [r["run_id"] for r in json.loads((out / "results.json").read_text())] == [r["run_id"] for r in records]
+    metrics = MetricsLog.read(out / "metrics.jsonl")
+    assert {m["run_id"] for m in metrics} == set(ids) and len(metrics) > len(ids)
+
+
 def test_quick_runs_get_their_own_default_folder(tmp_path, tiny, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, tiny, "--quick")[0] == 0

@@ -184,6 +184,11 @@ class Schedule:
         return at
 
 
+def _without_data(task_options: dict[str, Any]) -> dict[str, Any]:
+    """The task's options less its data path (which names where the data is, not what the run is)."""
+    return {k: v for k, v in task_options.items() if k != "data"}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run of the grid: an optimizer with one keyword setting and one seed.
@@ -240,8 +245,20 @@ class ExperimentConfig:
         return runs
 
     def run_id(self, spec: OptimizerSpec, setting: dict[str, Any], seed: int) -> str:
-        """A readable id plus a hash of everything that shapes the run (so a changed config re-runs)."""
-        shaping = {"task": self.task, "model": self.model, "task_options": self.task_options,
+        """A readable id plus a hash of everything that shapes the run (so a changed config re-runs).
+
+        The data path is not in it: the same data at another path (a relative one, another machine) is
+        the same run, as :func:`~kalmanopt.runner.experiment.check_resumable` lets it resume."""
+        return self._run_id(spec, setting, seed, _without_data(self.task_options))
+
+    def legacy_run_id(self, spec: OptimizerSpec, setting: dict[str, Any], seed: int, data: str | None) -> str:
+        """The id an earlier kalmanopt gave this run with the data at ``data``: its hash held the data path
+        (so a folder it wrote resumes under :meth:`run_id`). Without a data path the two ids are equal."""
+        options = _without_data(self.task_options)
+        return self._run_id(spec, setting, seed, options if data is None else {**options, "data": data})
+
+    def _run_id(self, spec: OptimizerSpec, setting: dict[str, Any], seed: int, task_options: dict[str, Any]) -> str:
+        shaping = {"task": self.task, "model": self.model, "task_options": task_options,
                    "model_options": self.model_options, "epochs": self.epochs, "steps": self.steps,
                    "batch_size": self.batch_size, "schedule": self.schedule.__dict__, "diagnostics": self.diagnostics,
                    "optimizer": spec.describe(), "parts": spec.parts, "setting": setting, "seed": seed}

@@ -96,15 +96,18 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(identity, default=str))
 
 
-def check_resumable(out: Path, config: ExperimentConfig) -> None:
+def check_resumable(out: Path, config: ExperimentConfig) -> dict[str, Any] | None:
     """Raise ConfigError if ``out`` holds runs of another config or mode (``--quick`` or full).
 
     Seeds, device, threads, the validation batch size and the data path may differ (a resume on
     another machine, more seeds); anything else that shapes the runs may not.
+
+    Returns:
+        the config stored in ``out`` (its ``config.json``), or None where it has none.
     """
     path = out / "config.json"
     if not path.is_file():
-        return
+        return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -121,6 +124,30 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
         details = "; ".join(f"{k}: {json.dumps(old[k])[:60]} -> {json.dumps(new[k])[:60]}" for k in differ[:4])
         raise ConfigError(f"{str(out)!r} holds runs of another config ({details}); resume it with the same "
                           f"config, or pass another --out")
+    return stored
+
+
+def _adopt_legacy_ids(config: ExperimentConfig, out: Path, previous: list[dict[str, Any]],
+                      stored: dict[str, Any] | None, runs: list[RunSpec] | None, write: bool) -> list[dict[str, Any]]:
+    """The finished records of a folder whose run ids held the data path (an earlier kalmanopt), under the
+    ids :meth:`ExperimentConfig.run_id` gives their runs now; ``write``: in its results.json and
+    metrics.jsonl too (rank 0 does it before it rewrites config.json, so every rank finds the same runs
+    finished)."""
+    data = ((stored or {}).get("task_options") or {}).get("data")
+    if data is None or not previous:
+        return previous
+    renamed = {config.legacy_run_id(r.optimizer, r.hyperparameters, r.seed, str(data)): r.run_id
+               for r in (config.runs() if runs is None else runs)}
+    renamed = {old: new for old, new in renamed.items() if old != new and old in {r["run_id"] for r in previous}}
+    if not renamed:
+        return previous
+    adopted = [{**r, "run_id": renamed.get(r["run_id"], r["run_id"])} for r in previous]
+    if write:
+        logger.info("resuming: %d run(s) written with the data path in their ids take their ids of now",
+                    len(renamed))
+        MetricsLog.rename(out / "metrics.jsonl", renamed)
+        save_results(out, adopted)
+    return adopted
 
 
 def _analysis_enabled(config: ExperimentConfig) -> bool:
@@ -157,8 +184,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
                           "pass a writable --out") from None
     launched = launch(config.distributed, config.resolved_device())
     if not launched.writes:  # another rank than 0: trains the same runs, writes nothing that stays
-        check_resumable(out, config)
+        stored = check_resumable(out, config)
         previous = [r for r in load_results(out) if r.get("status") in STATUSES]
+        previous = _adopt_legacy_ids(config, out, previous, stored, runs, write=False)
         with tempfile.TemporaryDirectory(prefix=f"kalmanopt-rank{launched.rank}-") as scratch:
             logging.getLogger("kalmanopt").setLevel(logging.WARNING)
             outcome = _run_grid(config, Path(scratch), previous, False, launched, runs)
@@ -170,8 +198,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, p
             if lock.took_over is not None:
                 logger.warning("took over %s: the process that held it (%s) no longer exists", lock.path,
                                lock.took_over.get("pid", "unknown"))
-            check_resumable(out, config)
+            stored = check_resumable(out, config)
             previous = [r for r in load_results(out) if r.get("status") in STATUSES]
+            previous = _adopt_legacy_ids(config, out, previous, stored, runs, write=True)
             outcome = _run_grid(config, out, previous, progress, launched, runs)
         finish(launched)
         return outcome

@@ -66,6 +66,32 @@ class MetricsLog:
         return records
 
     @staticmethod
+    def rename(path: str | Path, run_ids: dict[str, str]) -> None:
+        """Give the records of each run in ``run_ids`` (old id -> new id) its new id, rewriting the file
+        atomically as :meth:`keep_only` does (a line that is not a record is kept as it is)."""
+        path = Path(path)
+        if not path.exists() or not run_ids:
+            return
+
+        def renamed(line: str) -> str:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return line
+            if not isinstance(record, dict) or record.get("run_id") not in run_ids:
+                return line
+            return json.dumps({**record, "run_id": run_ids[record["run_id"]]}) + "\n"
+
+        def copy_renamed(out: Any) -> None:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        line = renamed(line)
+                        out.write(line if line.endswith("\n") else line + "\n")
+
+        atomic_write_with(path, copy_renamed)
+
+    @staticmethod
     def keep_only(path: str | Path, run_ids: set[str]) -> None:
         """Drop the records of runs not in ``run_ids`` (those a Ctrl-C cut short).
 
