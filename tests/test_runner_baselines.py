@@ -208,3 +208,41 @@ def test_others_gives_the_parameters_outside_the_hidden_matrices_their_own_keywo
 def test_bad_others_are_refused_with_the_reason(entry, message):
     with pytest.raises(ConfigError, match=message):
         parse_optimizer(entry).check()
+
+
+# ------------------------------------------------------------------------------------ heavyball
+def test_a_heavyball_optimizer_is_a_baseline_stepping_eagerly(tmp_path):
+    pytest.importorskip("heavyball", reason="the baselines extra is not installed: pip install 'kalmanopt[baselines]'")
+    spec = parse_optimizer({"heavyball": "SOAP", "lr": 3e-3, "precondition_frequency": 5})
+    spec.check()
+    assert (spec.family, spec.name, spec.describe(), spec.is_kalman) == ("heavyball", "soap", "heavyball soap", False)
+    model = GPT(vocab_size=11, block_size=8, d_model=16, n_layer=1, n_head=2)
+    optimizer = spec.build(model.parameters(), spec.settings()[0], model=model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0 / (k + 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, optimizer, scheduler, 6)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    import heavyball.utils
+    assert heavyball.utils.compile_mode is None  # eager: no minutes of torch.compile autotuning on a CPU
+
+
+def test_unknown_heavyball_names_and_keywords_list_the_choices():
+    pytest.importorskip("heavyball", reason="the baselines extra is not installed: pip install 'kalmanopt[baselines]'")
+    with pytest.raises(ConfigError, match=r"unknown heavyball optimizer 'soapy'; valid choices: .*psgdkron.*soap"):
+        parse_optimizer({"heavyball": "soapy"})
+    with pytest.raises(ConfigError, match=r"unknown keyword\(s\) \['shampoo_betas'\].*shampoo_beta"):
+        parse_optimizer({"heavyball": "soap", "shampoo_betas": 0.9}).check()
+
+
+def test_without_heavyball_the_error_says_how_to_install_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_heavyball(name, *args, **kwargs):
+        if name == "heavyball" or name.startswith("heavyball."):
+            raise ImportError("No module named 'heavyball'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_heavyball)
+    with pytest.raises(ConfigError, match=r"heavyball baselines need heavyball.*pip install 'kalmanopt\[baselines\]'"):
+        parse_optimizer({"heavyball": "soap"})

@@ -1,17 +1,21 @@
-"""The optimizers of a grid: KOALA presets, compositions of named parts, and torch baselines.
+"""The optimizers of a grid: KOALA presets, compositions of named parts, torch and heavyball baselines.
 
-A config names each optimizer one of three ways::
+A config names each optimizer one of four ways::
 
     {preset = "koala++", sigma = 0.1, q = 0.1, lr = 1.0}
     {torch = "adamw", lr = 1e-3, weight_decay = 1e-2}
     {torch = "muon", lr = {logspace = [1e-3, 1e-2, 5]}}
     {compose = {surrogate = "lowrank", estimator = "vanilla", memory = 3}, q = 0.1, label = "lr-ns-3"}
+    {heavyball = "soap", lr = 3e-3}
     {preset = "koala-adam-eigen", others = {max_dim = 1}}
 
-or by a bare name (a preset or a baseline). ``others`` (a table of keywords) builds two parameter groups,
-split as Muon's documentation splits them (:func:`~kalmanopt.runner.muon.muon_param_groups`): the hidden
-matrices with the entry's keywords, and the rest (embeddings, the output layer, norms and biases) with
-``others`` overriding them, e.g. no basis for the embeddings above, or ``{weight_decay = 0.0}`` for AdamW.
+or by a bare name (a preset or a torch baseline); ``heavyball`` names an optimizer of heavyball
+(:mod:`kalmanopt.runner.heavyball_baselines`: the ``baselines`` extra).
+
+``others`` (a table of keywords) builds two parameter groups, split as Muon's documentation splits them
+(:func:`~kalmanopt.runner.muon.muon_param_groups`): the hidden matrices with the entry's keywords, and the
+rest (embeddings, the output layer, norms and biases) with ``others`` overriding them, e.g. no basis for the
+embeddings above, or ``{weight_decay = 0.0}`` for AdamW.
 
 Every keyword is checked against what the optimizer accepts, and every grid setting is built once on a
 dummy parameter (a baseline, or an entry with ``others``: on a tiny two-layer model), so a bad value fails
@@ -42,6 +46,7 @@ import kalmanopt
 from kalmanopt.optimizer import OPTIONS, KalmanOptimizer
 from kalmanopt.registry import PART_KINDS
 from kalmanopt.runner.errors import ConfigError, Problems
+from kalmanopt.runner.heavyball_baselines import build_heavyball, heavyball_keywords, heavyball_optimizers
 from kalmanopt.runner.muon import MuonWithAdamW, muon_param_groups
 
 __all__ = ["TORCH_BASELINES", "EXCLUDED_BASELINES", "RUNNER_DEFAULTS", "OptimizerSpec", "parse_optimizer",
@@ -121,7 +126,7 @@ def _is_logspace(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"logspace"}
 
 #: keys of an optimizer entry that are not keywords of the optimizer
-_ENTRY_KEYS = ("preset", "torch", "compose", "name", "label", "grid", "clip_grad_norm", "others")
+_ENTRY_KEYS = ("preset", "torch", "heavyball", "compose", "name", "label", "grid", "clip_grad_norm", "others")
 
 #: keywords of every KalmanOptimizer beside the composition's hyper-parameters
 _KALMAN_KEYWORDS = ("loss_statistic", "strict", "track_diagnostics")
@@ -142,7 +147,7 @@ class OptimizerSpec:
 
     Attributes:
         label: the name in tables and plots (unique in the grid).
-        family: ``"preset"``, ``"torch"`` or ``"compose"``.
+        family: ``"preset"``, ``"torch"``, ``"heavyball"`` or ``"compose"``.
         name: the preset or baseline name (``"compose"`` for a composition).
         parts: for a composition, the part names and structural options passed to ``compose``.
         keywords: fixed keywords (hyper-parameters) of the optimizer.
@@ -165,7 +170,7 @@ class OptimizerSpec:
     @property
     def is_kalman(self) -> bool:
         """Whether it is a :class:`KalmanOptimizer` (and takes per-sample losses, has diagnostics)."""
-        return self.family != "torch"
+        return self.family in ("preset", "compose")
 
     def describe(self) -> str:
         """What it is, in one phrase: ``preset koala++``, ``torch adamw`` or the composition's parts."""
@@ -179,6 +184,8 @@ class OptimizerSpec:
             return kalmanopt.preset_keywords(self.name)
         if self.family == "torch":
             return baseline_keywords(self.name)
+        if self.family == "heavyball":
+            return heavyball_keywords(self.name)
         composition = self._composition()
         keywords = {name: spec.default for name, spec in composition.hyperparameters().items()}
         keywords.update(OPTIONS)
@@ -212,6 +219,8 @@ class OptimizerSpec:
             if cls is MuonWithAdamW and model is not None:
                 params = muon_param_groups(model, params)
             return cls(params, **{**defaults, **keywords})
+        if self.family == "heavyball":
+            return build_heavyball(self.name, params, keywords)
         kalman_keywords = {"track_diagnostics": track_diagnostics, "loss_statistic": loss_statistic, **keywords}
         if self.family == "preset":
             return kalmanopt.create(self.name, params, **kalman_keywords)
@@ -259,7 +268,7 @@ class OptimizerSpec:
             dummy = torch.zeros(2, requires_grad=True)
             probe = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))  # a hidden matrix, an output layer, biases
             try:
-                if self.family == "torch" or self.others:
+                if not self.is_kalman or self.others:
                     self.build(probe.parameters(), setting, model=probe)
                 else:
                     self.build([dummy], setting)
@@ -294,10 +303,10 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"an optimizer entry must be a name or a table, got {entry!r}")
     entry = dict(entry)
-    given = [k for k in ("preset", "torch", "compose", "name") if k in entry]
+    given = [k for k in ("preset", "torch", "heavyball", "compose", "name") if k in entry]
     if len(given) != 1:
-        raise ConfigError(f"optimizer entry {entry!r} must have exactly one of preset, torch, compose, name "
-                          f"(got {', '.join(given) or 'none'})")
+        raise ConfigError(f"optimizer entry {entry!r} must have exactly one of preset, torch, heavyball, compose, "
+                          f"name (got {', '.join(given) or 'none'})")
     how = given[0]
     label = entry.pop("label", None)
     if label is not None and (not isinstance(label, str) or not label.strip()):
@@ -338,6 +347,12 @@ def parse_optimizer(entry: str | dict[str, Any]) -> OptimizerSpec:
         if name not in TORCH_BASELINES:
             raise ConfigError(f"unknown torch baseline {value!r}; valid baselines: {', '.join(TORCH_BASELINES)}")
         return OptimizerSpec(label or name, "torch", name, {}, keywords, grid, clip, others)
+    if how == "heavyball":
+        name = str(value).lower()
+        available = heavyball_optimizers()
+        if name not in available:
+            raise ConfigError(f"unknown heavyball optimizer {value!r}; valid choices: {', '.join(available)}")
+        return OptimizerSpec(label or name, "heavyball", name, {}, keywords, grid, clip, others)
     if not isinstance(value, dict):
         raise ConfigError(f"compose must be a table of part names and options, e.g. "
                           f"compose = {{surrogate = \"lowrank\", memory = 3}}; got {value!r}")
