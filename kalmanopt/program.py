@@ -417,8 +417,15 @@ def _walk(e: Expr) -> Iterable[Expr]:
 
 
 def is_vector(e: Expr) -> bool:
-    """Whether ``e`` has the layer's size (it reads a vector) rather than being a scalar."""
-    return any(isinstance(n, Vec) for n in _walk(e))
+    """Whether ``e`` has the layer's size (it reads a vector) rather than being a scalar.
+
+    Kept on the (immutable) node once known: the torch evaluation asks it of every node of every expression at
+    every step, and a walk each time costs a step of a small model about as much as its arithmetic."""
+    known = e.__dict__.get("_reads_vector")
+    if known is None:
+        known = isinstance(e, Vec) or any(is_vector(c) for c in _children(e))
+        object.__setattr__(e, "_reads_vector", known)
+    return known
 
 
 def vectors_read(exprs: Iterable[Expr]) -> list[Vec]:
@@ -571,7 +578,7 @@ def _where(cond: Tensor, a: Scalar, fresh_a: bool, b: Scalar, fresh_b: bool, lik
     device = next(t.device for t in (a, b, cond) if isinstance(t, Tensor))
     a = a if isinstance(a, Tensor) else torch.full((), a, dtype=dtype, device=device)
     b = b if isinstance(b, Tensor) else torch.full((), b, dtype=dtype, device=device)
-    shape = torch.broadcast_shapes(cond.shape, a.shape, b.shape)
+    shape = _broadcast_shape(cond.shape, a.shape, b.shape)
     for value, fresh in ((a, fresh_a), (b, fresh_b)):
         if fresh and value.shape == shape and value.dtype == dtype:
             return torch.where(cond, a, b, out=value)
@@ -615,12 +622,19 @@ def evaluate_vector(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scal
 _OUT_OPS: dict[str, Callable] = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}
 
 
+def _broadcast_shape(*shapes: torch.Size) -> torch.Size:
+    """The shape operands of ``shapes`` broadcast to: the first where all are equal (the common case, without
+    ``torch.broadcast_shapes``, whose Python implementation costs tens of microseconds a call)."""
+    first = shapes[0]
+    return first if all(s == first for s in shapes[1:]) else torch.broadcast_shapes(*shapes)
+
+
 def _new_binop(op: str, a: Scalar, b: Scalar, scratch: Scratch | None) -> Tensor:
     """``a op b`` (one of them a tensor) as a new tensor, borrowed from ``scratch`` where one is given."""
     if scratch is None:
         return _binop_into(op, a, b, None)
     like = a if isinstance(a, Tensor) else b
-    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(a, Tensor) and isinstance(b, Tensor) else like.shape
+    shape = _broadcast_shape(a.shape, b.shape) if isinstance(a, Tensor) and isinstance(b, Tensor) else like.shape
     return _binop_into(op, a, b, scratch.take(shape, torch.result_type(a, b), like.device))
 
 
@@ -835,7 +849,7 @@ def _evaluate_into(e: Expr, env: Mapping[str, Tensor], coefs: Mapping[str, Scala
     if isinstance(e, BinOp) and is_vector(e):
         (a, fresh_a), (b, fresh_b) = _evaluate(e.a, env, coefs, scratch), _evaluate(e.b, env, coefs, scratch)
         shapes = [t.shape for t in (a, b) if isinstance(t, Tensor)]
-        if torch.result_type(a, b) != out.dtype or torch.broadcast_shapes(*shapes) != out.shape:
+        if torch.result_type(a, b) != out.dtype or _broadcast_shape(*shapes) != out.shape:
             value = _new_binop(e.op, a, b, scratch)
             out.copy_(value)
             _drop(value, True, scratch)

@@ -32,17 +32,22 @@ class Scratch:
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape`` that stays the caller's until :meth:`give`."""
-        numel = math.prod(shape)
+        numel = shape[0] if len(shape) == 1 else math.prod(shape)
         free = self._free.setdefault((dtype, device), [])
-        fits = [i for i, b in enumerate(free) if b.numel() >= numel]
-        if fits:
-            buffer = free.pop(min(fits, key=lambda i: free[i].numel()))
+        best, best_numel = -1, 0
+        for i, b in enumerate(free):  # the smallest free buffer that fits
+            n = b.numel()
+            if n >= numel and (best < 0 or n < best_numel):
+                best, best_numel = i, n
+        if best >= 0:
+            buffer = free.pop(best)
         else:  # (a larger buffer replaces the largest one that is too small: the pool does not grow in count)
             if free:
                 free.pop(max(range(len(free)), key=lambda i: free[i].numel()))
             buffer = torch.empty(numel, dtype=dtype, device=device)
         self._lent[id(buffer)] = buffer
-        return buffer[:numel].view(shape)
+        view = buffer.narrow(0, 0, numel)  # (a view even where it is the whole buffer: give finds it by its base)
+        return view if len(shape) == 1 else view.view(shape)
 
     def give(self, tensor: Tensor) -> None:
         """Return a tensor that :meth:`take` lent (anything else is left to the garbage collector)."""
