@@ -136,9 +136,10 @@ def _adopt_legacy_ids(config: ExperimentConfig, out: Path, previous: list[dict[s
     data = ((stored or {}).get("task_options") or {}).get("data")
     if data is None or not previous:
         return previous
+    finished = {r["run_id"] for r in previous}
     renamed = {config.legacy_run_id(r.optimizer, r.hyperparameters, r.seed, str(data)): r.run_id
                for r in (config.runs() if runs is None else runs)}
-    renamed = {old: new for old, new in renamed.items() if old != new and old in {r["run_id"] for r in previous}}
+    renamed = {old: new for old, new in renamed.items() if old != new and old in finished}
     if not renamed:
         return previous
     adopted = [{**r, "run_id": renamed.get(r["run_id"], r["run_id"])} for r in previous]
