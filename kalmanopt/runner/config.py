@@ -184,7 +184,7 @@ class Schedule:
         return at
 
 
-def _without_data(task_options: dict[str, Any]) -> dict[str, Any]:
+def without_data(task_options: dict[str, Any]) -> dict[str, Any]:
     """The task's options less its data path (which names where the data is, not what the run is)."""
     return {k: v for k, v in task_options.items() if k != "data"}
 
@@ -249,12 +249,12 @@ class ExperimentConfig:
 
         The data path is not in it: the same data at another path (a relative one, another machine) is
         the same run, as :func:`~kalmanopt.runner.experiment.check_resumable` lets it resume."""
-        return self._run_id(spec, setting, seed, _without_data(self.task_options))
+        return self._run_id(spec, setting, seed, without_data(self.task_options))
 
     def legacy_run_id(self, spec: OptimizerSpec, setting: dict[str, Any], seed: int, data: str | None) -> str:
         """The id an earlier kalmanopt gave this run with the data at ``data``: its hash held the data path
         (so a folder it wrote resumes under :meth:`run_id`). Without a data path the two ids are equal."""
-        options = _without_data(self.task_options)
+        options = without_data(self.task_options)
         return self._run_id(spec, setting, seed, options if data is None else {**options, "data": data})
 
     def _run_id(self, spec: OptimizerSpec, setting: dict[str, Any], seed: int, task_options: dict[str, Any]) -> str:

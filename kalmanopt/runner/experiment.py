@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kalmanopt.runner.analysis_hook import make_analysis_hook, run_ekf_comparisons
-from kalmanopt.runner.config import ExperimentConfig, RunSpec
+from kalmanopt.runner.config import ExperimentConfig, RunSpec, without_data
 from kalmanopt.runner.distributed import Launch, device_of, finish, launch
 from kalmanopt.runner.errors import ConfigError
 from kalmanopt.runner.health import HEALTHY, STATUSES
@@ -89,7 +89,7 @@ def write_reports(out: Path, config: ExperimentConfig | dict[str, Any], records:
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     identity = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES and k not in ("provenance", "run")}
-    identity["task_options"] = {k: v for k, v in (identity.get("task_options") or {}).items() if k != "data"}
+    identity["task_options"] = without_data(identity.get("task_options") or {})
     identity["optimizers"] = [{k: v for k, v in entry.items()
                                if not (k == "clip_grad_norm" and v is None) and not (k == "others" and not v)}
                               for entry in identity.get("optimizers") or []]

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from kalmanopt.runner.errors import ConfigError
 
-__all__ = ["INSTALL", "heavyball_optimizers", "heavyball_keywords", "build_heavyball"]
+__all__ = ["INSTALL", "heavyball_optimizers", "build_heavyball"]
 
 #: how to install heavyball beside kalmanopt
 INSTALL = "pip install 'kalmanopt[baselines]' (heavyball)"
@@ -46,13 +46,6 @@ def heavyball_optimizers() -> dict[str, type[Optimizer]]:
                 and not name.endswith("Base") and name[0].isupper():
             found[name.lower()] = cls
     return found
-
-
-def heavyball_keywords(name: str) -> dict[str, Any]:
-    """The keywords heavyball's optimizer ``name`` accepts, with its defaults."""
-    cls = heavyball_optimizers()[name]
-    return {p.name: p.default for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
-            if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
 
 
 def build_heavyball(name: str, params: Iterable[Any], keywords: dict[str, Any]) -> Optimizer:

@@ -46,7 +46,7 @@ import kalmanopt
 from kalmanopt.optimizer import OPTIONS, KalmanOptimizer
 from kalmanopt.registry import PART_KINDS
 from kalmanopt.runner.errors import ConfigError, Problems
-from kalmanopt.runner.heavyball_baselines import build_heavyball, heavyball_keywords, heavyball_optimizers
+from kalmanopt.runner.heavyball_baselines import build_heavyball, heavyball_optimizers
 from kalmanopt.runner.muon import MuonWithAdamW, muon_param_groups
 
 __all__ = ["TORCH_BASELINES", "EXCLUDED_BASELINES", "RUNNER_DEFAULTS", "OptimizerSpec", "parse_optimizer",
@@ -132,13 +132,16 @@ _ENTRY_KEYS = ("preset", "torch", "heavyball", "compose", "name", "label", "grid
 _KALMAN_KEYWORDS = ("loss_statistic", "strict", "track_diagnostics")
 
 
+def constructor_keywords(cls: type[Optimizer]) -> dict[str, Any]:
+    """The keywords an optimizer class takes after its parameters, with their defaults."""
+    return {p.name: p.default for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+            if p.kind is inspect.Parameter.KEYWORD_ONLY or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+
+
 def baseline_keywords(name: str) -> dict[str, Any]:
     """The keywords the torch baseline ``name`` accepts, with the runner's defaults."""
     cls, defaults = TORCH_BASELINES[name]
-    keywords = {p.name: p.default for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
-                if p.kind is inspect.Parameter.KEYWORD_ONLY or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
-    keywords.update(defaults)
-    return keywords
+    return {**constructor_keywords(cls), **defaults}
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class OptimizerSpec:
         if self.family == "torch":
             return baseline_keywords(self.name)
         if self.family == "heavyball":
-            return heavyball_keywords(self.name)
+            return constructor_keywords(heavyball_optimizers()[self.name])
         composition = self._composition()
         keywords = {name: spec.default for name, spec in composition.hyperparameters().items()}
         keywords.update(OPTIONS)

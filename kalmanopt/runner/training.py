@@ -69,10 +69,6 @@ class MetricsLog:
     def rename(path: str | Path, run_ids: dict[str, str]) -> None:
         """Give the records of each run in ``run_ids`` (old id -> new id) its new id, rewriting the file
         atomically as :meth:`keep_only` does (a line that is not a record is kept as it is)."""
-        path = Path(path)
-        if not path.exists() or not run_ids:
-            return
-
         def renamed(line: str) -> str:
             try:
                 record = json.loads(line)
@@ -80,16 +76,10 @@ class MetricsLog:
                 return line
             if not isinstance(record, dict) or record.get("run_id") not in run_ids:
                 return line
-            return json.dumps({**record, "run_id": run_ids[record["run_id"]]}) + "\n"
+            return json.dumps({**record, "run_id": run_ids[record["run_id"]]})
 
-        def copy_renamed(out: Any) -> None:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        line = renamed(line)
-                        out.write(line if line.endswith("\n") else line + "\n")
-
-        atomic_write_with(path, copy_renamed)
+        if run_ids:
+            _rewrite_lines(Path(path), renamed)
 
     @staticmethod
     def keep_only(path: str | Path, run_ids: set[str]) -> None:
@@ -99,27 +89,35 @@ class MetricsLog:
         line, so a kill during the rewrite leaves the old file whole; nothing is rewritten when
         every line is kept.
         """
-        path = Path(path)
-        if not path.exists():
-            return
-
         def keeps(line: str) -> bool:
             try:
                 return json.loads(line).get("run_id") in run_ids
             except (json.JSONDecodeError, AttributeError):
                 return False
 
+        path = Path(path)
+        if not path.exists():
+            return
         with open(path, encoding="utf-8") as f:
             if all(keeps(line) for line in f if line.strip()):
                 return
+        _rewrite_lines(path, lambda line: line if keeps(line) else None)
 
-        def copy_kept(out: Any) -> None:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip() and keeps(line):
-                        out.write(line if line.endswith("\n") else line + "\n")
 
-        atomic_write_with(path, copy_kept)
+def _rewrite_lines(path: Path, transform: Callable[[str], str | None]) -> None:
+    """Rewrite ``path`` atomically, each non-blank line replaced by ``transform(line)`` (None drops it)."""
+    if not path.exists():
+        return
+
+    def copy(out: Any) -> None:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    new = transform(line)
+                    if new is not None:
+                        out.write(new if new.endswith("\n") else new + "\n")
+
+    atomic_write_with(path, copy)
 
 
 def layer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
