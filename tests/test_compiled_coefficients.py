@@ -161,7 +161,25 @@ def test_a_compiler_failure_falls_back_to_the_eager_functions_with_one_warning(
 def test_static_hyperparameters_keep_plain_values_only() -> None:
     group = {"params": [torch.zeros(1)], "lr": 0.1, "betas": (0.9, 0.99), "r": None, "name": "x",
              "weights": torch.ones(2), "nested": [1, 2]}
-    assert static_hyperparameters(group) == {"lr": 0.1, "betas": (0.9, 0.99), "r": None, "name": "x"}
+    assert static_hyperparameters(group) == {"betas": (0.9, 0.99), "r": None, "name": "x"}
+
+
+def test_a_learning_rate_schedule_compiles_each_phase_once(compare) -> None:
+    """η enters the compiled function as a tensor: a new learning rate at every step (a scheduler's, as
+    ``LambdaLR`` writes it into ``lr`` with its ``initial_lr`` beside) never compiles a phase again, and every
+    step equals the eager functions."""
+    backend, calls = compare
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((7, 5), (5,))]
+    opt = kalmanopt.create("koala++", params, implementation="foreach", weight_decay=1e-3)
+    opt.param_groups[0]["initial_lr"] = 0.1
+    for k in range(6):
+        opt.param_groups[0]["lr"] = 0.1 / (k + 1)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step(loss=torch.rand(8) + 0.1)
+    assert calls["update"] == 6
+    assert backend.count == 1  # (the update's; KOALA++'s predict is too small to compile)
 
 
 @pytest.mark.parametrize("value,enabled", [("0", False), ("off", False), ("1", True), ("", True)])

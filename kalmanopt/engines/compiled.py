@@ -59,14 +59,21 @@ class _OperationCount(TorchDispatchMode):
 _OUTPUTS = ("coef", "new_layer", "new_group", "gain", "S", "L", "R", "counters", "info", "code", "skip", "ok")
 
 
+#: group entries the compiled function is not given: η enters as a tensor input (``CoefficientStage.lr``;
+#: parts read ``b.eta``, never ``hp["lr"]``). torch.compile guards every value of the dict it is handed, so
+#: a schedule's new ``lr`` at the second step would otherwise compile the function once more
+_NOT_STATIC = frozenset({"params", "lr"})
+
+
 def static_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    """The group's hyper-parameters a coefficient function may read: plain Python values (no parameters)."""
+    """The group's hyper-parameters a coefficient function may read: plain Python values (no parameters),
+    without ``lr`` (an input of its own)."""
     plain = (bool, int, float, str, type(None))
 
     def is_plain(v: Any) -> bool:
         return isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v))
 
-    return {k: v for k, v in group.items() if k != "params" and is_plain(v)}
+    return {k: v for k, v in group.items() if k not in _NOT_STATIC and is_plain(v)}
 
 
 #: the coefficient phases, by name
