@@ -128,6 +128,25 @@ def _all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(t).all()
 
 
+def _inputs_code(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, nonfinite: Sequence[Tensor],
+                 device: torch.device) -> Tensor:
+    """The bits of the update's inputs that are not finite, a 0-d int32 tensor on ``device``: the loss, the
+    statistic, and the gradients as the groups' ``nonfinite`` sums measured them (per layer the sum of g·0:
+    0, or NaN where a gradient is not). One check of at most three values: a few kernels, however many
+    groups and layers (a captured step launches each of them at every replay)."""
+    values, bits = [loss.reshape(())], [CODE_LOSS]
+    if statistic is not None:
+        values.append(statistic.reshape(()))
+        bits.append(CODE_STATISTIC)
+    sums = [x.reshape(-1) for x in nonfinite if x.numel()]
+    if sums:
+        values.append((sums[0] if len(sums) == 1 else torch.cat(sums)).sum())  # (0 or NaN: no overflow)
+        bits.append(CODE_GRADIENT)
+    checked = torch.stack([v.to(device) for v in values])  # (in the widest of their dtypes)
+    bad = (checked * 0) != 0  # ±inf · 0 and NaN · 0 are NaN
+    return torch.where(bad, opt.runtime.code_bits(bits, device), 0).sum(dtype=torch.int32)
+
+
 def input_code(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, device: torch.device) -> Tensor:
     """The code of the step's inputs (loss, statistic, gradients), a 0-d int32 tensor on ``device``.
 
@@ -175,7 +194,7 @@ def run_predict(opt: OptimizerView, ok: Tensor | None, ridden: bool = False) -> 
         engine.predict_coefficients(ctx.composition, b)
         engine.apply_predict(work, b)
         _drop_empty_global(ctx.group_state)
-        ctx.group_state["predicted"].copy_(torch.where(mask, True, ctx.group_state["predicted"]))
+        ctx.group_state["predicted"].logical_or_(mask)
     opt.runtime.predicted = True
 
 
@@ -200,23 +219,18 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
     # several processes: the global batch's loss and statistic, the sharded layers' sums (one all-reduce)
     loss, statistic = distributed.synchronize_update(opt, loss, statistic, works)
     # the step's inputs: a loss, statistic or gradient that is not finite skips the whole step (every group)
-    step_code = (~_all_finite(loss)).to(device=device, dtype=torch.int32) * CODE_LOSS
-    if statistic is not None:
-        step_code = step_code | (~_all_finite(statistic)).to(device=device, dtype=torch.int32) * CODE_STATISTIC
-    for _, red, _, _ in works:
-        if red["nonfinite"].numel():
-            step_code = step_code | (~_all_finite(red["nonfinite"])).to(device=device, dtype=torch.int32) \
-                * CODE_GRADIENT
+    step_code = _inputs_code(opt, loss, statistic, [red["nonfinite"] for _, red, _, _ in works], device)
+    scaler_skip = kept = None  # (no bits known before: no scaler's skip either)
     if code is not None:
         step_code = step_code | code.to(device)
-    # a loss scaler's overflow (GradScaler's found_inf) explains the gradient's inf: the scaler's own skip,
-    # neither counted as non-finite input nor warned about
-    scaler_skip = (step_code & CODE_SCALER) != 0
-    kept = ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)  # every bit but the gradient's, where the scaler skips
-    step_code = step_code & kept
+        # a loss scaler's overflow (GradScaler's found_inf) explains the gradient's inf: the scaler's own skip,
+        # neither counted as non-finite input nor warned about
+        scaler_skip = (step_code & CODE_SCALER) != 0
+        kept = ~(scaler_skip.to(torch.int32) * CODE_GRADIENT)  # every bit but the gradient's, where it skips
+        step_code = step_code & kept
     if opt.strict and bool(step_code & CODE_SKIPS & ~CODE_SCALER):
         raise NonFiniteError(_nonfinite_message(int(step_code), "this step") + " (strict=True)")
-    ok = (step_code & CODE_SKIPS) == 0
+    ok = (step_code & CODE_SKIPS) == 0 if code is not None else step_code == 0  # (input bits all skip)
     batches = []
     for index, ((engine, ctx), (_, red, layer, numel)) in enumerate(zip(contexts, works)):
         like = ctx.group_state["R"]
@@ -235,11 +249,13 @@ def run_update(opt: OptimizerView, loss: Tensor, statistic: Tensor | None, code:
         matrix_stages.run_after(group_stages, b)  # the factors' posterior, where a layer took the update
         _drop_empty_global(ctx.group_state)
         state = ctx.group_state
-        state["steps"].add_(b.ok.to(torch.int64))
-        state["nonfinite_steps"].add_((~b.ok & ~scaler_skip.to(b.ok.device)).to(torch.int64))
-        state["predicted"].copy_(torch.where(b.ok, False, state["predicted"]))
+        skipped = ~b.ok
+        state["steps"].add_(b.ok)
+        state["nonfinite_steps"].add_(skipped if scaler_skip is None else skipped & ~scaler_skip.to(b.ok.device))
+        state["predicted"].logical_and_(skipped)  # (an applied update leaves no predict standing)
         step_code = step_code | b.code.to(device)
-    step_code = step_code & kept  # (the parts' own gradient check too)
+    if kept is not None:
+        step_code = step_code & kept  # (the parts' own gradient check too)
     if opt.track_diagnostics:
         _record(opt, works, batches)
     return step_code

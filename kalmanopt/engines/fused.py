@@ -385,10 +385,10 @@ class FusedEngine(TorchEngine):
             red = {r.name: sums[:, i] for i, r in enumerate(ride.reductions)}
             ctx.kept.ridden = (red, work.extra["numel"], work.sharded)
         for name, new in b.new_layer.items():
-            values = torch.where(b.skip, b.layer[name], new.to(b.layer[name]))
-            _scatter_scalars(layers, name, values)
+            _scatter_scalars(layers, name, b.skip, b.layer[name], new)
         self._commit_group(ctx.group_state, b)
-        b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
+        if work.n_none:  # (the layers without a gradient; none: nothing to add, no kernel)
+            b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
         self._commit_counters(ctx.group_state, b)
         self._forget_skipped_new_state(layers, work, b)  # (CPU tensors only: the interpreter)
 
@@ -589,26 +589,33 @@ def _coef_table(names: Sequence[str], hp: dict[str, float], coef: dict[str, Tens
     return torch.stack(cols, 1).contiguous() if n else like.new_zeros(1, len(names))
 
 
+def _holder(layers: list[Layer], name: str, n: int) -> Tensor | None:
+    """The vector of ``n`` entries whose views the layers' scalars ``name`` are, or None."""
+    holder = getattr(layers[0].state[name], "_base", None) if layers else None
+    if holder is not None and holder.shape == (n,) and all(layer.state[name]._base is holder for layer in layers):
+        return holder
+    return None
+
+
 def _gather_scalars(layers: list[Layer], name: str, like: Tensor) -> Tensor:
-    """The layers' scalar ``name`` as one vector (the vector they are views of, when they are)."""
+    """The layers' scalar ``name`` as one vector: the vector they are views of, when they are (read as it is:
+    only :func:`_scatter_scalars` writes it, after the step's last read), else a stacked copy."""
     if not layers:
         return like.new_zeros(0)
-    holder = getattr(layers[0].state[name], "_base", None)
-    if holder is not None and holder.shape == (len(layers),) and all(
-            layer.state[name]._base is holder for layer in layers):
-        return holder.clone()
+    holder = _holder(layers, name, len(layers))
+    if holder is not None:
+        return holder
     return torch.stack([layer.state[name] for layer in layers]).to(like)
 
 
-def _scatter_scalars(layers: list[Layer], name: str, values: Tensor) -> None:
-    """Write per-layer scalars: the layers' entries become views of one vector (one copy per step)."""
-    first = layers[0].state[name] if layers else None
-    holder = getattr(first, "_base", None)
-    if holder is not None and holder.shape == values.shape and all(
-            layer.state[name]._base is holder for layer in layers):
-        holder.copy_(values)
+def _scatter_scalars(layers: list[Layer], name: str, skip: Tensor, old: Tensor, new: Tensor) -> None:
+    """Write per-layer scalars, ``new`` where a layer is not skipped and ``old`` where it is: into the vector
+    the layers' entries are views of (one kernel), or into a new such vector."""
+    holder = _holder(layers, name, old.shape[0]) if layers else None
+    if holder is not None:
+        torch.where(skip, old, new.to(old), out=holder)  # (``old`` is ``holder``: element by element, in place)
         return
-    vector = values.clone()
+    vector = torch.where(skip, old, new.to(old))
     for i, layer in enumerate(layers):
         layer.state[name] = vector[i]
 

@@ -77,6 +77,7 @@ class Runtime:
         self._groups: list[GroupRuntime | None] = []
         self._plans: dict[tuple, Any] = {}
         self._int64: dict[tuple, Tensor] = {}
+        self._bits: dict[tuple, Tensor] = {}
         self._layouts: dict[tuple, Any] = {}
         self._slots: dict[tuple, Tensor] = {}
         self._chunks: dict[tuple, Any] = {}
@@ -138,6 +139,17 @@ class Runtime:
             if len(self._int64) >= _MOST:
                 self._int64.clear()
             self._int64[key] = found
+        return found
+
+    def code_bits(self, bits: Sequence[int], device: torch.device) -> Tensor:
+        """The bits of a step code's checks (``CODE_LOSS``, ...) as an int32 tensor on ``device``, copied once
+        and kept for the optimizer's life (a captured step reads it: a handful of entries, never dropped)."""
+        key = (tuple(bits), str(device))
+        found = self._bits.get(key)
+        if found is None:
+            host = torch.tensor(list(bits), dtype=torch.int32)
+            found = self._bits[key] = (host.pin_memory() if device.type == "cuda" else host).to(device,
+                                                                                                  non_blocking=True)
         return found
 
     def slot_table(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:

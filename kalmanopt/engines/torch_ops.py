@@ -307,7 +307,8 @@ class TorchEngine:
                            self._scratch(ctx.runtime, b.like))
         self._commit_layer_scalars(work.flats, b)
         self._commit_group(ctx.group_state, b)
-        b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
+        if work.n_none:  # (the layers without a gradient; none: nothing to add, no kernel)
+            b.count("skipped_layers", torch.full((), work.n_none, dtype=torch.int64, device=b.ok.device))
         self._commit_counters(ctx.group_state, b)
         self._forget_skipped_new_state([f.layer for f in work.flats], work, b)
 
@@ -396,7 +397,7 @@ class TorchEngine:
     def _commit_group(group_state: dict, b: CoefficientStage) -> None:
         for name, new in b.new_group.items():
             old = group_state[name]
-            old.copy_(torch.where(b.ok, new.to(old), old))
+            torch.where(b.ok, new.to(old), old, out=old)  # (in place, element by element)
 
     @staticmethod
     def _commit_counters(group_state: dict, b: CoefficientStage) -> None:
