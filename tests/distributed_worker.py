@@ -211,6 +211,51 @@ def equality_runs(rank: int, out: dict, engines_of, nan_engine: str) -> None:
         out[("nan", mode)] = ([full(p) for p in model.parameters()], opt.diagnostics()["counters"])
 
 
+#: presets and engines of the HSDP runs (a 2-D mesh: replicated over its first dimension, sharded over its second)
+HSDP_CASES = (("koala++", "foreach"), ("koala++", "reference"), ("koala-m", "foreach"),
+              ("koala-adam-steady", "foreach"), ("koala-kron", "foreach"), ("koala-factored", "foreach"))
+
+
+def wrap_hsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2's HSDP: ``fully_shard`` on a ``(replicate, shard)`` mesh of 2 × WORLD/2 ranks (its parameters are
+    DTensors placed ``(Replicate(), Shard(0))``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device().type, (2, WORLD // 2), mesh_dim_names=("replicate", "shard"))
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    return model
+
+
+def scenario_hsdp(rank: int, out: dict, base: str) -> None:
+    """HSDP on WORLD ranks (four: 2 replicas × 2 shards), every rank its own part of the global batch: the
+    presets of ``HSDP_CASES`` in both dtypes, bf16 state, and checkpoints saved after two steps
+    (``base/hsdp/<preset>``) then resumed by FSDP2 on the same ranks (another mesh: one dimension of four)."""
+    from kalmanopt.engines.distributed import save_checkpoint
+
+    for preset, engine in HSDP_CASES:
+        for dtype in DTYPES:
+            model = wrap_hsdp(make_model(dtype))
+            opt = kalmanopt.create(preset, model.parameters(), implementation=engine, **HP)
+            counts: list[int] = []
+            train(model, opt, dtype, range(STEPS), rank, count=counts)
+            out[("hsdp", str(dtype), preset, engine)] = ([full(p) for p in model.parameters()], counts)
+    model = wrap_hsdp(make_model(torch.float32))
+    opt = kalmanopt.create("koala++", model.parameters(), implementation="foreach", state_dtype="bfloat16", **HP)
+    train(model, opt, torch.float32, range(STEPS), rank)
+    out[("hsdp bf16 state", "koala++")] = [full(p) for p in model.parameters()]
+    for preset in CHECKPOINT_PRESETS:
+        model = wrap_hsdp(make_model(torch.float64))
+        opt = kalmanopt.create(preset, model.parameters(), implementation="foreach", **HP)
+        train(model, opt, torch.float64, range(2), rank)
+        save_checkpoint(opt, f"{base}/hsdp/{preset}", model.state_dict())
+        train(model, opt, torch.float64, range(2, STEPS), rank)
+        out[("hsdp saved", preset)] = [full(p) for p in model.parameters()]
+        dist.barrier()
+        out[("hsdp resumed by fsdp", preset)] = resume(preset, f"{base}/hsdp/{preset}", rank)
+
+
 def ran_kernels(opt: kalmanopt.KalmanOptimizer) -> bool:
     """Whether the fused engine ran its generated kernels on the optimizer's group (it keeps a plan)."""
     from kalmanopt.engines.fused import FusedEngine

@@ -227,9 +227,9 @@ def test_checkpoints_reshard_between_two_ranks_and_one(checkpoints, preset):
 
 @pytest.fixture(scope="module")
 def four_ranks(launched):
-    """What two ranks saved, resumed by four (gloo, four processes)."""
+    """What two ranks saved, resumed by four (gloo, four processes); and HSDP on those four (a 2 × 2 mesh)."""
     base, _ = launched
-    return _launch("reload", base / "four", str(base), world=4)
+    return _launch("reload,hsdp", base / "four", str(base), world=4)
 
 
 @pytest.mark.parametrize("preset", w.CHECKPOINT_PRESETS)
@@ -238,6 +238,45 @@ def test_a_checkpoint_of_two_ranks_resumes_on_four(four_ranks, preset):
     ref = w.reference_run(preset, "foreach", torch.float64)
     for rank, out in enumerate(four_ranks):
         assert _rel(out[("reloaded", preset)], ref) <= 1e-10, (preset, rank)
+
+
+HSDP_CASES = [(str(dtype), preset, engine) for preset, engine in w.HSDP_CASES for dtype in w.DTYPES]
+
+
+@pytest.mark.parametrize("case", HSDP_CASES, ids=["-".join(c).replace("torch.", "") for c in HSDP_CASES])
+def test_hsdp_equals_one_process_on_the_global_batch(four_ranks, case):
+    """HSDP (replicated over 2, sharded over 2): each layer's partial sums count once per shard, not once per
+    replica, so four ranks follow one process on the global batch; every rank holds the same parameters, and
+    a step makes one collective (and the predict's of a dynamics with predict reductions)."""
+    dtype, preset, engine = case
+    ref = w.reference_run(preset, engine, getattr(torch, dtype.removeprefix("torch.")))
+    params, counts = four_ranks[0][("hsdp", *case)]
+    assert _rel(params, ref) <= TOLERANCE[dtype], _rel(params, ref)
+    for out in four_ranks[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out[("hsdp", *case)][0], params))
+    if preset not in w.WHOLE_LAYER:  # (their matrix stages gather whole layers: DTensor's own collectives)
+        assert counts[1:] == [1 + w.predict_collectives(preset)] * (w.STEPS - 1), counts
+
+
+def test_hsdp_keeps_bfloat16_state_equal_on_every_rank(four_ranks):
+    ref = w.reference_run("koala++", "foreach", torch.float32, state_dtype="bfloat16")
+    first = four_ranks[0][("hsdp bf16 state", "koala++")]
+    assert all(torch.equal(a, b) for out in four_ranks[1:] for a, b in zip(out[("hsdp bf16 state", "koala++")], first))
+    assert _rel(first, ref) <= 1e-2  # (as FSDP2's: the shards number their elements from 0)
+
+
+@pytest.mark.parametrize("preset", w.CHECKPOINT_PRESETS)
+def test_an_hsdp_checkpoint_resumes_under_fsdp2_and_in_one_process(four_ranks, launched, preset):
+    """Saved by HSDP after two steps, resumed by FSDP2 on four ranks (a mesh of one dimension) and by one
+    process: the next steps equal the uninterrupted run's."""
+    base, _ = launched
+    ref = w.reference_run(preset, "foreach", torch.float64)
+    for out in four_ranks:
+        assert _rel(out[("hsdp saved", preset)], ref) <= 1e-10
+        assert _rel(out[("hsdp resumed by fsdp", preset)], ref) <= 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.distributed.checkpoint in one process says so)
+        assert _rel(w.resume_in_one_process(preset, base / "hsdp" / preset), ref) <= 1e-10
 
 
 def test_a_process_group_mismatch_on_load_is_refused_before_anything_changes(checkpoints):

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kalmanopt.engines import ranks
 from kalmanopt.engines.runtime import OptimizerView
-from kalmanopt.engines.shards import _is_dtensor, is_sharded, local_tensor
+from kalmanopt.engines.shards import _is_dtensor, counted_here, is_sharded, local_tensor
 from kalmanopt.plan import state_table
 
 __all__ = ["AUTO", "check_process_group", "check_group_parameters", "process_group", "is_sharded",
@@ -151,13 +151,19 @@ def _payload_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor]]:
-    """Per group: its reductions, their names and the indices of its sharded layers (groups with any)."""
+def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor, Tensor | None]]:
+    """Per group: its reductions, their names, the indices of its sharded layers (groups with any), and which
+    of those rows count here (a bool tensor; None where all do): a replica other than the first along a
+    ``Replicate`` mesh dimension (HSDP) sends zeros, so that the sum over every rank counts each shard once."""
     out = []
     for work, red, *_ in works:
         rows = [i for i, sharded in enumerate(work.sharded) if sharded]
         if rows and red:
-            out.append((red, list(red), work.ctx.runtime.int64(rows, next(iter(red.values())).device)))
+            device = next(iter(red.values())).device
+            layers = ranks.row_layers(work)
+            counted = [counted_here(layers[i].params[0]) for i in rows]
+            mask = None if all(counted) else torch.tensor(counted, device=device)
+            out.append((red, list(red), work.ctx.runtime.int64(rows, device), mask))
     return out
 
 
@@ -167,7 +173,9 @@ def _reduce_tables(pieces: list[Tensor], tables: list[tuple[dict, list[str], Ten
 
     Returns the reduced ``pieces``.
     """
-    blocks = [torch.stack([red[n] for n in names], 1).index_select(0, rows) for red, names, rows in tables]
+    blocks = [torch.stack([red[n] for n in names], 1).index_select(0, rows) for red, names, rows, _ in tables]
+    blocks = [b if mask is None else torch.where(mask[:, None], b, 0)  # (where: a NaN not counted here stays out)
+              for b, (*_, mask) in zip(blocks, tables)]
     flat_parts = [p.reshape(-1) for p in pieces] + [b.reshape(-1) for b in blocks]
     dtype = _payload_dtype(flat_parts)
     flat = torch.cat([p.to(device=device, dtype=dtype) for p in flat_parts])
@@ -177,7 +185,7 @@ def _reduce_tables(pieces: list[Tensor], tables: list[tuple[dict, list[str], Ten
     for p in pieces:
         out.append(flat[offset:offset + p.numel()].reshape(p.shape))
         offset += p.numel()
-    for (red, names, rows), block in zip(tables, blocks):
+    for (red, names, rows, _), block in zip(tables, blocks):
         summed = flat[offset:offset + block.numel()].reshape(block.shape)
         offset += block.numel()
         for j, name in enumerate(names):

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from kalmanopt.engines.shards import is_sharded
+from kalmanopt.engines.shards import counted_here, is_sharded
 
-__all__ = ["RanksDisagree", "NoGradientOnAnyRank", "reduce_update_payload", "agree"]
+__all__ = ["RanksDisagree", "NoGradientOnAnyRank", "reduce_update_payload", "agree", "row_layers"]
 
 
 class RanksDisagree(RuntimeError):
@@ -48,7 +48,7 @@ def _is_sharded(layer: Any) -> bool:
     return any(is_sharded(p) for p in layer.params)
 
 
-def _row_layers(work: Any) -> list[Any]:
+def row_layers(work: Any) -> list[Any]:
     """The layers of the rows of a work's pass-1 table (the engines' active layers, in order)."""
     layers = work.extra.get("layers") if isinstance(getattr(work, "extra", None), dict) else None
     if layers is None:
@@ -62,22 +62,28 @@ def _census(works: Sequence[tuple]) -> Tensor:
     return torch.tensor(flags, dtype=torch.float64)
 
 
-def _blocks(works: Sequence[tuple]) -> list[tuple[dict, list[str], list[int], list[int], int]]:
+def _blocks(works: Sequence[tuple]) -> list[tuple[dict, list[str], list[int], list[int], list[bool], int]]:
     """Per group with sharded layers: (its reductions, their names, the rows of this rank's table that are
-    sharded, their positions among the group's sharded layers, the number of those)."""
+    sharded, their positions among the group's sharded layers, whether each row counts here, the number of
+    those layers).
+
+    A row of a replica other than the first along a ``Replicate`` mesh dimension (HSDP) is sent as zeros: the
+    first replica's equal shard carries it, so that the sum over every rank counts each shard once; every
+    rank reads the sum back."""
     out = []
     for work, red, *_ in works:
         sharded = [layer for layer in work.ctx.layers if _is_sharded(layer)]
         if not sharded:
             continue
         position = {id(layer.params[0]): j for j, layer in enumerate(sharded)}
-        rows, positions = [], []
-        for i, layer in enumerate(_row_layers(work)):
+        rows, positions, counted = [], [], []
+        for i, layer in enumerate(row_layers(work)):
             j = position.get(id(layer.params[0]))
             if j is not None:
                 rows.append(i)
                 positions.append(j)
-        out.append((red, list(red), rows, positions, len(sharded)))
+                counted.append(counted_here(layer.params[0]))
+        out.append((red, list(red), rows, positions, counted, len(sharded)))
     return out
 
 
@@ -96,12 +102,13 @@ def reduce_update_payload(moments: Tensor, works: Sequence[tuple], group: Any, d
     blocks = _blocks(works)
     dtype = torch.float64 if device.type != "mps" else torch.float32
     parts = [moments.reshape(-1).to(device=device, dtype=dtype), census.to(device=device, dtype=dtype)]
-    for red, names, rows, positions, n in blocks:
+    for red, names, rows, positions, counted, n in blocks:
         block = torch.zeros(n, len(names), dtype=dtype, device=device)
-        if rows:
+        sent = [(i, j) for i, j, here in zip(rows, positions, counted) if here]
+        if sent:
             table = torch.stack([red[name] for name in names], 1).to(device=device, dtype=dtype)
-            index = torch.tensor(rows, device=device)
-            block.index_copy_(0, torch.tensor(positions, device=device), table.index_select(0, index))
+            index = torch.tensor([i for i, _ in sent], device=device)
+            block.index_copy_(0, torch.tensor([j for _, j in sent], device=device), table.index_select(0, index))
         parts.append(block.reshape(-1))
     flat = torch.cat(parts)
     all_reduce(flat, group)
@@ -110,7 +117,7 @@ def reduce_update_payload(moments: Tensor, works: Sequence[tuple], group: Any, d
     counts = flat[offset:offset + census.numel()]
     offset += census.numel()
     agree(counts, _world(group), works)
-    for red, names, rows, positions, n in blocks:
+    for red, names, rows, positions, _counted, n in blocks:
         summed = flat[offset:offset + n * len(names)].reshape(n, len(names))
         offset += n * len(names)
         if not rows:
@@ -159,7 +166,7 @@ def _forget_new_state(works: Sequence[tuple]) -> None:
     for work, *_ in works:
         created, keys = work.extra.get("created", ((), ())) if isinstance(getattr(work, "extra", None), dict) \
             else ((), ())
-        for layer, new in zip(_row_layers(work), created):
+        for layer, new in zip(row_layers(work), created):
             if new:
                 for key in keys:
                     layer.state.pop(key, None)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "is_sharded", "full_tensor", "gather_local", "local_part"]
+__all__ = ["local_tensor", "is_sharded", "counted_here", "full_tensor", "gather_local", "local_part"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,6 +39,17 @@ def local_tensor(t: Tensor) -> Tensor:
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor split over ranks (a ``Shard`` placement)."""
     return _is_dtensor(t) and any(p.is_shard() for p in t.placements)
+
+
+def counted_here(t: Tensor) -> bool:
+    """Whether this rank's part of ``t`` counts once in a sum over every rank of its mesh: False on every
+    replica but the first along a ``Replicate`` mesh dimension (HSDP's replicas hold equal shards; a sum of
+    the shards' partial sums over all ranks would count each one once per replica), True otherwise."""
+    if not _is_dtensor(t):
+        return True
+    coordinate = t.device_mesh.get_coordinate()
+    return coordinate is None or all(c == 0 for c, placement in zip(coordinate, t.placements)
+                                     if placement.is_replicate())
 
 
 def full_tensor(t: Tensor) -> Tensor:
