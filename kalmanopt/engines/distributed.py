@@ -161,8 +161,6 @@ def _sharded_rows(works: Sequence[tuple]) -> list[tuple[dict, list[str], Tensor,
         if rows and red:
             device = next(iter(red.values())).device
             layers = ranks.row_layers(work)
-            if len(layers) != len(work.sharded):  # (a predict that rode on the update: its rows are every layer's)
-                layers = list(work.ctx.layers)
             counted = [counted_here(layers[i].params[0]) for i in rows]
             mask = None if all(counted) else torch.tensor(counted, device=device)
             out.append((red, list(red), work.ctx.runtime.int64(rows, device), mask))

@@ -383,7 +383,7 @@ class FusedEngine(TorchEngine):
         if ride is not None:
             sums = kernels.layer_sums(chunks, partials, len(layers))
             red = {r.name: sums[:, i] for i, r in enumerate(ride.reductions)}
-            ctx.kept.ridden = (red, work.extra["numel"], work.sharded)
+            ctx.kept.ridden = (red, work.extra["numel"], work.sharded, layers)
         for name, new in b.new_layer.items():
             _scatter_scalars(layers, name, b.skip, b.layer[name], new)
         self._commit_group(ctx.group_state, b)
@@ -397,9 +397,9 @@ class FusedEngine(TorchEngine):
         kept = ctx.kept
         ridden, kept.ridden = kept.ridden, None
         if ridden is not None and ctx.ridden:  # its passes ran in the update's: the coefficients are left
-            red, numel, sharded = ridden
+            red, numel, sharded, layers = ridden
             work = _Work(ctx, [], None, hp_coefficients(ctx.group), sharded=sharded)  # type: ignore[arg-type]
-            work.extra["ridden"] = True
+            work.extra.update(ridden=True, layers=layers)  # (the rows of its sums: the update's layers)
             return work, red, numel
         plan, _ = self._predict_plan(ctx)
         if plan.moves:  # every layer gets its state, as on the other engines (an empty one included)
@@ -611,7 +611,7 @@ def _gather_scalars(layers: list[Layer], name: str, like: Tensor) -> Tensor:
 def _scatter_scalars(layers: list[Layer], name: str, skip: Tensor, old: Tensor, new: Tensor) -> None:
     """Write per-layer scalars, ``new`` where a layer is not skipped and ``old`` where it is: into the vector
     the layers' entries are views of (one kernel), or into a new such vector."""
-    holder = _holder(layers, name, old.shape[0]) if layers else None
+    holder = _holder(layers, name, old.shape[0])
     if holder is not None:
         torch.where(skip, old, new.to(old), out=holder)  # (``old`` is ``holder``: element by element, in place)
         return
